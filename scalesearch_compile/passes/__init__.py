@@ -1,0 +1,1 @@
+"""FX rewrites on the Dynamo graph (linear and SDPA -> scalesearch ops)."""
