@@ -26,6 +26,7 @@ Memory: the input is processed in chunks of about ``CHUNK_ELEMENTS`` values, so 
 by a few float32 copies of one chunk whatever the tensor size.
 """
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -51,7 +52,7 @@ DEFAULT_WINDOW = (-2, 6)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CHUNK_ELEMENTS = 1 << 20
 
-PerTensorScale = bool | None | torch.Tensor
+PerTensorScale = bool | str | None | torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,9 @@ class NVFP4Blocks:
     """A tensor quantized to NVFP4 in torchao's unswizzled layout, with the search's choices.
 
     ``qdata``: uint8 ``(..., K // 2)``, two E2M1 codes a byte (element 2i in the low nibble).
-    ``scale_codes``: uint8 E4M3 codes ``(..., K // 16)``. ``per_tensor_scale``: float32 0-d tensor, or None
-    for single-level scaling. ``offsets``: int16 ``(..., K // 16)``, chosen code minus amax code per block.
+    ``scale_codes``: uint8 E4M3 codes ``(..., K // 16)``. ``per_tensor_scale``: float32 0-d tensor, a
+    per-row ``(..., 1)`` tensor, or None for single-level scaling. ``offsets``: int16 ``(..., K // 16)``,
+    chosen code minus amax code per block.
     """
 
     qdata: torch.Tensor
@@ -123,17 +125,26 @@ def per_tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _resolve_per_tensor_scale(amax: torch.Tensor, per_tensor_scale: PerTensorScale) -> torch.Tensor | None:
+def _resolve_per_tensor_scale(x: torch.Tensor, amax: torch.Tensor, per_tensor_scale: PerTensorScale):
+    """The global scale as float32: 0-d (one per tensor), ``(..., 1)`` (one per row) or None."""
     if per_tensor_scale is True:
         return per_tensor_scale_from_amax(amax)
     if per_tensor_scale is None or per_tensor_scale is False:
         return None
-    if not isinstance(per_tensor_scale, torch.Tensor) or per_tensor_scale.numel() != 1:
-        raise ValueError("per_tensor_scale must be True, False/None, or a one-element tensor")
-    scale = per_tensor_scale.detach().float().reshape(())
-    if not (torch.isfinite(scale) and scale > 0):
-        raise ValueError(f"per_tensor_scale must be positive and finite, got {scale.item()}")
-    return scale.to(amax.device)
+    if isinstance(per_tensor_scale, str):
+        if per_tensor_scale != "row":
+            raise ValueError(f"unknown per_tensor_scale {per_tensor_scale!r}; expected True, None, 'row' or a tensor")
+        return per_tensor_scale_from_amax(x.abs().amax(dim=-1, keepdim=True))
+    row_shape = (*x.shape[:-1], 1)
+    if not isinstance(per_tensor_scale, torch.Tensor) or per_tensor_scale.numel() not in (1, math.prod(row_shape)):
+        raise ValueError(
+            f"per_tensor_scale must be True, None, 'row', a one-element tensor or a tensor of shape {row_shape}"
+        )
+    scale = per_tensor_scale.detach().float().to(x.device)
+    scale = scale.reshape(()) if scale.numel() == 1 and scale.dim() < 2 else scale.reshape(row_shape)
+    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+        raise ValueError("per_tensor_scale must be positive and finite")
+    return scale
 
 
 def _check_importance(importance: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
@@ -230,15 +241,18 @@ def quantize_blocks(
 ) -> NVFP4Blocks:
     """Quantize ``x`` (..., K) to NVFP4 with the block scales chosen by ``method``.
 
-    ``per_tensor_scale``: True computes torchao's global scale from ``x``; a one-element tensor is used as
-    given; None or False means single-level scaling. ``importance``: optional per-input-channel weights
+    ``per_tensor_scale``: True computes torchao's global scale ``amax / (448 * 6)`` from ``x``; "row" computes
+    one such scale per row (over the last dimension, shape ``(..., 1)``; the per-row first level of
+    SageAttention3's P quantization); a one-element tensor, or one of shape ``(..., 1)``, is used as given;
+    None or False means single-level scaling. ``importance``: optional per-input-channel weights
     (K,) for the block error. See the module docstring for the exact numerics.
     """
     check_method(method)
     window = check_window(window)
     amax = checked_amax(x)
     weights = _check_importance(importance, x)
-    pts = _resolve_per_tensor_scale(amax, per_tensor_scale)
+    pts = _resolve_per_tensor_scale(x, amax, per_tensor_scale)
+    row_pts = pts.reshape(-1, 1) if pts is not None and pts.dim() else None
 
     k = x.shape[-1]
     rows = x.reshape(-1, k)
@@ -249,7 +263,10 @@ def quantize_blocks(
     for start in range(0, rows.shape[0], step):
         stop = start + step
         blocks = rows[start:stop].float().view(-1, k // BLOCK_SIZE, BLOCK_SIZE)
-        codes, scale_codes[start:stop], offsets[start:stop] = _quantize_chunk(blocks, weights, pts, method, window)
+        chunk_pts = pts if row_pts is None else row_pts[start:stop]
+        codes, scale_codes[start:stop], offsets[start:stop] = _quantize_chunk(
+            blocks, weights, chunk_pts, method, window
+        )
         qdata[start:stop] = pack_nibbles(codes.view(-1, k))
 
     lead = x.shape[:-1]
