@@ -1,0 +1,2 @@
+"""torch.library custom ops ``scalesearch::*``: a PyTorch reference (any device), a Triton launch (CUDA) and
+a fake (meta) implementation for each. Importing this package registers them."""
