@@ -117,8 +117,11 @@ def e8m0_encode(x: torch.Tensor, rounding: str = "floor") -> torch.Tensor:
     if rounding not in ("floor", "ceil"):
         raise ValueError(f"unknown E8M0 rounding {rounding!r}; expected 'floor' or 'ceil'")
     x = x.float()
+    # float32 subnormals (below 2**-126) have no exponent field to read: scale them up by an exact 2**64.
+    tiny = x < 2.0**-126
+    x = torch.where(tiny, x * 2.0**64, x)
     bits = x.view(torch.int32)
-    biased_exponent = bits >> 23  # float32 exponent field; x is positive so the sign bit is clear
+    biased_exponent = (bits >> 23) - 64 * tiny.to(torch.int32)  # x > 0: the sign bit is clear
     if rounding == "ceil":
         biased_exponent = biased_exponent + ((bits & 0x7FFFFF) != 0).to(torch.int32)
     return biased_exponent.clamp(0, E8M0_MAX_CODE).to(torch.uint8)

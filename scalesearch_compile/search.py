@@ -50,7 +50,9 @@ BLOCK_SIZE = 16
 METHODS = ("amax", "search", "four_over_six", "exhaustive")
 DEFAULT_WINDOW = (-2, 6)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-CHUNK_ELEMENTS = 1 << 20
+# 2**18 values a chunk: peak extra memory for a 4096x4096 bf16 input measured at 0.76x the input (2.4x with
+# 2**20), at the same speed.
+CHUNK_ELEMENTS = 1 << 18
 
 PerTensorScale = bool | str | None | torch.Tensor
 
