@@ -1,0 +1,229 @@
+"""@triton.jit helpers for NVFP4 tiles: E2M1 / E4M3 rounding and decoding, scale selection, (un)packing.
+
+They reproduce ``scalesearch_compile.formats`` and ``scalesearch_compile.search`` bit for bit:
+- every rounding is written with float32 add/sub/mul, IEEE division (``tl.math.div_rn``) and integer bit
+  arithmetic, never with a float cast (the Triton interpreter's float8 casts truncate; FACTS.md);
+- callers must launch with ``enable_fp_fusion=False``: an FMA contraction of ``|x| - q * s`` changes the
+  block error's bits (Triton contracts by default on GPUs).
+
+Layouts: a tile is float32 ``[ROWS, BLOCK_K]`` with BLOCK_K a multiple of 16, so it holds ``BLOCK_K // 16``
+whole NVFP4 blocks per row. E2M1 codes are int32 0..15 (bit 3 the sign), E4M3 scale codes int32 0..126.
+Packed bytes hold element 2i in the low nibble.
+"""
+
+import os
+
+import triton
+import triton.language as tl
+
+NVFP4_BLOCK: tl.constexpr = 16
+E2M1_MAX: tl.constexpr = 6.0
+E4M3_MAX: tl.constexpr = 448.0
+E4M3_MIN_NORMAL: tl.constexpr = 0.015625  # 2**-6
+E4M3_MAX_CODE: tl.constexpr = 126
+
+
+@triton.jit
+def e2m1_round(a):
+    """Nearest E2M1 magnitude of float32 ``a >= 0``, ties to even, saturating at 6 (``formats.e2m1_round``).
+
+    Adding and removing ``2**22 * spacing`` (spacing 0.5 / 1 / 2 read from the exponent bits) makes float32's
+    round-to-nearest-even land on the E2M1 grid.
+    """
+    y = tl.minimum(a, E2M1_MAX)
+    magic = (y.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    magic = tl.minimum(tl.maximum(magic, 1.0), 4.0) * 4194304.0  # 2**22
+    return (y + magic) - magic
+
+
+@triton.jit
+def e2m1_magnitude_code(v):
+    """int32 code 0..7 of an exact E2M1 magnitude ``v`` (0, 0.5, ..., 6); the sums are small exact integers."""
+    code = 2.0 * tl.minimum(v, 2.0) + tl.minimum(tl.maximum(v - 2.0, 0.0), 2.0)
+    code += tl.minimum(tl.maximum((v - 4.0) * 0.5, 0.0), 1.0)
+    return code.to(tl.int32)
+
+
+@triton.jit
+def e2m1_value(codes):
+    """float32 value of int32 E2M1 codes 0..15 (code 8 is -0.0), built from bits.
+
+    Magnitude code ``e m`` (2 exponent bits, 1 mantissa bit) is ``m * 0.5`` for e == 0, else float32 bits
+    ``(e + 126) << 23 | m << 22``; the sign moves from bit 3 to bit 31.
+    """
+    exponent = (codes >> 1) & 3
+    mantissa = codes & 1
+    normal = ((exponent + 126) << 23) | (mantissa << 22)
+    bits = tl.where(exponent == 0, mantissa * 0x3F000000, normal)  # 0x3F000000 is 0.5
+    return (bits | ((codes & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def e4m3_encode(x):
+    """E4M3 code (int32) of float32 ``x`` in [2**-6, 448]: nearest, ties to even (``formats.e4m3_encode``).
+
+    Only the normal range is needed: every amax-derived scale is clamped to at least 2**-6 first.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20
+    return tl.minimum(rounded - ((127 - 7) << 3), E4M3_MAX_CODE)
+
+
+@triton.jit
+def e4m3_value(code):
+    """float32 value of int32 E4M3 codes 0..126: subnormals ``m * 2**-9``, normals from float32 bits."""
+    exponent = code >> 3
+    mantissa = code & 7
+    normal = (((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    return tl.where(exponent == 0, mantissa.to(tl.float32) * 0.001953125, normal)  # 2**-9
+
+
+@triton.jit
+def amax_code(block_amax, pts, DIVISOR: tl.constexpr, HAS_PTS: tl.constexpr):
+    """E4M3 code of ``clamp(block_amax / DIVISOR / pts, 2**-6, 448)`` (``search._amax_code``)."""
+    scale = tl.math.div_rn(block_amax, DIVISOR)
+    if HAS_PTS:
+        scale = tl.math.div_rn(scale, pts)
+    return e4m3_encode(tl.minimum(tl.maximum(scale, E4M3_MIN_NORMAL), E4M3_MAX))
+
+
+@triton.jit
+def quantize_multiplier(code, pts, HAS_PTS: tl.constexpr):
+    """The float32 multiplier that maps x onto the E2M1 grid with scale code ``code``: ``(1 / pts) / s``."""
+    scale = e4m3_value(tl.minimum(tl.maximum(code, 1), E4M3_MAX_CODE))
+    if HAS_PTS:
+        return tl.math.div_rn(tl.math.div_rn(1.0, pts), scale)
+    return tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
+def _add_neighbours(values, ROWS: tl.constexpr, NUM_BLOCKS: tl.constexpr, HALF: tl.constexpr):
+    """``[ROWS, NUM_BLOCKS, 2 * HALF]`` -> ``[ROWS, NUM_BLOCKS, HALF]``: element i is ``v[2i] + v[2i + 1]``."""
+    even, odd = tl.split(tl.reshape(values, (ROWS, NUM_BLOCKS, HALF, 2)))
+    return even + odd
+
+
+@triton.jit
+def _pairwise_sum16(values, ROWS: tl.constexpr, NUM_BLOCKS: tl.constexpr):
+    """Sum ``[ROWS, NUM_BLOCKS, 16]`` over the last axis as the tree 16 -> 8 -> 4 -> 2 -> 1 of neighbours."""
+    values = _add_neighbours(values, ROWS, NUM_BLOCKS, 8)
+    values = _add_neighbours(values, ROWS, NUM_BLOCKS, 4)
+    values = _add_neighbours(values, ROWS, NUM_BLOCKS, 2)
+    return tl.reshape(_add_neighbours(values, ROWS, NUM_BLOCKS, 1), (ROWS, NUM_BLOCKS))
+
+
+@triton.jit
+def block_error(mag, code, pts, HAS_PTS: tl.constexpr, ROWS: tl.constexpr, NUM_BLOCKS: tl.constexpr):
+    """Sum over each block of ``(|x| - e2m1(|x| * mult) * (pts * s))**2`` (``search._block_error``).
+
+    ``mag``: |x| as ``[ROWS, NUM_BLOCKS, 16]``; ``code``: ``[ROWS, NUM_BLOCKS]`` scale codes (clamped to
+    1..126 here; the caller discards invalid ones).
+    """
+    multiplier = quantize_multiplier(code, pts, HAS_PTS)
+    dequant_scale = e4m3_value(tl.minimum(tl.maximum(code, 1), E4M3_MAX_CODE))
+    if HAS_PTS:
+        dequant_scale = pts * dequant_scale
+    y = e2m1_round(mag * multiplier[:, :, None]) * dequant_scale[:, :, None]
+    diff = mag - y
+    return _pairwise_sum16(diff * diff, ROWS, NUM_BLOCKS)
+
+
+@triton.jit
+def _keep_better(best_code, best_err, code, err):
+    """A candidate replaces the best only with a strictly lower error and a code in 1..126."""
+    better = (err < best_err) & (code >= 1) & (code <= E4M3_MAX_CODE)
+    return tl.where(better, code, best_code), tl.where(better, err, best_err)
+
+
+@triton.jit
+def quantize_tile(
+    x,
+    pts,
+    HAS_PTS: tl.constexpr,
+    METHOD: tl.constexpr,
+    LO: tl.constexpr,
+    HI: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Quantize a float32 tile ``[ROWS, BLOCK_K]`` to NVFP4 exactly as ``search.quantize_blocks``.
+
+    ``pts``: float32 ``[ROWS, 1]`` global scale (ignored unless HAS_PTS). METHOD: "amax", "four_over_six",
+    "search" (code offsets LO..HI around the amax code) or "exhaustive". The amax code is evaluated first and
+    candidates follow in the reference's order, so ties resolve the same way.
+    Returns ``(codes [ROWS, BLOCK_K] int32 E2M1, scale codes [ROWS, BLOCK_K // 16] int32, amax codes)``.
+    """
+    NUM_BLOCKS: tl.constexpr = BLOCK_K // NVFP4_BLOCK
+    mag = tl.abs(tl.reshape(x, (ROWS, NUM_BLOCKS, NVFP4_BLOCK)))
+    block_amax = tl.max(mag, axis=2)
+    first_code = amax_code(block_amax, pts, E2M1_MAX, HAS_PTS)
+    best_code = first_code
+    if METHOD != "amax":
+        best_err = block_error(mag, first_code, pts, HAS_PTS, ROWS, NUM_BLOCKS)
+        if METHOD == "four_over_six":
+            code = amax_code(block_amax, pts, 4.0, HAS_PTS)
+            err = block_error(mag, code, pts, HAS_PTS, ROWS, NUM_BLOCKS)
+            best_code, best_err = _keep_better(best_code, best_err, code, err)
+        if METHOD == "search":
+            for offset in tl.static_range(LO, HI + 1):
+                if offset != 0:
+                    code = first_code + offset
+                    err = block_error(mag, code, pts, HAS_PTS, ROWS, NUM_BLOCKS)
+                    best_code, best_err = _keep_better(best_code, best_err, code, err)
+        if METHOD == "exhaustive":
+            for candidate in range(1, E4M3_MAX_CODE + 1):
+                code = tl.full((ROWS, NUM_BLOCKS), candidate, tl.int32)
+                err = block_error(mag, code, pts, HAS_PTS, ROWS, NUM_BLOCKS)
+                best_code, best_err = _keep_better(best_code, best_err, code, err)
+
+    multiplier = quantize_multiplier(best_code, pts, HAS_PTS)
+    magnitude = e2m1_round(mag * multiplier[:, :, None])
+    # |x * m| == |x| * m exactly, and the code keeps the sign bit of x (-0.0 gives code 8, as the reference).
+    sign = (tl.reshape(x, (ROWS, NUM_BLOCKS, NVFP4_BLOCK)).to(tl.int32, bitcast=True) >> 28) & 8
+    codes = e2m1_magnitude_code(magnitude) | sign
+    return tl.reshape(codes, (ROWS, BLOCK_K)), best_code, first_code
+
+
+@triton.jit
+def pack_nibbles(codes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 codes ``[ROWS, BLOCK_K]`` -> uint8 ``[ROWS, BLOCK_K // 2]``, element 2i in the low nibble."""
+    low, high = tl.split(tl.reshape(codes, (ROWS, BLOCK_K // 2, 2)))
+    return (low | (high << 4)).to(tl.uint8)
+
+
+@triton.jit
+def unpack_nibbles(packed, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """uint8 ``[ROWS, BLOCK_K // 2]`` -> int32 codes ``[ROWS, BLOCK_K]`` (inverse of :func:`pack_nibbles`)."""
+    packed = packed.to(tl.int32)
+    return tl.reshape(tl.join(packed & 0xF, packed >> 4), (ROWS, BLOCK_K))
+
+
+@triton.jit
+def dequantize_tile(codes, scale_codes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 ``e2m1(codes) * e4m3(scale_codes)`` for ``[ROWS, BLOCK_K]`` codes and their block codes.
+
+    The product of a 2-bit E2M1 significand and a 4-bit E4M3 one is exact in float32, and also in fp16
+    and bf16 (values 2**-10 .. 2688), so a tile dequantized here can enter ``tl.dot`` in half precision
+    with no rounding; the global scales are applied after the dot.
+    """
+    NUM_BLOCKS: tl.constexpr = BLOCK_K // NVFP4_BLOCK
+    values = tl.reshape(e2m1_value(codes), (ROWS, NUM_BLOCKS, NVFP4_BLOCK))
+    return tl.reshape(values * e4m3_value(scale_codes)[:, :, None], (ROWS, BLOCK_K))
+
+
+# ---- host side: shared by the launchers ----
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotune_configs(gpu_configs, interpreter_config):
+    """The GPU configs, or the single one the interpreter can run (it fails with more than one; FACTS.md)."""
+    return [interpreter_config] if INTERPRET else gpu_configs
+
+
+def check_kernel_device(tensor, what: str) -> None:
+    """Raise ValueError unless ``tensor`` can be read by a Triton kernel here (CUDA, or any under the interpreter)."""
+    if not INTERPRET and tensor.device.type != "cuda":
+        raise ValueError(
+            f"{what} is on {tensor.device}; the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU)"
+        )

@@ -1,0 +1,144 @@
+"""Fused NVFP4 quantization with scale search: block amax, every candidate scale, best kept, codes packed.
+
+Numerics: bit for bit ``search.quantize_blocks(x, method, window=..., per_tensor_scale=...)`` on qdata, scale
+codes and offsets, for methods "amax", "four_over_six", "search" and "exhaustive" (the exact formulas are in
+search.py's docstring; the tile arithmetic is in ``_nvfp4.quantize_tile``). The global scale comes from the
+first reduction, ``checked_amax`` (torch's amax; a maximum is exact in any order), or is given.
+
+Layouts: reads x ``(..., K)`` (float32, bfloat16 or float16, K a multiple of 16) as ``(M, K)`` rows; writes
+qdata uint8 ``(M, K // 2)`` (element 2i in the low nibble), E4M3 scale codes uint8 ``(M, K // 16)`` and the
+chosen offsets int16 ``(M, K // 16)`` (chosen code minus amax code), torchao's unswizzled layout.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from scalesearch_compile.kernels._nvfp4 import autotune_configs, check_kernel_device, pack_nibbles, quantize_tile
+from scalesearch_compile.search import (
+    BLOCK_SIZE,
+    DEFAULT_WINDOW,
+    NVFP4Blocks,
+    PerTensorScale,
+    _resolve_per_tensor_scale,
+    check_method,
+    check_window,
+    checked_amax,
+)
+
+# Rows x columns per program. GPU candidates: tiles of 2-8K elements (4 warps, 16-64 values a thread) that keep
+# the 9-candidate search in registers; not yet timed on a GPU. The interpreter runs one tile shape, the
+# largest test tile, since it pays per program (numpy), not per element.
+_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps=4)
+        for block_m in (8, 16, 32)
+        for block_k in (64, 128)
+    ],
+    triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4),
+)
+
+
+@triton.autotune(configs=_CONFIGS, key=["K", "METHOD", "HAS_PTS"])
+@triton.jit
+def _quantize_kernel(
+    x_ptr,
+    pts_ptr,
+    qdata_ptr,
+    scale_ptr,
+    offset_ptr,
+    M,
+    K,
+    PTS_STRIDE,
+    HAS_PTS: tl.constexpr,
+    METHOD: tl.constexpr,
+    LO: tl.constexpr,
+    HI: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """One ``[BLOCK_M, BLOCK_K]`` tile of x -> its packed codes, scale codes and offsets.
+
+    ``pts_ptr`` holds one global scale (PTS_STRIDE 0) or one per row (PTS_STRIDE 1).
+    """
+    NUM_BLOCKS: tl.constexpr = BLOCK_K // 16
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows = rows.to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    if HAS_PTS:
+        pts = tl.load(pts_ptr + rows * PTS_STRIDE, mask=row_ok, other=1.0)[:, None]
+    else:
+        pts = tl.full((BLOCK_M, 1), 1.0, tl.float32)
+    codes, scale_codes, first_codes = quantize_tile(
+        x.to(tl.float32), pts, HAS_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
+    )
+
+    bytes_ = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
+    byte_mask = row_ok[:, None] & (bytes_ < K // 2)[None, :]
+    tl.store(qdata_ptr + rows[:, None] * (K // 2) + bytes_[None, :], pack_nibbles(codes, BLOCK_M, BLOCK_K), byte_mask)
+    blocks = tl.program_id(1) * NUM_BLOCKS + tl.arange(0, NUM_BLOCKS)
+    block_mask = row_ok[:, None] & (blocks < K // 16)[None, :]
+    block_offsets = rows[:, None] * (K // 16) + blocks[None, :]
+    tl.store(scale_ptr + block_offsets, scale_codes.to(tl.uint8), block_mask)
+    tl.store(offset_ptr + block_offsets, (scale_codes - first_codes).to(tl.int16), block_mask)
+
+
+def quantize_nvfp4_triton(
+    x: torch.Tensor,
+    method: str = "search",
+    *,
+    window: Sequence[int] = DEFAULT_WINDOW,
+    per_tensor_scale: PerTensorScale = True,
+) -> NVFP4Blocks:
+    """Quantize ``x`` (..., K) to NVFP4 in one Triton pass; same result as ``search.quantize_blocks``.
+
+    ``per_tensor_scale``: True (torchao's ``amax / (448 * 6)``), "row", a one-element or ``(..., 1)`` tensor,
+    or None (single-level scales). Raises ValueError for an unknown method, a bad window, an input that
+    cannot be quantized (dtype, K not a multiple of 16, empty, NaN/Inf) or a tensor a kernel cannot read.
+    """
+    check_method(method)
+    low, high = check_window(window)
+    amax = checked_amax(x)
+    check_kernel_device(x, "input")
+    pts = _resolve_per_tensor_scale(x, amax, per_tensor_scale)
+
+    k = x.shape[-1]
+    rows = x.reshape(-1, k).contiguous()
+    m = rows.shape[0]
+    qdata = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
+    scale_codes = torch.empty((m, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
+    offsets = torch.empty((m, k // BLOCK_SIZE), dtype=torch.int16, device=x.device)
+    pts_arg = rows if pts is None else pts.reshape(-1).contiguous()  # rows: a placeholder pointer, never read
+    pts_stride = 0 if pts is None or pts.dim() == 0 else 1
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
+
+    # enable_fp_fusion=False: a GPU build contracts |x| - q * s into an FMA by default, which changes the
+    # block errors' bits and so the chosen scales.
+    _quantize_kernel[grid](
+        rows,
+        pts_arg,
+        qdata,
+        scale_codes,
+        offsets,
+        m,
+        k,
+        pts_stride,
+        HAS_PTS=pts is not None,
+        METHOD=method,
+        LO=low,
+        HI=high,
+        enable_fp_fusion=False,
+    )
+    lead = x.shape[:-1]
+    return NVFP4Blocks(
+        qdata.view(*lead, k // 2),
+        scale_codes.view(*lead, k // BLOCK_SIZE),
+        pts,
+        offsets.view(*lead, k // BLOCK_SIZE),
+    )
