@@ -200,7 +200,7 @@ def unpack_nibbles(packed, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def dequantize_tile(codes, scale_codes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float32 ``e2m1(codes) * e4m3(scale_codes)`` for ``[ROWS, BLOCK_K]`` codes and their block codes.
+    """float32 ``e2m1(codes) * e4m3(scale_codes)``: int32 ``[ROWS, BLOCK_K]`` codes, ``[ROWS, BLOCK_K // 16]`` scales.
 
     The product of a 2-bit E2M1 significand and a 4-bit E4M3 one is exact in float32, and also in fp16
     and bf16 (values 2**-10 .. 2688), so a tile dequantized here can enter ``tl.dot`` in half precision
@@ -208,7 +208,7 @@ def dequantize_tile(codes, scale_codes, ROWS: tl.constexpr, BLOCK_K: tl.constexp
     """
     NUM_BLOCKS: tl.constexpr = BLOCK_K // NVFP4_BLOCK
     values = tl.reshape(e2m1_value(codes), (ROWS, NUM_BLOCKS, NVFP4_BLOCK))
-    return tl.reshape(values * e4m3_value(scale_codes)[:, :, None], (ROWS, BLOCK_K))
+    return tl.reshape(values * e4m3_value(scale_codes.to(tl.int32))[:, :, None], (ROWS, BLOCK_K))
 
 
 # ---- host side: shared by the launchers ----

@@ -1,0 +1,403 @@
+"""NVFP4 GEMM kernels: W4A4, W4A16, and W4A4 with the activation quantized (with search) in the prologue.
+
+Computes ``out = A @ W^T (+ bias)`` with float32 accumulation and stores it in the output dtype.
+
+Numerics: an NVFP4 operand is ``e2m1(code) * e4m3(scale code) * pts`` per 16-element block (``NVFP4Blocks``
+.dequantize). The kernel multiplies the E2M1 and E4M3 values only (exact in fp16), accumulates the dot
+products in float32, then multiplies by ``pts_a * pts_w``, adds the bias in float32 and casts. W4A16 dots
+the activation (its own dtype) with the dequantized weight. The fused prologue quantizes each activation tile
+exactly as ``quantize_nvfp4_triton`` (``_nvfp4.quantize_tile``), so it equals quantize-then-GEMM bit for bit.
+Paths: on compute capability 10.x / 12.x, W4A4 uses ``tl.dot_scaled(..., "e2m1", ...)`` with E4M3 scales;
+elsewhere (Hopper, Ampere, the interpreter) tiles are dequantized in registers and fed to ``tl.dot``.
+Decode shapes (M <= 16) split K across programs; their float32 partial sums are added by torch (in a fixed
+order, so the result is deterministic).
+
+Layouts (torchao's, unswizzled): W qdata uint8 ``(N, K // 2)`` (element 2i in the low nibble), scale codes
+``(N, K // 16)`` uint8 or float8_e4m3fn, per-tensor scale float32 (one element) or None; an NVFP4 activation
+is the same with M rows, its global scale one element or one per row; a float activation ``(..., K)``.
+"""
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from scalesearch_compile.kernels._nvfp4 import (
+    INTERPRET,
+    autotune_configs,
+    check_kernel_device,
+    dequantize_tile,
+    pack_nibbles,
+    quantize_tile,
+    unpack_nibbles,
+)
+from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton
+from scalesearch_compile.search import (
+    BLOCK_SIZE,
+    DEFAULT_WINDOW,
+    SUPPORTED_DTYPES,
+    NVFP4Blocks,
+    PerTensorScale,
+    _resolve_per_tensor_scale,
+    check_method,
+    check_window,
+    checked_amax,
+)
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+DECODE_MAX_M = 16
+
+# Tile shapes from Triton's Hopper matmul tutorial (128x128 / 128x64 / 64x128 with 4-8 warps, 3-4 stages),
+# with BLOCK_K 64-128 (whole 16-element scale blocks; dot_scaled wants K >= 64) and BLOCK_M 16 for decode;
+# none has been timed on a GPU yet. The interpreter runs one shape that still splits the test shapes.
+_CONFIGS = autotune_configs(
+    [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=3),
+    ],
+    triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4),
+)
+
+
+@triton.jit
+def _load_nvfp4_tile(qdata_ptr, scale_ptr, rows, row_ok, k0, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed codes ``[ROWS, BLOCK_K // 2]`` and scale codes ``[ROWS, BLOCK_K // 16]`` at column k0 (0 past K)."""
+    bytes_ = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    packed = tl.load(
+        qdata_ptr + rows[:, None] * (K // 2) + bytes_[None, :],
+        mask=row_ok[:, None] & (bytes_ < K // 2)[None, :],
+        other=0,
+    )
+    blocks = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+    scales = tl.load(
+        scale_ptr + rows[:, None] * (K // 16) + blocks[None, :],
+        mask=row_ok[:, None] & (blocks < K // 16)[None, :],
+        other=0,
+    )
+    return packed, scales
+
+
+@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "A_MODE", "DOT_SCALED", "SPLIT_K"])
+@triton.jit
+def _nvfp4_gemm_kernel(
+    a_ptr,
+    a_scale_ptr,
+    a_pts_ptr,
+    w_ptr,
+    w_scale_ptr,
+    w_pts_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,  # next power of two of M: only an autotuning key, so decode and prefill keep their own configs
+    A_PTS_STRIDE,
+    A_MODE: tl.constexpr,
+    METHOD: tl.constexpr,
+    LO: tl.constexpr,
+    HI: tl.constexpr,
+    HAS_A_PTS: tl.constexpr,
+    HAS_W_PTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_SCALED: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One ``[BLOCK_M, BLOCK_N]`` output tile over the K tiles of split ``program_id(1)``.
+
+    A_MODE "nvfp4": ``a_ptr``/``a_scale_ptr`` are packed codes and scale codes; "float": ``a_ptr`` is the
+    activation, dotted in DOT_DTYPE (W4A16); "quantize": ``a_ptr`` is the activation, quantized per tile with
+    METHOD / LO..HI (the fused prologue). ``a_pts_ptr``: one global scale (A_PTS_STRIDE 0) or one per row (1).
+    SPLIT_K > 1 stores float32 partial sums ``out[split, M, N]`` without bias; otherwise the finished tile.
+    """
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    group_first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum(num_m - group_first_m, GROUP_M)
+    pid_m = group_first_m + (pid % group_rows)
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    cols = cols.to(tl.int64)
+    if HAS_A_PTS:
+        a_pts = tl.load(a_pts_ptr + rows * A_PTS_STRIDE, mask=row_ok, other=1.0)[:, None]
+    else:
+        a_pts = tl.full((BLOCK_M, 1), 1.0, tl.float32)
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first_tile = tl.program_id(1) * tiles_per_split
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, k_tiles)):
+        k0 = tile * BLOCK_K
+        w_packed, w_scales = _load_nvfp4_tile(w_ptr, w_scale_ptr, cols, col_ok, k0, K, BLOCK_N, BLOCK_K)
+        if A_MODE == "float":
+            ks = k0 + tl.arange(0, BLOCK_K)
+            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+            w = dequantize_tile(unpack_nibbles(w_packed, BLOCK_N, BLOCK_K), w_scales, BLOCK_N, BLOCK_K)
+            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
+        else:
+            if A_MODE == "nvfp4":
+                a_packed, a_scales = _load_nvfp4_tile(a_ptr, a_scale_ptr, rows, row_ok, k0, K, BLOCK_M, BLOCK_K)
+                if not DOT_SCALED:
+                    a_codes = unpack_nibbles(a_packed, BLOCK_M, BLOCK_K)
+            else:
+                ks = k0 + tl.arange(0, BLOCK_K)
+                x = tl.load(
+                    a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0
+                )
+                a_codes, a_scales, _ = quantize_tile(
+                    x.to(tl.float32), a_pts, HAS_A_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
+                )
+                if DOT_SCALED:
+                    a_packed = pack_nibbles(a_codes, BLOCK_M, BLOCK_K)
+            if DOT_SCALED:
+                acc = tl.dot_scaled(
+                    a_packed,
+                    a_scales.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
+                    "e2m1",
+                    tl.trans(w_packed),
+                    w_scales.to(tl.float8e4nv, bitcast=True),
+                    "e2m1",
+                    acc,
+                )
+            else:
+                a = dequantize_tile(a_codes, a_scales, BLOCK_M, BLOCK_K)
+                w = dequantize_tile(unpack_nibbles(w_packed, BLOCK_N, BLOCK_K), w_scales, BLOCK_N, BLOCK_K)
+                acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc)
+
+    if A_MODE != "float":
+        acc = acc * a_pts
+    if HAS_W_PTS:
+        acc = acc * tl.load(w_pts_ptr)
+    if HAS_BIAS and SPLIT_K == 1:
+        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    out_offsets = tl.program_id(1) * M * N + rows[:, None] * N + cols[None, :]
+    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _supports_dot_scaled(device: torch.device) -> bool:
+    """NVFP4 ``tl.dot_scaled`` (E4M3 scales, 16-element blocks) runs on Blackwell, compute capability 10.x / 12.x."""
+    return not INTERPRET and torch.cuda.get_device_capability(device)[0] in (10, 12)
+
+
+def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
+    """Split K for decode (M <= 16) until about two programs per SM exist, each with K >= 512 (paper choice)."""
+    if m > DECODE_MAX_M:
+        return 1
+    sms = 132 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(8, (2 * sms) // triton.cdiv(n, 64), k // 512))
+
+
+def _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k: int, device: torch.device):
+    """Validate torchao's weight layout for inputs with K = ``k``; return (qdata, scale codes uint8, pts)."""
+    for name, t in (("w_qdata", w_qdata), ("w_scale_codes", w_scale_codes)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
+    n = w_qdata.shape[0]
+    if w_qdata.dtype != torch.uint8 or tuple(w_qdata.shape) != (n, k // 2):
+        raise ValueError(
+            f"w_qdata must be uint8 of shape (N, K // 2) = ({n}, {k // 2}) for inputs with K = {k}, "
+            f"got {w_qdata.dtype} {tuple(w_qdata.shape)}"
+        )
+    if w_scale_codes.dtype not in (torch.uint8, torch.float8_e4m3fn) or tuple(w_scale_codes.shape) != (n, k // 16):
+        raise ValueError(
+            f"w_scale_codes must be uint8 or float8_e4m3fn of shape (N, K // 16) = ({n}, {k // 16}), "
+            f"got {w_scale_codes.dtype} {tuple(w_scale_codes.shape)} (swizzled scales are not supported)"
+        )
+    if w_per_tensor_scale is not None:
+        if not isinstance(w_per_tensor_scale, torch.Tensor) or w_per_tensor_scale.numel() != 1:
+            raise ValueError("w_per_tensor_scale must be None or a one-element tensor")
+        w_per_tensor_scale = w_per_tensor_scale.detach().float().reshape(())
+        if not (torch.isfinite(w_per_tensor_scale) and w_per_tensor_scale > 0):
+            raise ValueError(f"w_per_tensor_scale must be positive and finite, got {w_per_tensor_scale.item()}")
+    if bias is not None and (
+        not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (n,)
+    ):
+        raise ValueError(f"bias must be None or a floating-point tensor of shape ({n},), got {getattr(bias, 'shape', bias)}")
+    for name, t in (("w_qdata", w_qdata), ("w_scale_codes", w_scale_codes), ("w_per_tensor_scale", w_per_tensor_scale),
+                    ("bias", bias)):
+        if t is not None and t.device != device:
+            raise ValueError(f"{name} is on {t.device} but the input is on {device}")
+    return w_qdata.contiguous(), w_scale_codes.contiguous().view(torch.uint8), w_per_tensor_scale
+
+
+def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
+    out_dtype = default if out_dtype is None else out_dtype
+    if out_dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"out_dtype must be one of {SUPPORTED_DTYPES}, got {out_dtype}")
+    return out_dtype
+
+
+def _launch(a, a_scales, a_pts, w_qdata, w_scales, w_pts, bias, m, k, out_dtype, a_mode, *, method="amax",
+            window=(0, 0), dot_dtype=torch.float16, split_k=1, dot_scaled=False) -> torch.Tensor:
+    """Allocate, launch the GEMM kernel and finish split-K; ``a_*`` already flat ``(M, ...)``. Returns (M, N)."""
+    n = w_qdata.shape[0]
+    device = w_qdata.device
+    if split_k == 1:
+        out = torch.empty((m, n), dtype=out_dtype, device=device)
+    else:
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=device)
+    dummy = w_qdata  # pointer for absent optional tensors; the kernel never reads it
+    if INTERPRET and dot_dtype == torch.bfloat16:
+        dot_dtype = torch.float32  # the interpreter's bf16 dot is wrong (FACTS.md); bf16 -> fp32 is exact
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
+
+    # enable_fp_fusion=False keeps the fused prologue's block errors (|x| - q * s)**2 free of FMA contraction,
+    # so it picks the same scales as the quantize kernel and the reference.
+    _nvfp4_gemm_kernel[grid](
+        a,
+        dummy if a_scales is None else a_scales,
+        dummy if a_pts is None else a_pts.reshape(-1).contiguous(),
+        w_qdata,
+        w_scales,
+        dummy if w_pts is None else w_pts,
+        dummy if bias is None else bias,
+        out,
+        m,
+        n,
+        k,
+        triton.next_power_of_2(m),
+        0 if a_pts is None or a_pts.numel() == 1 else 1,
+        A_MODE=a_mode,
+        METHOD=method,
+        LO=window[0],
+        HI=window[1],
+        HAS_A_PTS=a_pts is not None,
+        HAS_W_PTS=w_pts is not None,
+        HAS_BIAS=bias is not None,
+        DOT_DTYPE=_TL_DTYPES[dot_dtype],
+        INPUT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",  # tf32 is the default, unused for 16 bits
+        DOT_SCALED=dot_scaled,
+        SPLIT_K=split_k,
+        enable_fp_fusion=False,
+    )
+    if split_k == 1:
+        return out
+    out = out.sum(0)
+    return (out if bias is None else out + bias.float()).to(out_dtype)
+
+
+def _flat_rows(x: torch.Tensor, k: int) -> torch.Tensor:
+    return x.reshape(-1, k).contiguous()
+
+
+def nvfp4_gemm_triton(
+    a: NVFP4Blocks,
+    w_qdata: torch.Tensor,
+    w_scale_codes: torch.Tensor,
+    w_per_tensor_scale: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    *,
+    out_dtype: torch.dtype = torch.float32,
+    use_dot_scaled: bool | None = None,
+) -> torch.Tensor:
+    """W4A4 GEMM of an already quantized activation: ``a.dequantize() @ W_dequantized^T (+ bias)``, (..., N).
+
+    ``use_dot_scaled``: None picks ``tl.dot_scaled`` where the GPU has it; False forces the dequantize path.
+    """
+    if not isinstance(a, NVFP4Blocks):
+        raise ValueError(f"a must be NVFP4Blocks (from quantize_nvfp4_triton), got {type(a).__name__}")
+    check_kernel_device(a.qdata, "a.qdata")
+    k = a.qdata.shape[-1] * 2
+    w_qdata, w_scales, w_pts = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, a.qdata.device)
+    m = a.qdata.numel() * 2 // k
+    dot_scaled = _supports_dot_scaled(a.qdata.device) if use_dot_scaled is None else use_dot_scaled
+    out = _launch(
+        _flat_rows(a.qdata, k // 2),
+        _flat_rows(a.scale_codes, k // BLOCK_SIZE),
+        a.per_tensor_scale,
+        w_qdata,
+        w_scales,
+        w_pts,
+        bias,
+        m,
+        k,
+        _check_out_dtype(out_dtype, torch.float32),
+        "nvfp4",
+        dot_scaled=dot_scaled,
+    )
+    return out.view(*a.qdata.shape[:-1], w_qdata.shape[0])
+
+
+def nvfp4_linear_triton(
+    x: torch.Tensor,
+    w_qdata: torch.Tensor,
+    w_scale_codes: torch.Tensor,
+    w_per_tensor_scale: torch.Tensor | None,
+    bias: torch.Tensor | None = None,
+    *,
+    act: str | None = "nvfp4",
+    method: str = "search",
+    window: Sequence[int] = DEFAULT_WINDOW,
+    act_per_tensor_scale: PerTensorScale = True,
+    out_dtype: torch.dtype | None = None,
+    fuse_act_quant: bool | None = None,
+    split_k: int | None = None,
+    use_dot_scaled: bool | None = None,
+) -> torch.Tensor:
+    """``x @ W^T (+ bias)`` with an NVFP4 weight in torchao's layout; returns ``(..., N)`` in ``out_dtype``.
+
+    ``act="nvfp4"`` (W4A4): x is quantized with ``method`` / ``window`` / ``act_per_tensor_scale`` (as
+    ``quantize_blocks``), inside the GEMM prologue when ``fuse_act_quant`` (default: M <= 16, where it saves a
+    launch and the activation round trip) or by ``quantize_nvfp4_triton`` first; both give the same bits.
+    ``act=None`` (W4A16): x (float32 / bfloat16 / float16) is multiplied as is; ``split_k`` (default: more
+    than 1 only for M <= 16) splits the reduction across programs. ``out_dtype`` defaults to x's dtype.
+    ``use_dot_scaled``: None picks ``tl.dot_scaled`` for W4A4 where the GPU has it; False forces dequantize.
+    """
+    if act not in ("nvfp4", None):
+        raise ValueError(f"act must be 'nvfp4' (W4A4) or None (weight-only W4A16), got {act!r}")
+    if not isinstance(x, torch.Tensor) or x.dtype not in SUPPORTED_DTYPES or x.dim() == 0:
+        raise ValueError(
+            f"x must be a float32, bfloat16 or float16 tensor with at least one dimension, got "
+            f"{getattr(x, 'dtype', type(x).__name__)}"
+        )
+    check_kernel_device(x, "x")
+    k = x.shape[-1]
+    if k % BLOCK_SIZE:
+        raise ValueError(f"x's last dimension (K = {k}) must be a multiple of {BLOCK_SIZE}, got shape {tuple(x.shape)}")
+    w_qdata, w_scales, w_pts = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, x.device)
+    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
+        raise ValueError(f"split_k must be None or a positive int, got {split_k!r}")
+    out_dtype = _check_out_dtype(out_dtype, x.dtype)
+    n = w_qdata.shape[0]
+    m = x.numel() // k
+    if m == 0:
+        return torch.empty((*x.shape[:-1], n), dtype=out_dtype, device=x.device)
+    split = _split_k(m, n, k, x.device) if split_k is None else split_k
+
+    if act is None:
+        out = _launch(_flat_rows(x, k), None, None, w_qdata, w_scales, w_pts, bias, m, k, out_dtype, "float",
+                      dot_dtype=x.dtype, split_k=split)
+        return out.view(*x.shape[:-1], n)
+
+    check_method(method)
+    window = check_window(window)
+    dot_scaled = _supports_dot_scaled(x.device) if use_dot_scaled is None else use_dot_scaled
+    if not (m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant):
+        a = quantize_nvfp4_triton(x, method, window=window, per_tensor_scale=act_per_tensor_scale)
+        out = _launch(_flat_rows(a.qdata, k // 2), _flat_rows(a.scale_codes, k // BLOCK_SIZE), a.per_tensor_scale,
+                      w_qdata, w_scales, w_pts, bias, m, k, out_dtype, "nvfp4", split_k=split, dot_scaled=dot_scaled)
+        return out.view(*x.shape[:-1], n)
+    a_pts = _resolve_per_tensor_scale(x, checked_amax(x), act_per_tensor_scale)
+    out = _launch(_flat_rows(x, k), None, a_pts, w_qdata, w_scales, w_pts, bias, m, k, out_dtype, "quantize",
+                  method=method, window=window, split_k=split, dot_scaled=dot_scaled)
+    return out.view(*x.shape[:-1], n)
