@@ -1,0 +1,95 @@
+"""Time and peak memory of NVFP4 quantization: our methods against torchao's own amax quantizer.
+
+    python benchmarks/quantize.py [--rows 4096 --cols 4096 --repeats 5]
+
+Times are medians of ``--repeats`` runs in this process, after one warm-up run, printed as ratios to
+torchao's ``NVFP4Tensor.to_nvfp4`` with its two-level global scale on the same bf16 tensor. Peak extra memory
+is how far the resident set's high-water mark (Linux VmHWM, reset through /proc/self/clear_refs) rises above
+the resident set while quantizing once, as a multiple of the input's size, each method in a fresh process
+(``--memory-of METHOD`` prints just that number; tests/test_search.py runs it too).
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+
+import torch  # noqa: E402
+from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale  # noqa: E402
+
+from scalesearch_compile import quantize_nvfp4  # noqa: E402
+
+
+def torchao_amax(x):
+    return NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(x.abs().amax()))
+
+
+QUANTIZERS = {
+    "torchao amax": torchao_amax,
+    "amax": lambda x: quantize_nvfp4(x, "amax"),
+    "four_over_six": lambda x: quantize_nvfp4(x, "four_over_six"),
+    "search": lambda x: quantize_nvfp4(x, "search"),
+}
+
+
+def make_input(rows: int, cols: int) -> torch.Tensor:
+    return torch.empty(rows, cols, dtype=torch.bfloat16).normal_(generator=torch.Generator().manual_seed(0))
+
+
+def median_seconds(fn, x, repeats: int) -> float:
+    fn(x)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def peak_extra_memory(fn, x) -> float:
+    """Rise of the resident-set high-water mark above the resident set while ``fn(x)`` runs, over x's size."""
+    fn(x[:64])  # load code paths first
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # reset VmHWM to the current resident set
+    before = _status_kib("VmRSS")
+    result = fn(x)  # noqa: F841 (the output counts: it is held while measuring)
+    return (_status_kib("VmHWM") - before) * 1024 / (x.numel() * x.element_size())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=4096)
+    parser.add_argument("--cols", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--memory-of", choices=list(QUANTIZERS), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    x = make_input(args.rows, args.cols)
+    if args.memory_of:
+        print(peak_extra_memory(QUANTIZERS[args.memory_of], x))
+        return
+
+    memory = {}
+    for name in QUANTIZERS:  # each in a fresh process: freed memory stays resident and would be reused
+        cmd = [sys.executable, __file__, "--rows", str(args.rows), "--cols", str(args.cols), "--memory-of", name]
+        memory[name] = float(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
+    seconds = {name: median_seconds(fn, x, args.repeats) for name, fn in QUANTIZERS.items()}
+
+    base = seconds["torchao amax"]
+    print(f"NVFP4 quantization of a {args.rows}x{args.cols} bf16 tensor, {torch.get_num_threads()} CPU threads")
+    print("| method | time (s) | time / torchao amax | peak extra memory / input |")
+    print("|---|---|---|---|")
+    for name in QUANTIZERS:
+        print(f"| {name} | {seconds[name]:.3f} | {seconds[name] / base:.2f} | {memory[name]:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
