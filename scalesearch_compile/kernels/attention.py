@@ -1,0 +1,231 @@
+"""Triton forward kernel of ScaleSearchAttention: FlashAttention with Q, K, V and P in NVFP4.
+
+Numerics: those of :mod:`scalesearch_compile.attention` (its docstring is the definition). The launcher runs
+step 1 there (:func:`prepare`: smoothing, Hadamard and the quantization of Q, K and V, in torch) and the kernel
+runs step 2: one program per (BLOCK_M queries, batch * head) walks the KV tiles of ``BLOCK_N == TILE`` keys with
+an online softmax in float32, skipping the tiles above the diagonal when causal. P is quantized in the kernel
+with the arithmetic of ``formats.py`` / ``search.py`` copied exactly: E2M1 rounding by adding and subtracting
+``2**22 * spacing``, E4M3 rounding on the float32 bit pattern, the block error summed in pairs (16 -> 8 -> 4 ->
+2 -> 1), and a candidate kept only if its error is strictly lower than the best so far (the amax code, tried
+first, wins ties). Divisions that decide a rounding use ``div_rn`` (Triton's ``/`` is approximate on GPUs).
+
+NVFP4 tiles are multiplied as ``global scales * dot(e2m1 * e4m3, e2m1 * e4m3)``: each product of an E2M1 value
+and an E4M3 scale is exact in float16, so the float16 ``tl.dot`` with float32 accumulation loses nothing, and
+the per-tensor (Q, K, V) and per-row (P) global scales are applied to the float32 result. High-precision
+tiles use float32 ``tl.dot(input_precision="ieee")``. On compute capability 10.x/12.x the NVFP4 products go
+through ``tl.dot_scaled`` instead (``DOT_SCALED``; untested: the interpreter reads E4M3 scales as E8M0).
+
+Agreement with the reference is not bitwise: both sum scores and P.V in a different order and ``exp`` may
+differ in the last bit, so a P element can land on the neighbouring E2M1 value. ``tests/test_kernel_attention``
+checks a relative L2 difference of at most ``KERNEL_TOLERANCE`` against the reference under ``TRITON_INTERPRET=1``
+(measured at most 5e-7 there: the P codes agree bit for bit); on a GPU, ``exp`` and fused multiply-adds may
+move single P elements by one E2M1 step (not measured: no GPU was available).
+
+Layouts (contiguous; Hkv key/value heads, Skp = Sk padded to a multiple of TILE with zeros):
+``q_codes`` uint8 (B, Hq, Sq, D/2), ``q_scales`` uint8 E4M3 codes (B, Hq, Sq, D/16), ``q_hp`` float32
+(B, Hq, Sq, D), ``q_mean`` float32 (B, Hq, D); ``k_codes`` (B, Hkv, Skp, D/2), ``k_scales`` (B, Hkv, Skp, D/16),
+``k_hp`` float32 (B, Hkv, Skp, D); ``v_codes`` (B, Hkv, Dv, Skp/2) and ``v_scales`` (B, Hkv, Dv, Skp/16) hold
+V^T (blocks along the keys), ``v_hp`` float32 (B, Hkv, Skp, Dv); ``global_scales`` float32 (3,) for Q, K, V;
+``mask`` float32 additive, strided over (B, Hq, Sq, Sk) (stride 0 where broadcast); ``out`` float32
+(B, Hq, Sq, Dv). E2M1 codes: two a byte, the even element in the low nibble.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from scalesearch_compile.attention import (
+    DEFAULT_RECIPE,
+    P_SCALE_FLOOR,
+    TILE,
+    AttentionRecipe,
+    additive_mask,
+    check_inputs,
+    prepare,
+)
+from scalesearch_compile.kernels._nvfp4 import (
+    INTERPRET,
+    check_kernel_device,
+    dequantize_tile,
+    pack_nibbles,
+    quantize_tile,
+    unpack_nibbles,
+)
+from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton
+
+KERNEL_TOLERANCE = 1e-5  # relative L2 difference from the reference under the interpreter (module docstring)
+# One config: BLOCK_M = TILE and 4 warps, untuned (no GPU was available to measure others).
+BLOCK_M = TILE
+NUM_WARPS = 4
+
+
+@triton.jit
+def _load_nvfp4(codes_ptr, scales_ptr, rows, row_len, col0, COLS: tl.constexpr):
+    """Packed E2M1 codes (uint8 (R, COLS/2)) and E4M3 scale codes (uint8 (R, COLS/16)) of columns
+    ``col0 .. col0 + COLS`` of ``rows`` (R,) of a row-major NVFP4 matrix with ``row_len`` elements a row."""
+    packed = tl.load(codes_ptr + rows[:, None] * (row_len // 2) + col0 // 2 + tl.arange(0, COLS // 2)[None, :])
+    scales = tl.load(scales_ptr + rows[:, None] * (row_len // 16) + col0 // 16 + tl.arange(0, COLS // 16)[None, :])
+    return packed, scales
+
+
+@triton.jit
+def _unit_values(packed, scale_codes, R: tl.constexpr, COLS: tl.constexpr):
+    """float16 ``e2m1 * e4m3`` (exact) of packed codes (R, COLS/2) and scale codes (R, COLS/16)."""
+    return dequantize_tile(unpack_nibbles(packed, R, COLS), scale_codes, R, COLS).to(tl.float16)
+
+
+@triton.jit
+def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SCALE_FLOOR: tl.constexpr):
+    """NVFP4 P tile (R, N) >= 0 along N: (E2M1 codes int32 (R, N), E4M3 codes int32 (R, N/16), row scale (R,)),
+    two-level with the per-row first level ``rowmax / (448 * 6)`` (``attention.quantize_probabilities``)."""
+    R: tl.constexpr = p.shape[0]
+    N: tl.constexpr = p.shape[1]
+    row_scale = tl.math.div_rn(tl.max(p, 1), 2688.0)
+    row_scale = tl.where(row_scale >= SCALE_FLOOR, row_scale, 1.0)
+    codes, scale_codes, _ = quantize_tile(p, row_scale[:, None], True, METHOD, LO, HI, R, N)
+    return codes, scale_codes, row_scale
+
+
+@triton.jit
+def _attention_kernel(
+    q_codes_ptr, q_scales_ptr, q_hp_ptr, q_mean_ptr,
+    k_codes_ptr, k_scales_ptr, k_hp_ptr,
+    v_codes_ptr, v_scales_ptr, v_hp_ptr,
+    global_scales_ptr, mask_ptr, out_ptr,
+    mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
+    num_heads, group, q_len, k_len, padded_len, sink_end, tail_start, sm_scale,
+    HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SMOOTH_Q: tl.constexpr,
+    METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SCALE_FLOOR: tl.constexpr, DOT_SCALED: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    kv_bh = batch * (num_heads // group) + head // group
+    dims = tl.arange(0, HEAD_DIM)
+    v_dims = tl.arange(0, V_DIM)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    q_rows = pid_bh * q_len + tl.minimum(rows, q_len - 1)  # rows past the end re-read the last one, never stored
+
+    q_packed, q_scale_codes = _load_nvfp4(q_codes_ptr, q_scales_ptr, q_rows, HEAD_DIM, 0, HEAD_DIM)
+    q_unit = _unit_values(q_packed, q_scale_codes, BLOCK_M, HEAD_DIM)
+    q_hp = tl.load(q_hp_ptr + q_rows[:, None] * HEAD_DIM + dims[None, :])
+    if SMOOTH_Q:
+        q_mean = tl.load(q_mean_ptr + pid_bh * HEAD_DIM + dims)
+    q_scale = tl.load(global_scales_ptr)
+    k_scale = tl.load(global_scales_ptr + 1)
+    v_scale = tl.load(global_scales_ptr + 2)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, V_DIM], tl.float32)
+    end = k_len
+    if IS_CAUSAL:
+        end = tl.minimum(k_len, (pid_m + 1) * BLOCK_M)
+    for start in range(0, end, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        k_rows = kv_bh * padded_len + cols
+        high_precision = (start < sink_end) | (start == tail_start)
+        if high_precision:
+            k_hp = tl.load(k_hp_ptr + k_rows[:, None] * HEAD_DIM + dims[None, :])
+            s = tl.dot(q_hp, tl.trans(k_hp), input_precision="ieee")
+        else:
+            k_packed, k_scale_codes = _load_nvfp4(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
+            k_unit = _unit_values(k_packed, k_scale_codes, BLOCK_N, HEAD_DIM)
+            if DOT_SCALED:  # compute capability 10.x/12.x only; not exercised by the interpreter tests
+                s = tl.dot_scaled(
+                    q_packed, q_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
+                    tl.trans(k_packed), k_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
+                )  # fmt: skip
+            else:
+                s = tl.dot(q_unit, tl.trans(k_unit))
+            s = s * (q_scale * k_scale)
+            if SMOOTH_Q:
+                s += tl.sum(q_mean[None, :] * k_unit.to(tl.float32), 1)[None, :] * k_scale
+        s = s * sm_scale
+        if HAS_MASK:
+            mask_offsets = batch * mask_stride_b + head * mask_stride_h + rows[:, None] * mask_stride_m
+            valid = row_ok[:, None] & (cols < k_len)[None, :]
+            s += tl.load(mask_ptr + mask_offsets + cols[None, :] * mask_stride_n, mask=valid, other=0.0)
+        allowed = (cols < k_len)[None, :]
+        if IS_CAUSAL:
+            allowed = allowed & (cols[None, :] <= rows[:, None])
+        s = tl.where(allowed, s, float("-inf"))
+
+        new_max = tl.maximum(m_i, tl.max(s, 1))
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha = tl.exp(m_i - safe_max)
+        p = tl.exp(s - safe_max[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if high_precision:
+            v_hp = tl.load(v_hp_ptr + k_rows[:, None] * V_DIM + v_dims[None, :])
+            pv = tl.dot(p, v_hp, input_precision="ieee")
+        else:
+            p_codes, p_scale_codes, p_scale = _quantize_probabilities(p, METHOD, LO, HI, SCALE_FLOOR)
+            v_rows = kv_bh * V_DIM + v_dims
+            v_packed, v_scale_codes = _load_nvfp4(v_codes_ptr, v_scales_ptr, v_rows, padded_len, start, BLOCK_N)
+            if DOT_SCALED:
+                pv = tl.dot_scaled(
+                    pack_nibbles(p_codes, BLOCK_M, BLOCK_N), p_scale_codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
+                    "e2m1", tl.trans(v_packed), v_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
+                )  # fmt: skip
+            else:
+                p_unit = dequantize_tile(p_codes, p_scale_codes, BLOCK_M, BLOCK_N).to(tl.float16)
+                pv = tl.dot(p_unit, tl.trans(_unit_values(v_packed, v_scale_codes, V_DIM, BLOCK_N)))
+            pv = pv * (p_scale[:, None] * v_scale)
+        acc = acc * alpha[:, None] + pv
+        m_i = new_max
+
+    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+    tl.store(out_ptr + (pid_bh * q_len + rows)[:, None] * V_DIM + v_dims[None, :], out, mask=row_ok[:, None])
+
+
+def _use_dot_scaled(device: torch.device) -> bool:
+    """Native NVFP4 ``tl.dot_scaled`` on compute capability 10.x/12.x; never under the interpreter."""
+    return not INTERPRET and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (10, 12)
+
+
+def nvfp4_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    recipe: AttentionRecipe = DEFAULT_RECIPE,
+) -> torch.Tensor:
+    """NVFP4 attention with the Triton kernel; arguments and result as ``nvfp4_attention_reference``."""
+    check_inputs(q, k, v, attn_mask, is_causal, enable_gqa)
+    check_kernel_device(q, "query")
+    batch, num_heads, q_len, head_dim = q.shape
+    kv_heads, k_len, v_dim = k.shape[1], k.shape[2], v.shape[-1]
+    prep = prepare(q, k, v, recipe, quantize=quantize_nvfp4_triton)
+    padded_len = prep.k_hp.shape[-2]
+    global_scales = torch.stack([prep.q.per_tensor_scale, prep.k.per_tensor_scale, prep.v.per_tensor_scale])
+    q_mean = prep.q_mean if prep.q_mean is not None else prep.q_hp  # a placeholder pointer when unused
+    mask = None if attn_mask is None else additive_mask(attn_mask)
+    if mask is not None:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + mask.shape).expand(batch, num_heads, q_len, k_len)
+    sink_end = TILE if recipe.sink_tiles else 0
+    tail_start = k_len // TILE * TILE if recipe.sink_tiles and k_len % TILE else -1
+    out = torch.empty((batch, num_heads, q_len, v_dim), dtype=torch.float32, device=q.device)
+    grid = (triton.cdiv(q_len, BLOCK_M), batch * num_heads)
+    _attention_kernel[grid](
+        prep.q.qdata, prep.q.scale_codes, prep.q_hp.contiguous(), q_mean.contiguous(),
+        prep.k.qdata, prep.k.scale_codes, prep.k_hp.contiguous(),
+        prep.v.qdata, prep.v.scale_codes, prep.v_hp.contiguous(),
+        global_scales, out if mask is None else mask, out,
+        *(mask.stride() if mask is not None else (0, 0, 0, 0)),
+        num_heads, num_heads // kv_heads, q_len, k_len, padded_len, sink_end, tail_start,
+        1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+        HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_M=BLOCK_M, BLOCK_N=TILE,
+        IS_CAUSAL=is_causal, HAS_MASK=mask is not None, SMOOTH_Q=prep.q_mean is not None,
+        METHOD=recipe.method, LO=recipe.window[0], HI=recipe.window[1], SCALE_FLOOR=P_SCALE_FLOOR,
+        DOT_SCALED=_use_dot_scaled(q.device), num_warps=NUM_WARPS, enable_fp_fusion=False,
+    )  # fmt: skip
+    return out.to(q.dtype)

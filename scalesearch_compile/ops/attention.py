@@ -1,0 +1,80 @@
+"""Custom op ``scalesearch::nvfp4_attention``: NVFP4 attention (ScaleSearchAttention) behind SDPA's contract.
+
+One implementation for every device: ``impl="reference"`` runs :func:`nvfp4_attention_reference` (pure torch),
+``impl="triton"`` the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``impl="auto"`` the kernel on
+CUDA and the reference elsewhere. The recipe travels as plain arguments because a custom op's schema takes no
+dataclasses. Forward only: no autograd formula is registered.
+"""
+
+import torch
+
+from scalesearch_compile.attention import DEFAULT_RECIPE, AttentionRecipe, check_inputs, nvfp4_attention_reference
+
+IMPLS = ("auto", "reference", "triton")
+
+
+@torch.library.custom_op("scalesearch::nvfp4_attention", mutates_args=())
+def nvfp4_attention_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float | None,
+    enable_gqa: bool,
+    method: str,
+    window_low: int,
+    window_high: int,
+    smooth_k: bool,
+    smooth_q: bool,
+    hadamard: bool,
+    sink_tiles: bool,
+    impl: str,
+) -> torch.Tensor:
+    recipe = AttentionRecipe(
+        method=method,
+        window=(window_low, window_high),
+        smooth_k=smooth_k,
+        smooth_q=smooth_q,
+        hadamard=hadamard,
+        sink_tiles=sink_tiles,
+    )
+    if impl == "triton" or (impl == "auto" and q.device.type == "cuda"):
+        from scalesearch_compile.kernels.attention import nvfp4_attention_triton
+
+        return nvfp4_attention_triton(q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe)
+    return nvfp4_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe)
+
+
+@nvfp4_attention_op.register_fake
+def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, *recipe_and_impl):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def nvfp4_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+    recipe: AttentionRecipe = DEFAULT_RECIPE,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention`` (no dropout) with Q, K, V and P in NVFP4 per ``recipe``.
+
+    Raises ValueError for unsupported inputs (e.g. a head_dim outside ``HEAD_DIMS``), so a caller can fall back
+    to SDPA. ``impl``: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton".
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}")
+    if not isinstance(recipe, AttentionRecipe):
+        raise ValueError(f"recipe must be an AttentionRecipe, got {type(recipe).__name__}")
+    check_inputs(q, k, v, attn_mask, is_causal, enable_gqa)
+    scale = None if scale is None else float(scale)
+    low, high = recipe.window
+    return nvfp4_attention_op(
+        q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe.method, low, high,
+        recipe.smooth_k, recipe.smooth_q, recipe.hadamard, recipe.sink_tiles, impl,
+    )  # fmt: skip
