@@ -192,9 +192,13 @@ def _nvfp4_gemm_kernel(
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _supports_dot_scaled(device: torch.device) -> bool:
-    """NVFP4 ``tl.dot_scaled`` (E4M3 scales, 16-element blocks) runs on Blackwell, compute capability 10.x / 12.x."""
-    return not INTERPRET and torch.cuda.get_device_capability(device)[0] in (10, 12)
+def _use_dot_scaled(requested: bool | None, device: torch.device) -> bool:
+    """Whether W4A4 runs on ``tl.dot_scaled``: where it exists (compute capability 10.x / 12.x) unless refused."""
+    available = not INTERPRET and torch.cuda.get_device_capability(device)[0] in (10, 12)
+    if requested and not available:
+        # The interpreter would run it and silently return garbage (it reads E4M3 scales as E8M0; FACTS.md).
+        raise ValueError("use_dot_scaled=True needs a GPU of compute capability 10.x or 12.x (Blackwell)")
+    return available if requested is None else requested
 
 
 def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
@@ -230,12 +234,26 @@ def _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k: int, devi
     if bias is not None and (
         not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (n,)
     ):
-        raise ValueError(f"bias must be None or a floating-point tensor of shape ({n},), got {getattr(bias, 'shape', bias)}")
-    for name, t in (("w_qdata", w_qdata), ("w_scale_codes", w_scale_codes), ("w_per_tensor_scale", w_per_tensor_scale),
-                    ("bias", bias)):
+        raise ValueError(
+            f"bias must be None or a floating-point tensor of shape ({n},), got {getattr(bias, 'shape', bias)}"
+        )
+    for name, t in (
+        ("w_qdata", w_qdata),
+        ("w_scale_codes", w_scale_codes),
+        ("w_per_tensor_scale", w_per_tensor_scale),
+        ("bias", bias),
+    ):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the input is on {device}")
     return w_qdata.contiguous(), w_scale_codes.contiguous().view(torch.uint8), w_per_tensor_scale
+
+
+def _pick_split_k(split_k, m: int, n: int, k: int, device: torch.device) -> int:
+    if split_k is None:
+        return _split_k(m, n, k, device)
+    if not isinstance(split_k, int) or split_k < 1:
+        raise ValueError(f"split_k must be None or a positive int, got {split_k!r}")
+    return split_k
 
 
 def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
@@ -245,8 +263,25 @@ def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
     return out_dtype
 
 
-def _launch(a, a_scales, a_pts, w_qdata, w_scales, w_pts, bias, m, k, out_dtype, a_mode, *, method="amax",
-            window=(0, 0), dot_dtype=torch.float16, split_k=1, dot_scaled=False) -> torch.Tensor:
+def _launch(
+    a,
+    a_scales,
+    a_pts,
+    w_qdata,
+    w_scales,
+    w_pts,
+    bias,
+    m,
+    k,
+    out_dtype,
+    a_mode,
+    *,
+    method="amax",
+    window=(0, 0),
+    dot_dtype=torch.float16,
+    split_k=1,
+    dot_scaled=False,
+) -> torch.Tensor:
     """Allocate, launch the GEMM kernel and finish split-K; ``a_*`` already flat ``(M, ...)``. Returns (M, N)."""
     n = w_qdata.shape[0]
     device = w_qdata.device
@@ -308,11 +343,12 @@ def nvfp4_gemm_triton(
     bias: torch.Tensor | None = None,
     *,
     out_dtype: torch.dtype = torch.float32,
+    split_k: int | None = None,
     use_dot_scaled: bool | None = None,
 ) -> torch.Tensor:
     """W4A4 GEMM of an already quantized activation: ``a.dequantize() @ W_dequantized^T (+ bias)``, (..., N).
 
-    ``use_dot_scaled``: None picks ``tl.dot_scaled`` where the GPU has it; False forces the dequantize path.
+    ``split_k`` and ``use_dot_scaled`` as in :func:`nvfp4_linear_triton`.
     """
     if not isinstance(a, NVFP4Blocks):
         raise ValueError(f"a must be NVFP4Blocks (from quantize_nvfp4_triton), got {type(a).__name__}")
@@ -320,7 +356,8 @@ def nvfp4_gemm_triton(
     k = a.qdata.shape[-1] * 2
     w_qdata, w_scales, w_pts = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, a.qdata.device)
     m = a.qdata.numel() * 2 // k
-    dot_scaled = _supports_dot_scaled(a.qdata.device) if use_dot_scaled is None else use_dot_scaled
+    split = _pick_split_k(split_k, m, w_qdata.shape[0], k, a.qdata.device)
+    dot_scaled = _use_dot_scaled(use_dot_scaled, a.qdata.device)
     out = _launch(
         _flat_rows(a.qdata, k // 2),
         _flat_rows(a.scale_codes, k // BLOCK_SIZE),
@@ -333,6 +370,7 @@ def nvfp4_gemm_triton(
         k,
         _check_out_dtype(out_dtype, torch.float32),
         "nvfp4",
+        split_k=split,
         dot_scaled=dot_scaled,
     )
     return out.view(*a.qdata.shape[:-1], w_qdata.shape[0])
@@ -372,32 +410,73 @@ def nvfp4_linear_triton(
         )
     check_kernel_device(x, "x")
     k = x.shape[-1]
-    if k % BLOCK_SIZE:
-        raise ValueError(f"x's last dimension (K = {k}) must be a multiple of {BLOCK_SIZE}, got shape {tuple(x.shape)}")
+    if k == 0 or k % BLOCK_SIZE:
+        raise ValueError(
+            f"x's last dimension (K = {k}) must be a positive multiple of {BLOCK_SIZE}, got shape {tuple(x.shape)}"
+        )
     w_qdata, w_scales, w_pts = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, x.device)
-    if split_k is not None and (not isinstance(split_k, int) or split_k < 1):
-        raise ValueError(f"split_k must be None or a positive int, got {split_k!r}")
     out_dtype = _check_out_dtype(out_dtype, x.dtype)
     n = w_qdata.shape[0]
     m = x.numel() // k
     if m == 0:
         return torch.empty((*x.shape[:-1], n), dtype=out_dtype, device=x.device)
-    split = _split_k(m, n, k, x.device) if split_k is None else split_k
+    split = _pick_split_k(split_k, m, n, k, x.device)
 
     if act is None:
-        out = _launch(_flat_rows(x, k), None, None, w_qdata, w_scales, w_pts, bias, m, k, out_dtype, "float",
-                      dot_dtype=x.dtype, split_k=split)
+        out = _launch(
+            _flat_rows(x, k),
+            None,
+            None,
+            w_qdata,
+            w_scales,
+            w_pts,
+            bias,
+            m,
+            k,
+            out_dtype,
+            "float",
+            dot_dtype=x.dtype,
+            split_k=split,
+        )
         return out.view(*x.shape[:-1], n)
 
     check_method(method)
     window = check_window(window)
-    dot_scaled = _supports_dot_scaled(x.device) if use_dot_scaled is None else use_dot_scaled
+    dot_scaled = _use_dot_scaled(use_dot_scaled, x.device)
     if not (m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant):
         a = quantize_nvfp4_triton(x, method, window=window, per_tensor_scale=act_per_tensor_scale)
-        out = _launch(_flat_rows(a.qdata, k // 2), _flat_rows(a.scale_codes, k // BLOCK_SIZE), a.per_tensor_scale,
-                      w_qdata, w_scales, w_pts, bias, m, k, out_dtype, "nvfp4", split_k=split, dot_scaled=dot_scaled)
+        out = _launch(
+            _flat_rows(a.qdata, k // 2),
+            _flat_rows(a.scale_codes, k // BLOCK_SIZE),
+            a.per_tensor_scale,
+            w_qdata,
+            w_scales,
+            w_pts,
+            bias,
+            m,
+            k,
+            out_dtype,
+            "nvfp4",
+            split_k=split,
+            dot_scaled=dot_scaled,
+        )
         return out.view(*x.shape[:-1], n)
     a_pts = _resolve_per_tensor_scale(x, checked_amax(x), act_per_tensor_scale)
-    out = _launch(_flat_rows(x, k), None, a_pts, w_qdata, w_scales, w_pts, bias, m, k, out_dtype, "quantize",
-                  method=method, window=window, split_k=split, dot_scaled=dot_scaled)
+    out = _launch(
+        _flat_rows(x, k),
+        None,
+        a_pts,
+        w_qdata,
+        w_scales,
+        w_pts,
+        bias,
+        m,
+        k,
+        out_dtype,
+        "quantize",
+        method=method,
+        window=window,
+        split_k=split,
+        dot_scaled=dot_scaled,
+    )
     return out.view(*x.shape[:-1], n)

@@ -73,9 +73,7 @@ def _quantize_kernel(
         pts = tl.load(pts_ptr + rows * PTS_STRIDE, mask=row_ok, other=1.0)[:, None]
     else:
         pts = tl.full((BLOCK_M, 1), 1.0, tl.float32)
-    codes, scale_codes, first_codes = quantize_tile(
-        x.to(tl.float32), pts, HAS_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
-    )
+    codes, scale_codes, first_codes = quantize_tile(x.to(tl.float32), pts, HAS_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K)
 
     bytes_ = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     byte_mask = row_ok[:, None] & (bytes_ < K // 2)[None, :]

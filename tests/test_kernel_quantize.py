@@ -1,0 +1,143 @@
+"""The Triton quantize kernel equals ``quantize_blocks`` bit for bit (qdata, scale codes, offsets).
+
+Runs the kernel in Triton's interpreter on a CPU (TRITON_INTERPRET=1, set here before any kernel module is
+imported) and natively on a GPU.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton  # noqa: E402
+from scalesearch_compile.search import quantize_blocks  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FIELDS = ("qdata", "scale_codes", "offsets")
+
+
+def assert_same_blocks(got, ref):
+    for field in FIELDS:
+        g, r = getattr(got, field).cpu(), getattr(ref, field)
+        assert g.dtype == r.dtype and g.shape == r.shape, field
+        mismatches = (g != r).sum().item()
+        assert mismatches == 0, f"{field}: {mismatches} of {r.numel()} differ"
+    if ref.per_tensor_scale is None:
+        assert got.per_tensor_scale is None
+    else:
+        assert torch.equal(got.per_tensor_scale.cpu(), ref.per_tensor_scale)
+
+
+def check(x, method, **kwargs):
+    """Kernel on DEVICE vs the reference on the CPU (torch's CUDA division by a Python scalar is not IEEE)."""
+    got = quantize_nvfp4_triton(x.to(DEVICE), method, **kwargs)
+    ref = quantize_blocks(x, method, **kwargs)
+    assert_same_blocks(got, ref)
+    return ref
+
+
+def ragged_input(dtype, rows=37, k=144, seed=0):
+    """Rows not a multiple of the row tile, K = 128 + 16 (a partial column tile), a 1e-4..1e4 spread of scales."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-4, 4, k)[torch.randperm(k, generator=g)]
+    return x.to(dtype)
+
+
+def edge_input():
+    """Blocks that hit ties and limits: zeros, -0.0, constants, E2M1 midpoints, near 448*6, subnormal scales."""
+    block = torch.arange(16, dtype=torch.float32)
+    rows = [
+        torch.zeros(16),
+        -torch.zeros(16),
+        torch.full((16,), 3.0),
+        torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2),  # E2M1 ties at scale 1
+        torch.tensor([-6.0, 6.0] + [0.0] * 14),
+        block * 2688.0 / 15,  # block amax 2688: scale 448 without a global scale, so positive offsets overflow
+        (block - 8) * 1e-3,  # tiny: amax code clamps to 8 without a global scale, offsets -2 and -1 are subnormal
+        torch.tensor([1e-30] * 15 + [-1.0]),
+    ]
+    return torch.stack(rows).repeat(1, 2)  # (8, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_tensor_scale", [True, None, "row", "tensor"])
+@pytest.mark.parametrize("method", ["amax", "four_over_six", "search"])
+def test_bitwise_equal_to_reference(method, per_tensor_scale, dtype):
+    x = ragged_input(dtype)
+    if per_tensor_scale == "tensor":
+        per_tensor_scale = torch.tensor(0.37)
+    ref = check(x, method, per_tensor_scale=per_tensor_scale)
+    if method != "amax":  # the comparison covers real choices, not only the amax code
+        assert (ref.offsets != 0).float().mean() > 0.05
+
+
+@pytest.mark.parametrize("per_tensor_scale", [True, None])
+@pytest.mark.parametrize("method", ["amax", "four_over_six", "search"])
+def test_edge_blocks(method, per_tensor_scale):
+    check(edge_input(), method, per_tensor_scale=per_tensor_scale)
+
+
+def test_exhaustive_small():
+    check(ragged_input(torch.float32, rows=5, k=48), "exhaustive")
+
+
+@pytest.mark.parametrize("window", [(0, 0), (-4, 2), (3, 5), (-8, -1)])
+def test_windows(window):
+    ref = check(ragged_input(torch.float32, rows=9, k=64), "search", window=window)
+    chosen = ref.offsets[ref.offsets != 0]
+    assert chosen.numel() == 0 or (chosen.min() >= window[0] and chosen.max() <= window[1])
+
+
+def test_leading_dimensions_kept():
+    x = ragged_input(torch.float32, rows=10, k=48).view(2, 5, 48)
+    got = quantize_nvfp4_triton(x.to(DEVICE), "search")
+    assert got.qdata.shape == (2, 5, 24) and got.scale_codes.shape == (2, 5, 3) and got.offsets.shape == (2, 5, 3)
+    assert_same_blocks(got, quantize_blocks(x, "search"))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    blocks=st.integers(1, 12),
+    log_scale=st.floats(-20, 20),
+    seed=st.integers(0, 2**16),
+    method=st.sampled_from(["amax", "four_over_six", "search"]),
+    per_tensor_scale=st.sampled_from([True, None]),
+)
+def test_random_shapes_and_scales(rows, blocks, log_scale, seed, method, per_tensor_scale):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 16 * blocks, generator=g) * 2.0**log_scale
+    check(x, method, per_tensor_scale=per_tensor_scale)
+
+
+@pytest.mark.parametrize(
+    ("x", "kwargs", "message"),
+    [
+        (torch.randn(4, 32), {"method": "nearest"}, "unknown method"),
+        (torch.randn(4, 32), {"window": (3, 1)}, "empty search window"),
+        (torch.randn(4, 30), {}, "multiple of 16"),
+        (torch.zeros(0, 32), {}, "empty"),
+        (torch.randint(0, 5, (4, 32)), {}, "unsupported dtype"),
+        (torch.tensor([[float("nan")] + [0.0] * 15]), {}, "NaN or Inf"),
+        (torch.randn(4, 32), {"per_tensor_scale": torch.tensor(-1.0)}, "positive and finite"),
+        (torch.randn(4, 32), {"per_tensor_scale": "column"}, "unknown per_tensor_scale"),
+    ],
+)
+def test_input_errors(x, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_nvfp4_triton(x.to(DEVICE), **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: native Triton build with FMA contraction")
+@pytest.mark.parametrize("method", ["amax", "four_over_six", "search"])
+def test_gpu_large_tensor_bitwise(method):
+    """1M values on a GPU: any FMA contraction of |x| - q * s, or a non-IEEE division, would flip choices."""
+    x = torch.randn(256, 4096, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 3, 4096)
+    check(x.to(torch.bfloat16), method)
