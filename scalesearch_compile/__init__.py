@@ -5,7 +5,23 @@ import os
 # torchao prints two lines about CUDA-only extensions on CPU machines unless told to skip them.
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
+from scalesearch_compile.calibration import calibrate  # noqa: E402
+from scalesearch_compile.config import ScaleSearchConfig  # noqa: E402
+from scalesearch_compile.ops.linear import nvfp4_linear  # noqa: E402
+from scalesearch_compile.ops.quantize import nvfp4_quantize  # noqa: E402
 from scalesearch_compile.search import METHODS, NVFP4Blocks, chosen_offsets, quantize_blocks  # noqa: E402
-from scalesearch_compile.tensor import quantize_nvfp4  # noqa: E402
+from scalesearch_compile.tensor import NVFP4ActivationKwargs, ScaleSearchNVFP4Tensor, quantize_nvfp4  # noqa: E402
 
-__all__ = ["METHODS", "NVFP4Blocks", "chosen_offsets", "quantize_blocks", "quantize_nvfp4"]
+__all__ = [
+    "METHODS",
+    "NVFP4ActivationKwargs",
+    "NVFP4Blocks",
+    "ScaleSearchConfig",
+    "ScaleSearchNVFP4Tensor",
+    "calibrate",
+    "chosen_offsets",
+    "nvfp4_linear",
+    "nvfp4_quantize",
+    "quantize_blocks",
+    "quantize_nvfp4",
+]

@@ -1,0 +1,198 @@
+"""scalesearch::quantize_nvfp4 and scalesearch::nvfp4_linear: numerics against independent float64
+dequantize-then-matmul, opcheck, implementation choice, routing of F.linear, and input errors."""
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.library import opcheck
+from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
+from scalesearch_compile import NVFP4ActivationKwargs, nvfp4_linear, nvfp4_quantize, quantize_blocks
+from scalesearch_compile.ops import quantize as quantize_ops
+from scalesearch_compile.tensor import quantize_weight
+
+torch.manual_seed(0)
+
+
+def _weight(n=48, k=64, act=None, method="search"):
+    return quantize_weight(torch.randn(n, k), method, act_quant_kwargs=act)
+
+
+def _float64_w4a16(x, weight, bias):
+    w = weight.to_nvfp4_tensor().dequantize(torch.float64)  # torchao's dequantize, not ours
+    return x.double() @ w.T + bias.double()
+
+
+def _float64_w4a4(x, weight, bias):
+    kw = weight.act_quant_kwargs
+    rows = x.reshape(-1, x.shape[-1])
+    x_hat = quantize_blocks(rows, kw.method, window=kw.window).dequantize().double().view(x.shape)
+    return _float64_w4a16(x_hat, weight, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a16_matches_float64_dequantize_then_matmul(dtype):
+    weight, bias = _weight(), torch.randn(48)
+    x = torch.randn(3, 5, 64).to(dtype)
+    out = nvfp4_linear(x, weight, bias.to(dtype))
+    expected = _float64_w4a16(x, weight, bias.to(dtype))
+    assert out.dtype == dtype and out.shape == (3, 5, 48)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (out.double() - expected).abs().max() <= tolerance * expected.abs().max()
+
+
+@pytest.mark.parametrize("method", ["search", "amax"])
+def test_w4a4_matches_float64_dequantize_then_matmul(method):
+    act = NVFP4ActivationKwargs(method)
+    weight, bias = _weight(act=act), torch.randn(48)
+    x = torch.randn(7, 64) * torch.linspace(0.1, 4.0, 64)
+    out = nvfp4_linear(x, weight, bias)
+    expected = _float64_w4a4(x, weight, bias)
+    assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    # and activations really are quantized: the output differs from the weight-only product
+    assert (out.double() - _float64_w4a16(x, weight, bias)).abs().max() > 1e-3
+
+
+def test_searched_activation_scales_lower_the_output_error():
+    w, x = torch.randn(64, 256), torch.randn(64, 256)
+    exact = x.double() @ w.double().T
+    errors = {}
+    for method in ("amax", "search"):
+        weight = quantize_weight(w, "amax", act_quant_kwargs=NVFP4ActivationKwargs(method))
+        errors[method] = (nvfp4_linear(x, weight).double() - exact).square().mean()
+    assert errors["search"] < 0.95 * errors["amax"]
+
+
+def test_quantize_op_is_quantize_blocks_bit_for_bit():
+    x = torch.randn(4, 6, 64)
+    importance = torch.rand(64)
+    qdata, scale_codes, pts = nvfp4_quantize(x, "search", window=(-1, 3), importance=importance)
+    blocks = quantize_blocks(x, "search", window=(-1, 3), importance=importance)
+    assert torch.equal(qdata, blocks.qdata) and torch.equal(scale_codes, blocks.scale_codes)
+    assert torch.equal(pts, blocks.per_tensor_scale)
+
+
+def test_quantize_op_amax_is_torchao():
+    x = torch.randn(32, 128)
+    qdata, scale_codes, pts = nvfp4_quantize(x, "amax")
+    ref = NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(x.abs().amax()))
+    assert torch.equal(qdata, ref.qdata) and torch.equal(scale_codes, ref.scale.view(torch.uint8))
+
+
+def test_single_level_scaling_returns_unit_scale_with_the_same_bits():
+    x = torch.randn(8, 32)
+    qdata, scale_codes, pts = nvfp4_quantize(x, "search", per_tensor_scale=False)
+    blocks = quantize_blocks(x, "search", per_tensor_scale=None)
+    assert pts.item() == 1.0
+    assert torch.equal(qdata, blocks.qdata) and torch.equal(scale_codes, blocks.scale_codes)
+
+
+def _linear_args():
+    weight = _weight()
+    return (torch.randn(2, 3, 64), weight.qdata, weight.scale.view(torch.uint8), weight.per_tensor_scale)
+
+
+@pytest.mark.parametrize("act_method", [None, "search"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_opcheck_linear(act_method, with_bias):
+    bias = torch.randn(48) if with_bias else None
+    opcheck(torch.ops.scalesearch.nvfp4_linear.default, (*_linear_args(), bias, act_method, [-2, 6], "auto"))
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (torch.randn(4, 64), "search", [-2, 6], True, None, "auto"),
+        (torch.randn(2, 3, 32, dtype=torch.bfloat16), "amax", [0, 0], False, None, "reference"),
+        (torch.randn(4, 64), "exhaustive", [0, 0], True, torch.rand(64), "auto"),
+    ],
+)
+def test_opcheck_quantize(args):
+    opcheck(torch.ops.scalesearch.quantize_nvfp4.default, args)
+
+
+def test_f_linear_and_matmul_route_to_the_op():
+    weight, bias, x = _weight(act=NVFP4ActivationKwargs()), torch.randn(48), torch.randn(3, 5, 64)
+    expected = nvfp4_linear(x, weight, bias, impl="reference")
+    assert torch.equal(F.linear(x, weight, bias), expected)
+    assert torch.equal(x @ weight.t(), nvfp4_linear(x, weight))
+    with pytest.raises(NotImplementedError, match="F.linear"):
+        torch.mm(torch.randn(4, 48), weight)
+
+
+def test_triton_impl_without_kernels_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(quantize_ops, "_find_launcher", lambda module, name: (None, f"no {module}.{name}"))
+    weight = _weight()
+    with pytest.raises(NotImplementedError, match="impl='triton' is not available: no gemm.nvfp4_linear_triton"):
+        nvfp4_linear(torch.randn(2, 64), weight, impl="triton")
+    with pytest.raises(NotImplementedError, match="no quantize.quantize_nvfp4_triton"):
+        nvfp4_quantize(torch.randn(2, 64), impl="triton")
+    # "auto" on CPU is the reference whatever exists
+    x = torch.ones(2, 64)
+    assert torch.equal(nvfp4_linear(x, weight), nvfp4_linear(x, weight, impl="reference"))
+
+
+def test_triton_impl_calls_the_kernel_launcher(monkeypatch):
+    calls = []
+
+    def launcher(x, method, *, window, per_tensor_scale):
+        calls.append((method, window, per_tensor_scale))
+        return quantize_blocks(x, method, window=window, per_tensor_scale=per_tensor_scale)
+
+    monkeypatch.setattr(quantize_ops, "_find_launcher", lambda module, name: (launcher, ""))
+    x = torch.randn(4, 64)
+    assert torch.equal(nvfp4_quantize(x, impl="triton")[0], nvfp4_quantize(x, impl="reference")[0])
+    assert calls == [("search", [-2, 6], True)]
+    with pytest.raises(ValueError, match="does not take these arguments"):
+        nvfp4_quantize(x, importance=torch.ones(64), impl="triton")
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+    reason="the Triton kernels run on CUDA or under TRITON_INTERPRET=1 (as CI runs)",
+)
+@pytest.mark.parametrize("act_method", [None, "search"])
+def test_triton_impl_agrees_with_the_reference(act_method):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    act = None if act_method is None else NVFP4ActivationKwargs(act_method)
+    weight, bias = _weight(n=32, act=act).to(device), torch.randn(32, device=device)
+    x = torch.randn(5, 64, device=device)
+    out = nvfp4_linear(x, weight, bias, impl="triton")
+    expected = nvfp4_linear(x, weight, bias, impl="reference")
+    assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
+    for per_tensor_scale in (True, False):
+        got = nvfp4_quantize(x, per_tensor_scale=per_tensor_scale, impl="triton")
+        want = nvfp4_quantize(x, per_tensor_scale=per_tensor_scale, impl="reference")
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def test_bad_input_errors():
+    weight = _weight()
+    qdata, scale = weight.qdata, weight.scale.view(torch.uint8)
+    op = torch.ops.scalesearch.nvfp4_linear
+    with pytest.raises(ValueError, match="unsupported dtype torch.float64"):
+        nvfp4_linear(torch.randn(2, 64, dtype=torch.float64), weight)
+    with pytest.raises(ValueError, match="unsupported dtype torch.int64"):
+        nvfp4_linear(torch.ones(2, 64, dtype=torch.long), weight)
+    with pytest.raises(ValueError, match="has 80 features but the NVFP4 weight has in_features 64"):
+        nvfp4_linear(torch.randn(2, 80), weight)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        nvfp4_linear(torch.randn(2, 60), weight)
+    with pytest.raises(ValueError, match=r"bias must have shape \(48,\)"):
+        nvfp4_linear(torch.randn(2, 64), weight, torch.randn(47))
+    with pytest.raises(ValueError, match="weight_scale must be uint8 E4M3 codes of shape"):
+        op(torch.randn(2, 64), qdata, weight.scale, None, None, None, [], "auto")
+    with pytest.raises(ValueError, match="weight_qdata must be 2-D uint8"):
+        op(torch.randn(2, 64), qdata.float(), scale, None, None, None, [], "auto")
+    with pytest.raises(ValueError, match="unknown impl 'cuda'"):
+        nvfp4_linear(torch.randn(2, 64), weight, impl="cuda")
+    with pytest.raises(ValueError, match="unknown method 'mse'"):
+        op(torch.randn(2, 64), qdata, scale, None, None, "mse", [-2, 6], "auto")
+    with pytest.raises(ValueError, match="must be a ScaleSearchNVFP4Tensor"):
+        nvfp4_linear(torch.randn(2, 64), torch.randn(48, 64))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        nvfp4_linear(torch.full((2, 64), float("nan")), _weight(act=NVFP4ActivationKwargs()))
+    with pytest.raises(ValueError, match="empty search window"):
+        nvfp4_quantize(torch.randn(2, 64), window=(3, 1))
