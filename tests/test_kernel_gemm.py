@@ -1,0 +1,204 @@
+"""NVFP4 GEMM kernels against a float64 matmul of the dequantized operands, and fused == unfused bit for bit.
+
+Runs in Triton's interpreter on a CPU (TRITON_INTERPRET=1, set here before any kernel module is imported)
+and natively on a GPU; tests of the Blackwell ``tl.dot_scaled`` path need one.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+from scalesearch_compile.kernels.gemm import nvfp4_gemm_triton, nvfp4_linear_triton  # noqa: E402
+from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton  # noqa: E402
+from scalesearch_compile.search import quantize_blocks  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BLACKWELL = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (10, 12)
+# M, N, K: single rows, ragged M and N, K with a partial K tile (the interpreter's tile is 32 x 32 x 64).
+SHAPES = [(1, 40, 64), (5, 72, 144), (16, 33, 256), (37, 130, 112)]
+
+
+def make_weight(n, k, seed=0, per_tensor_scale=True):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g) * torch.logspace(-2, 2, k)
+    return quantize_blocks(w, "search", per_tensor_scale=per_tensor_scale)
+
+
+def make_input(m, k, seed=1, dtype=torch.float32):
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def weight_args(w):
+    pts = None if w.per_tensor_scale is None else w.per_tensor_scale.to(DEVICE)
+    return w.qdata.to(DEVICE), w.scale_codes.to(DEVICE), pts
+
+
+def relative_error(out, ref):
+    return ((out.double().cpu() - ref).abs().max() / ref.abs().max()).item()
+
+
+def reference(a_dequantized, w, bias=None):
+    ref = a_dequantized.double() @ w.dequantize().double().T
+    return ref if bias is None else ref + bias.double()
+
+
+@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES)
+def test_w4a16_matches_float64(m, n, k, split_k):
+    w, x = make_weight(n, k), make_input(m, k)
+    bias = torch.randn(n)
+    out = nvfp4_linear_triton(x.to(DEVICE), *weight_args(w), bias.to(DEVICE), act=None, split_k=split_k)
+    assert out.shape == (m, n) and out.dtype == torch.float32
+    assert relative_error(out, reference(x, w, bias)) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_w4a16_half_inputs(dtype):
+    """bf16/fp16 activations: float32 output to 1e-5; in their own dtype to within the output rounding."""
+    m, n, k = 9, 48, 128
+    w, x = make_weight(n, k, per_tensor_scale=None), make_input(m, k, dtype=dtype)
+    args = (x.to(DEVICE), *weight_args(w))
+    ref = reference(x, w)
+    assert relative_error(nvfp4_linear_triton(*args, act=None, out_dtype=torch.float32), ref) < 1e-5
+    out = nvfp4_linear_triton(*args, act=None)
+    assert out.dtype == dtype
+    # 2**-7: one unit in the last place of bf16 (the interpreter's cast truncates instead of rounding).
+    assert ((out.double().cpu() - ref).abs() <= 2**-7 * ref.abs() + 1e-3 * ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize(
+    ("method", "act_pts"), [("search", True), ("amax", None), ("four_over_six", "row"), ("search", "tensor")]
+)
+@pytest.mark.parametrize(("m", "n", "k"), SHAPES[1:])
+def test_w4a4_matches_float64(m, n, k, method, act_pts, fuse):
+    w, x = make_weight(n, k), make_input(m, k) * 3.0
+    act_pts = torch.tensor(0.05) if act_pts == "tensor" else act_pts
+    out = nvfp4_linear_triton(
+        x.to(DEVICE), *weight_args(w), method=method, act_per_tensor_scale=act_pts, fuse_act_quant=fuse
+    )
+    a = quantize_blocks(x, method, per_tensor_scale=act_pts)
+    assert relative_error(out, reference(a.dequantize(), w)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    ("m", "method", "window"),
+    [(1, "search", (-2, 6)), (5, "four_over_six", (-2, 6)), (37, "search", (-3, 1)), (3, "exhaustive", (-2, 6))],
+)
+def test_fused_prologue_equals_quantize_then_gemm(m, method, window):
+    n, k = 40, 144
+    w, x = make_weight(n, k), make_input(m, k, dtype=torch.bfloat16)
+    bias = torch.randn(n).to(DEVICE)
+    args = (x.to(DEVICE), *weight_args(w), bias)
+    fused = nvfp4_linear_triton(*args, method=method, window=window, fuse_act_quant=True, out_dtype=torch.float32)
+    split = nvfp4_linear_triton(*args, method=method, window=window, fuse_act_quant=False, out_dtype=torch.float32)
+    assert torch.equal(fused, split)
+    a = quantize_nvfp4_triton(x.to(DEVICE), method, window=window)
+    assert torch.equal(nvfp4_gemm_triton(a, *weight_args(w), bias), split)
+
+
+def test_torchao_weight_layout():
+    """qdata / float8_e4m3fn scales / per-tensor scale straight from a torchao NVFP4Tensor."""
+    from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+
+    m, n, k = 7, 24, 96
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
+    t = NVFP4Tensor.to_nvfp4(w, per_tensor_scale=per_tensor_amax_to_scale(w.abs().amax()))
+    x = make_input(m, k)
+    out = nvfp4_linear_triton(
+        x.to(DEVICE), t.qdata.to(DEVICE), t.scale.to(DEVICE), t.per_tensor_scale.to(DEVICE), act=None
+    )
+    ref = x.double() @ t.dequantize(torch.float32).double().T
+    assert relative_error(out, ref) < 1e-5
+
+
+def test_split_k_and_bias_in_half_output():
+    m, n, k = 3, 40, 256
+    w, x = make_weight(n, k), make_input(m, k, dtype=torch.float16)
+    bias = torch.randn(n).half()
+    a = quantize_blocks(x, "search")
+    for split_k in (1, 4):
+        out = nvfp4_linear_triton(
+            x.to(DEVICE), *weight_args(w), bias.to(DEVICE), split_k=split_k, out_dtype=torch.float32
+        )
+        assert relative_error(out, reference(a.dequantize(), w, bias)) < 1e-5
+
+
+def test_leading_dimensions_and_empty_batch():
+    n, k = 24, 64
+    w = make_weight(n, k)
+    x = make_input(6, k).view(2, 3, k)
+    out = nvfp4_linear_triton(x.to(DEVICE), *weight_args(w), act=None)
+    assert out.shape == (2, 3, n)
+    assert relative_error(out, reference(x, w)) < 1e-5
+    assert nvfp4_linear_triton(torch.zeros(0, k, device=DEVICE), *weight_args(w)).shape == (0, n)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"act": "int8"}, "act must be"),
+        ({"x": torch.randint(0, 3, (4, 64))}, "x must be a float32"),
+        ({"x": torch.randn(4, 48)}, r"w_qdata must be uint8 of shape \(N, K // 2\)"),
+        ({"x": torch.randn(4, 40)}, "positive multiple of 16"),
+        ({"w_qdata": torch.zeros(8, 32, dtype=torch.int8)}, "w_qdata must be uint8"),
+        ({"w_scale_codes": torch.zeros(8, 2, dtype=torch.uint8)}, "w_scale_codes must be"),
+        ({"w_scale_codes": torch.zeros(8, 4, dtype=torch.float32)}, "w_scale_codes must be"),
+        ({"w_per_tensor_scale": torch.tensor(0.0)}, "positive and finite"),
+        ({"w_per_tensor_scale": torch.ones(2)}, "one-element tensor"),
+        ({"bias": torch.zeros(7)}, r"bias must be None or a floating-point tensor of shape \(8,\)"),
+        ({"split_k": 0}, "split_k must be"),
+        ({"out_dtype": torch.int32}, "out_dtype must be"),
+        ({"method": "best"}, "unknown method"),
+        ({"window": (2, 1)}, "empty search window"),
+    ],
+)
+def test_input_errors(change, message):
+    w = make_weight(8, 64)
+    kwargs = {
+        "x": torch.randn(4, 64),
+        "w_qdata": w.qdata,
+        "w_scale_codes": w.scale_codes,
+        "w_per_tensor_scale": w.per_tensor_scale,
+        "bias": None,
+        **change,
+    }
+    kwargs = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
+    with pytest.raises(ValueError, match=message):
+        nvfp4_linear_triton(**kwargs)
+
+
+@pytest.mark.skipif(BLACKWELL, reason="checks the refusal on hardware without NVFP4 dot_scaled")
+def test_dot_scaled_refused_without_blackwell():
+    w = make_weight(8, 64)
+    with pytest.raises(ValueError, match="compute capability 10.x or 12.x"):
+        nvfp4_linear_triton(torch.randn(4, 64, device=DEVICE), *weight_args(w), use_dot_scaled=True)
+
+
+@pytest.mark.skipif(not BLACKWELL, reason="needs a Blackwell GPU (compute capability 10.x / 12.x) for tl.dot_scaled")
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 256, 512), (200, 384, 1024)])
+def test_dot_scaled_matches_float64(m, n, k):
+    w, x = make_weight(n, k), make_input(m, k, dtype=torch.bfloat16)
+    a = quantize_blocks(x, "search")
+    for fuse in (False, True):
+        out = nvfp4_linear_triton(
+            x.to(DEVICE), *weight_args(w), fuse_act_quant=fuse, use_dot_scaled=True, out_dtype=torch.float32
+        )
+        assert relative_error(out, reference(a.dequantize(), w)) < 1e-5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: native Triton build with FMA contraction")
+def test_gpu_llm_shape_fused_equals_unfused():
+    """A decode-sized GEMM on a GPU: the fused prologue must pick the reference's scales despite FMA hardware."""
+    m, n, k = 16, 2048, 4096
+    w, x = make_weight(n, k), make_input(m, k, dtype=torch.bfloat16)
+    args = (x.to(DEVICE), *weight_args(w))
+    fused = nvfp4_linear_triton(*args, fuse_act_quant=True, use_dot_scaled=False, out_dtype=torch.float32)
+    split = nvfp4_linear_triton(*args, fuse_act_quant=False, use_dot_scaled=False, out_dtype=torch.float32)
+    assert torch.equal(fused, split)
+    assert relative_error(fused, reference(quantize_blocks(x, "search").dequantize(), w)) < 1e-5
