@@ -1,0 +1,69 @@
+"""Saving and loading quantized models: torch.save/torch.load(weights_only=True) bit for bit, and transformers
+save_pretrained/from_pretrained with TorchAoConfig(ScaleSearchConfig(...)) with identical logits."""
+
+import io
+
+import pytest
+import torch
+from torchao.quantization import quantize_
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+
+from scalesearch_compile import ScaleSearchConfig, ScaleSearchNVFP4Tensor
+
+TINY = LlamaConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def _assert_same_bytes(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for name, tensor in a.items():
+        other = b[name]
+        assert type(other) is type(tensor), name
+        if isinstance(tensor, ScaleSearchNVFP4Tensor):
+            assert torch.equal(tensor.qdata, other.qdata), name
+            assert torch.equal(tensor.scale.view(torch.uint8), other.scale.view(torch.uint8)), name
+            assert torch.equal(tensor.per_tensor_scale, other.per_tensor_scale), name
+            assert tensor.act_quant_kwargs == other.act_quant_kwargs, name
+        else:
+            assert torch.equal(tensor, other), name
+
+
+@pytest.mark.parametrize("activations", [None, "nvfp4"])
+@torch.no_grad()
+def test_torch_save_and_load_weights_only_bit_for_bit(activations):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(TINY).eval()
+    quantize_(model, ScaleSearchConfig(activations=activations, progress=False))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    _assert_same_bytes(model.state_dict(), state)
+
+    fresh = LlamaForCausalLM(TINY).eval()  # float weights, replaced by the loaded NVFP4 ones
+    fresh.load_state_dict(state, assign=True)
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("activations", [None, "nvfp4"])
+@torch.no_grad()
+def test_transformers_save_pretrained_round_trip(tmp_path, activations):
+    torch.manual_seed(0)
+    LlamaForCausalLM(TINY).save_pretrained(tmp_path / "float")
+    config = TorchAoConfig(ScaleSearchConfig(activations=activations))
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config).eval()
+    assert isinstance(quantized.model.layers[0].mlp.up_proj.weight, ScaleSearchNVFP4Tensor)
+    quantized.save_pretrained(tmp_path / "nvfp4")
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "nvfp4").eval()
+    assert loaded.config.quantization_config.quant_type == ScaleSearchConfig(activations=activations)
+    _assert_same_bytes(quantized.state_dict(), loaded.state_dict())
+    assert torch.equal(loaded(IDS).logits, quantized(IDS).logits)

@@ -1,0 +1,96 @@
+"""ScaleSearchNVFP4Tensor: torchao's NVFP4 layout, lossless conversion to and from NVFP4Tensor, layout errors."""
+
+import pytest
+import torch
+from torchao.prototype.mx_formats.inference_workflow import NVFP4WeightOnlyConfig
+from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
+from torchao.quantization import quantize_
+
+from scalesearch_compile import NVFP4ActivationKwargs, ScaleSearchNVFP4Tensor, quantize_blocks, quantize_nvfp4
+from scalesearch_compile.tensor import quantize_weight
+
+torch.manual_seed(0)
+
+
+def test_quantize_nvfp4_amax_is_torchao_bit_for_bit():
+    x = torch.randn(48, 64)
+    ours = quantize_nvfp4(x, "amax")
+    ref = NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(x.abs().amax()))
+    assert torch.equal(ours.qdata, ref.qdata)
+    assert torch.equal(ours.scale.view(torch.uint8), ref.scale.view(torch.uint8))
+    assert torch.equal(ours.per_tensor_scale, ref.per_tensor_scale)
+
+
+def test_weight_layout_and_dequantize():
+    w = torch.randn(48, 64, dtype=torch.bfloat16)
+    q = quantize_weight(w, "search", window=(-1, 4), act_quant_kwargs=NVFP4ActivationKwargs())
+    blocks = quantize_blocks(w, "search", window=(-1, 4))
+    assert (q.shape, q.dtype) == ((48, 64), torch.bfloat16)
+    assert q.qdata.shape == (48, 32) and q.scale.shape == (48, 4) and q.scale.dtype == torch.float8_e4m3fn
+    assert torch.equal(q.qdata, blocks.qdata) and torch.equal(q.scale.view(torch.uint8), blocks.scale_codes)
+    assert torch.equal(q.dequantize(torch.float32), blocks.dequantize())
+    assert q.dequantize().dtype == torch.bfloat16
+
+
+def test_transpose_keeps_bytes_and_round_trips():
+    q = quantize_weight(torch.randn(48, 64), act_quant_kwargs=NVFP4ActivationKwargs("amax"))
+    t = q.t()
+    assert isinstance(t, ScaleSearchNVFP4Tensor) and t.shape == (64, 48)
+    assert t.act_quant_kwargs == q.act_quant_kwargs
+    back = t.t()
+    assert back.shape == (48, 64) and torch.equal(back.qdata, q.qdata)
+    assert torch.equal(back.dequantize(), q.dequantize())
+
+
+def test_to_and_from_nvfp4_tensor_keep_every_byte():
+    q = quantize_weight(torch.randn(48, 64), act_quant_kwargs=NVFP4ActivationKwargs())
+    stock = q.to_nvfp4_tensor()
+    assert type(stock) is NVFP4Tensor and stock.act_quant_kwargs is None
+    assert stock.qdata.data_ptr() == q.qdata.data_ptr() and stock.scale.data_ptr() == q.scale.data_ptr()
+    back = ScaleSearchNVFP4Tensor.from_nvfp4_tensor(stock, q.act_quant_kwargs)
+    for name in ("qdata", "scale", "per_tensor_scale"):
+        assert torch.equal(
+            getattr(back, name).reshape(-1).view(torch.uint8), getattr(q, name).reshape(-1).view(torch.uint8)
+        )
+    assert back.act_quant_kwargs == q.act_quant_kwargs
+
+
+def test_from_torchao_weight_only_config_unswizzles_exactly():
+    linear = torch.nn.Linear(64, 48)
+    quantize_(linear, NVFP4WeightOnlyConfig())
+    stock = linear.weight
+    assert stock.is_swizzled_scales
+    ours = ScaleSearchNVFP4Tensor.from_nvfp4_tensor(stock)
+    assert torch.equal(ours.dequantize(), stock.dequantize())
+    assert torch.equal(ours.qdata, stock.qdata)
+    amax_ours = quantize_weight(linear.weight.dequantize(), "amax")  # requantizing the grid reproduces it
+    assert torch.equal(amax_ours.dequantize(), stock.dequantize())
+
+
+def test_activation_kwargs_validate_and_normalise():
+    assert NVFP4ActivationKwargs("search", [-1, 3]).window == (-1, 3)  # JSON gives lists back
+    with pytest.raises(ValueError, match="unknown method"):
+        NVFP4ActivationKwargs("rtn")
+    with pytest.raises(ValueError, match="empty search window"):
+        NVFP4ActivationKwargs("search", (2, 1))
+
+
+def test_layout_errors():
+    q = quantize_weight(torch.randn(48, 64))
+    with pytest.raises(ValueError, match="block size must be 16"):
+        ScaleSearchNVFP4Tensor(q.qdata, q.scale, 32, torch.float32)
+    with pytest.raises(ValueError, match="qdata must be a 2-D uint8"):
+        ScaleSearchNVFP4Tensor(q.qdata.view(torch.int8), q.scale, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"scale must be float8_e4m3fn of shape \(48, 4\)"):
+        ScaleSearchNVFP4Tensor(q.qdata, q.scale[:, :2], 16, torch.float32)
+    with pytest.raises(ValueError, match="per_tensor_scale must be a 0-d float32"):
+        ScaleSearchNVFP4Tensor(q.qdata, q.scale, 16, torch.float32, torch.ones(48, 1))
+    with pytest.raises(ValueError, match="act_quant_kwargs must be NVFP4ActivationKwargs"):
+        ScaleSearchNVFP4Tensor(q.qdata, q.scale, 16, torch.float32, None, {"method": "search"})
+    with pytest.raises(ValueError, match="a linear weight is 2-D"):
+        quantize_weight(torch.randn(2, 48, 64))
+    static = NVFP4Tensor.to_nvfp4(torch.randn(48, 64), act_per_tensor_scale=torch.tensor(0.1))
+    with pytest.raises(ValueError, match="static activation scale"):
+        ScaleSearchNVFP4Tensor.from_nvfp4_tensor(static)
+    with pytest.raises(ValueError, match="expected a torchao NVFP4Tensor"):
+        ScaleSearchNVFP4Tensor.from_nvfp4_tensor(q)
