@@ -233,5 +233,5 @@ def nvfp4_attention_reference(
         p_t = p if hp else quantize_probabilities(p, recipe)
         acc = acc * alpha + p_t @ v_t[..., keys, :]
         row_max = new_max
-    out = torch.where(row_sum > 0, acc / row_sum, 0.0)
+    out = acc / torch.where(row_sum > 0, row_sum, 1.0)  # a row with no key has acc == 0
     return out.to(q.dtype)

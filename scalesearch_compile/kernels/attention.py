@@ -180,7 +180,7 @@ def _attention_kernel(
         acc = acc * alpha[:, None] + pv
         m_i = new_max
 
-    out = tl.where(l_i[:, None] > 0, acc / l_i[:, None], 0.0)
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key has acc == 0: zeros, as SDPA
     tl.store(out_ptr + (pid_bh * q_len + rows)[:, None] * V_DIM + v_dims[None, :], out, mask=row_ok[:, None])
 
 

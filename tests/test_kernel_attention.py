@@ -1,0 +1,155 @@
+"""The Triton attention kernel against the reference (under TRITON_INTERPRET=1 on CPU, or on CUDA)."""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    pytest.skip("the Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+import triton.language as tl  # noqa: E402
+
+from scalesearch_compile.attention import (  # noqa: E402
+    NAIVE_RECIPE,
+    P_SCALE_FLOOR,
+    TILE,
+    AttentionRecipe,
+    nvfp4_attention_reference,
+    quantize_probabilities,
+)
+from scalesearch_compile.kernels.attention import (  # noqa: E402
+    KERNEL_TOLERANCE,
+    _quantize_probabilities,
+    nvfp4_attention_triton,
+)
+from scalesearch_compile.ops.attention import nvfp4_attention  # noqa: E402
+from scalesearch_compile.search import quantize_blocks  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inputs(seed, batch=1, heads=2, kv_heads=2, q_len=64, k_len=64, head_dim=64, v_dim=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, q_len, head_dim, generator=g)
+    k = torch.randn(batch, kv_heads, k_len, head_dim, generator=g) + torch.randn(1, kv_heads, 1, head_dim, generator=g)
+    v = torch.randn(batch, kv_heads, k_len, v_dim or head_dim, generator=g)
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE)
+
+
+def rel_diff(out, ref):
+    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+CASES = [
+    dict(q_len=256, k_len=256),
+    dict(q_len=256, k_len=256, is_causal=True, recipe=NAIVE_RECIPE),
+    dict(q_len=77, k_len=200, heads=4, kv_heads=2, enable_gqa=True, head_dim=128, v_dim=64),
+    dict(q_len=130, k_len=130, is_causal=True, recipe=AttentionRecipe(smooth_q=True, sink_tiles=False)),
+    dict(q_len=5, k_len=250, mask="bool", recipe=AttentionRecipe(hadamard=False, window=(-1, 3))),
+    dict(q_len=100, k_len=190, batch=2, heads=2, kv_heads=1, enable_gqa=True, mask="float", scale=0.2),
+    dict(q_len=200, k_len=150, is_causal=True, head_dim=128, recipe=AttentionRecipe(method="four_over_six")),
+]
+
+
+def case_id(case):
+    return "-".join(f"{k}={v}" for k, v in case.items() if k != "recipe") + ("-recipe" if "recipe" in case else "")
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_kernel_matches_reference(case):
+    case = dict(case)
+    call = {key: case.pop(key) for key in ("is_causal", "enable_gqa", "scale", "recipe") if key in case}
+    mask_kind = case.pop("mask", None)
+    q, k, v = inputs(seed=len(str(case)), **case)
+    g = torch.Generator().manual_seed(0)
+    if mask_kind == "bool":
+        mask = torch.rand(q.shape[0], 1, q.shape[2], k.shape[2], generator=g) > 0.5
+        mask[..., 1, :] = False  # a row with no key: zeros, as SDPA
+        call["attn_mask"] = mask.to(DEVICE)
+    elif mask_kind == "float":
+        call["attn_mask"] = torch.randn(q.shape[2], k.shape[2], generator=g).to(DEVICE)
+    out = nvfp4_attention_triton(q, k, v, **call)
+    ref = nvfp4_attention_reference(
+        q.cpu(), k.cpu(), v.cpu(), **{k: x.cpu() if torch.is_tensor(x) else x for k, x in call.items()}
+    )
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert rel_diff(out.cpu(), ref) <= KERNEL_TOLERANCE
+    if mask_kind == "bool":
+        assert (out[..., 1, :] == 0).all()
+
+
+def test_causal_tile_skipping_equals_explicit_mask():
+    q, k, v = inputs(seed=1, q_len=200, k_len=200)
+    tril = torch.ones(200, 200, dtype=torch.bool, device=DEVICE).tril()
+    causal = nvfp4_attention_triton(q, k, v, is_causal=True)
+    masked = nvfp4_attention_triton(q, k, v, attn_mask=tril)
+    assert rel_diff(causal, masked) <= KERNEL_TOLERANCE
+
+
+def test_op_dispatches_to_the_kernel():
+    q, k, v = inputs(seed=2, q_len=70, k_len=140)
+    recipe = AttentionRecipe(sink_tiles=False)
+    out = nvfp4_attention(q, k, v, recipe=recipe, impl="triton")
+    torch.testing.assert_close(out, nvfp4_attention_triton(q, k, v, recipe=recipe), atol=0, rtol=0)
+    assert (
+        rel_diff(out.cpu(), nvfp4_attention(q.cpu(), k.cpu(), v.cpu(), recipe=recipe, impl="reference"))
+        <= KERNEL_TOLERANCE
+    )
+
+
+def test_kernel_rejects_bad_inputs():
+    q, k, v = inputs(seed=3)
+    with pytest.raises(ValueError, match="head_dim 32 is not supported"):
+        nvfp4_attention_triton(q[..., :32], k[..., :32], v[..., :32])
+    with pytest.raises(ValueError, match="enable_gqa"):
+        nvfp4_attention_triton(q, k[:, :1], v[:, :1])
+
+
+@triton.jit
+def _quantize_probabilities_kernel(
+    p_ptr, codes_ptr, scale_codes_ptr, row_scale_ptr,
+    R: tl.constexpr, N: tl.constexpr, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, FLOOR: tl.constexpr,
+):  # fmt: skip
+    rows = tl.arange(0, R)
+    p = tl.load(p_ptr + rows[:, None] * N + tl.arange(0, N)[None, :])
+    codes, scale_codes, row_scale = _quantize_probabilities(p, METHOD, LO, HI, FLOOR)
+    tl.store(codes_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], codes)
+    tl.store(scale_codes_ptr + rows[:, None] * (N // 16) + tl.arange(0, N // 16)[None, :], scale_codes)
+    tl.store(row_scale_ptr + rows, row_scale)
+
+
+def probability_tile():
+    """Rows of exp(s - max) as the kernel sees them, plus edge rows: all zero, all below the scale floor,
+    subnormal, a single one, and values on E2M1 rounding ties relative to the row maximum."""
+    g = torch.Generator().manual_seed(4)
+    p = torch.exp(-3 * torch.rand(16, TILE, generator=g))
+    p[0] = 0
+    p[1] = 1e-33 * torch.rand(TILE, generator=g)
+    p[2] = 1e-40
+    p[3, :] = 0
+    p[3, 7] = 1.0
+    p[4] = torch.tensor([6.0, 5.0, 2.5, 0.75, 0.25, 1.75, 3.5, 0.125] * 8) / 6
+    p[5, 17:] = 0
+    return p
+
+
+@pytest.mark.parametrize("recipe", [AttentionRecipe(), NAIVE_RECIPE, AttentionRecipe(method="exhaustive")])
+def test_p_quantization_is_bitwise_the_reference(recipe):
+    p = probability_tile()
+    codes = torch.empty(p.shape, dtype=torch.int32)
+    scale_codes = torch.empty(16, TILE // 16, dtype=torch.int32)
+    row_scale = torch.empty(16)
+    tensors = [t.to(DEVICE) for t in (p, codes, scale_codes, row_scale)]
+    _quantize_probabilities_kernel[(1,)](
+        *tensors, 16, TILE, recipe.method, *recipe.window, P_SCALE_FLOOR, enable_fp_fusion=False
+    )
+    codes, scale_codes, row_scale = (t.cpu() for t in tensors[1:])
+
+    expected_scale = torch.where(p.amax(1) / 2688 >= P_SCALE_FLOOR, p.amax(1) / 2688, 1.0)
+    expected = quantize_blocks(p, recipe.method, window=recipe.window, per_tensor_scale=expected_scale[:, None])
+    assert torch.equal(row_scale, expected_scale)
+    assert torch.equal(scale_codes, expected.scale_codes.int())
+    assert torch.equal(codes, torch.stack([expected.qdata & 15, expected.qdata >> 4], -1).flatten(-2).int())
+    assert torch.equal(quantize_probabilities(p, recipe), expected.dequantize())
