@@ -18,6 +18,7 @@ is the same with M rows, its global scale one element or one per row; a float ac
 """
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import triton
@@ -121,6 +122,7 @@ def _nvfp4_gemm_kernel(
     METHOD / LO..HI (the fused prologue). ``a_pts_ptr``: one global scale (A_PTS_STRIDE 0) or one per row (1).
     SPLIT_K > 1 stores float32 partial sums ``out[split, M, N]`` without bias; otherwise the finished tile.
     """
+    tl.static_assert(not (DOT_SCALED and A_MODE == "float"), "dot_scaled needs an NVFP4 activation")
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -147,40 +149,34 @@ def _nvfp4_gemm_kernel(
     for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, k_tiles)):
         k0 = tile * BLOCK_K
         w_packed, w_scales = _load_nvfp4_tile(w_ptr, w_scale_ptr, cols, col_ok, k0, K, BLOCK_N, BLOCK_K)
-        if A_MODE == "float":
+        if A_MODE == "nvfp4":
+            a_packed, a_scales = _load_nvfp4_tile(a_ptr, a_scale_ptr, rows, row_ok, k0, K, BLOCK_M, BLOCK_K)
+            if not DOT_SCALED:
+                a = dequantize_tile(unpack_nibbles(a_packed, BLOCK_M, BLOCK_K), a_scales, BLOCK_M, BLOCK_K)
+        else:
             ks = k0 + tl.arange(0, BLOCK_K)
             a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
-            w = dequantize_tile(unpack_nibbles(w_packed, BLOCK_N, BLOCK_K), w_scales, BLOCK_N, BLOCK_K)
-            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
-        else:
-            if A_MODE == "nvfp4":
-                a_packed, a_scales = _load_nvfp4_tile(a_ptr, a_scale_ptr, rows, row_ok, k0, K, BLOCK_M, BLOCK_K)
-                if not DOT_SCALED:
-                    a_codes = unpack_nibbles(a_packed, BLOCK_M, BLOCK_K)
-            else:
-                ks = k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(
-                    a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0
-                )
+            if A_MODE == "quantize":
                 a_codes, a_scales, _ = quantize_tile(
-                    x.to(tl.float32), a_pts, HAS_A_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
+                    a.to(tl.float32), a_pts, HAS_A_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
                 )
                 if DOT_SCALED:
                     a_packed = pack_nibbles(a_codes, BLOCK_M, BLOCK_K)
-            if DOT_SCALED:
-                acc = tl.dot_scaled(
-                    a_packed,
-                    a_scales.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
-                    "e2m1",
-                    tl.trans(w_packed),
-                    w_scales.to(tl.float8e4nv, bitcast=True),
-                    "e2m1",
-                    acc,
-                )
-            else:
-                a = dequantize_tile(a_codes, a_scales, BLOCK_M, BLOCK_K)
-                w = dequantize_tile(unpack_nibbles(w_packed, BLOCK_N, BLOCK_K), w_scales, BLOCK_N, BLOCK_K)
-                acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc)
+                else:
+                    a = dequantize_tile(a_codes, a_scales, BLOCK_M, BLOCK_K)
+        if DOT_SCALED:
+            acc = tl.dot_scaled(
+                a_packed,
+                a_scales.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
+                "e2m1",
+                tl.trans(w_packed),
+                w_scales.to(tl.float8e4nv, bitcast=True),
+                "e2m1",
+                acc,
+            )
+        else:
+            w = dequantize_tile(unpack_nibbles(w_packed, BLOCK_N, BLOCK_K), w_scales, BLOCK_N, BLOCK_K)
+            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
 
     if A_MODE != "float":
         acc = acc * a_pts
@@ -188,7 +184,7 @@ def _nvfp4_gemm_kernel(
         acc = acc * tl.load(w_pts_ptr)
     if HAS_BIAS and SPLIT_K == 1:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out_offsets = tl.program_id(1) * M * N + rows[:, None] * N + cols[None, :]
+    out_offsets = tl.program_id(1).to(tl.int64) * M * N + rows[:, None] * N + cols[None, :]
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -201,16 +197,30 @@ def _use_dot_scaled(requested: bool | None, device: torch.device) -> bool:
     return available if requested is None else requested
 
 
-def _split_k(m: int, n: int, k: int, device: torch.device) -> int:
-    """Split K for decode (M <= 16) until about two programs per SM exist, each with K >= 512 (paper choice)."""
+def _split_k(requested: int | None, m: int, n: int, k: int, device: torch.device) -> int:
+    """The requested split, or by default: for decode (M <= 16) split K until about two programs per SM exist,
+    each with K >= 512 (a paper choice, untimed)."""
+    if requested is not None:
+        if not isinstance(requested, int) or requested < 1:
+            raise ValueError(f"split_k must be None or a positive int, got {requested!r}")
+        return requested
     if m > DECODE_MAX_M:
         return 1
     sms = 132 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(8, (2 * sms) // triton.cdiv(n, 64), k // 512))
 
 
-def _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k: int, device: torch.device):
-    """Validate torchao's weight layout for inputs with K = ``k``; return (qdata, scale codes uint8, pts)."""
+class _Weight(NamedTuple):
+    """A validated NVFP4 weight: qdata uint8 (N, K // 2), scale codes uint8 (N, K // 16), 0-d pts, bias (N,)."""
+
+    qdata: torch.Tensor
+    scale_codes: torch.Tensor
+    per_tensor_scale: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k: int, device: torch.device) -> _Weight:
+    """Validate torchao's weight layout (and the bias) for inputs with K = ``k`` on ``device``."""
     for name, t in (("w_qdata", w_qdata), ("w_scale_codes", w_scale_codes)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2:
             raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
@@ -226,34 +236,21 @@ def _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k: int, devi
             f"got {w_scale_codes.dtype} {tuple(w_scale_codes.shape)} (swizzled scales are not supported)"
         )
     if w_per_tensor_scale is not None:
+        # Its value is not checked: reading it would synchronize the GPU on every call.
         if not isinstance(w_per_tensor_scale, torch.Tensor) or w_per_tensor_scale.numel() != 1:
             raise ValueError("w_per_tensor_scale must be None or a one-element tensor")
         w_per_tensor_scale = w_per_tensor_scale.detach().float().reshape(())
-        if not (torch.isfinite(w_per_tensor_scale) and w_per_tensor_scale > 0):
-            raise ValueError(f"w_per_tensor_scale must be positive and finite, got {w_per_tensor_scale.item()}")
     if bias is not None and (
         not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (n,)
     ):
         raise ValueError(
             f"bias must be None or a floating-point tensor of shape ({n},), got {getattr(bias, 'shape', bias)}"
         )
-    for name, t in (
-        ("w_qdata", w_qdata),
-        ("w_scale_codes", w_scale_codes),
-        ("w_per_tensor_scale", w_per_tensor_scale),
-        ("bias", bias),
-    ):
+    weight = _Weight(w_qdata.contiguous(), w_scale_codes.contiguous().view(torch.uint8), w_per_tensor_scale, bias)
+    for name, t in zip(("w_qdata", "w_scale_codes", "w_per_tensor_scale", "bias"), weight, strict=True):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device} but the input is on {device}")
-    return w_qdata.contiguous(), w_scale_codes.contiguous().view(torch.uint8), w_per_tensor_scale
-
-
-def _pick_split_k(split_k, m: int, n: int, k: int, device: torch.device) -> int:
-    if split_k is None:
-        return _split_k(m, n, k, device)
-    if not isinstance(split_k, int) or split_k < 1:
-        raise ValueError(f"split_k must be None or a positive int, got {split_k!r}")
-    return split_k
+    return weight
 
 
 def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
@@ -264,48 +261,45 @@ def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
 
 
 def _launch(
-    a,
-    a_scales,
-    a_pts,
-    w_qdata,
-    w_scales,
-    w_pts,
-    bias,
-    m,
-    k,
-    out_dtype,
-    a_mode,
+    a_mode: str,
+    a: torch.Tensor,
+    weight: _Weight,
+    out_dtype: torch.dtype,
+    split_k: int,
     *,
-    method="amax",
-    window=(0, 0),
-    dot_dtype=torch.float16,
-    split_k=1,
-    dot_scaled=False,
+    a_scale_codes: torch.Tensor | None = None,
+    a_pts: torch.Tensor | None = None,
+    method: str = "amax",
+    window: tuple = (0, 0),
+    dot_dtype: torch.dtype = torch.float16,
+    dot_scaled: bool = False,
 ) -> torch.Tensor:
-    """Allocate, launch the GEMM kernel and finish split-K; ``a_*`` already flat ``(M, ...)``. Returns (M, N)."""
-    n = w_qdata.shape[0]
-    device = w_qdata.device
+    """Launch the GEMM kernel on ``a`` ((M, K) floats, or (M, K // 2) codes with ``a_scale_codes``) and finish
+    split-K; returns (M, N) in ``out_dtype``."""
+    m, n, k = a.shape[0], weight.qdata.shape[0], weight.qdata.shape[1] * 2
     if split_k == 1:
-        out = torch.empty((m, n), dtype=out_dtype, device=device)
+        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     else:
-        out = torch.empty((split_k, m, n), dtype=torch.float32, device=device)
-    dummy = w_qdata  # pointer for absent optional tensors; the kernel never reads it
+        out = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
     if INTERPRET and dot_dtype == torch.bfloat16:
         dot_dtype = torch.float32  # the interpreter's bf16 dot is wrong (FACTS.md); bf16 -> fp32 is exact
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
 
+    def pointer(t):
+        return a if t is None else t  # absent optional tensors: any pointer, the kernel never reads it
+
     # enable_fp_fusion=False keeps the fused prologue's block errors (|x| - q * s)**2 free of FMA contraction,
     # so it picks the same scales as the quantize kernel and the reference.
     _nvfp4_gemm_kernel[grid](
         a,
-        dummy if a_scales is None else a_scales,
-        dummy if a_pts is None else a_pts.reshape(-1).contiguous(),
-        w_qdata,
-        w_scales,
-        dummy if w_pts is None else w_pts,
-        dummy if bias is None else bias,
+        pointer(a_scale_codes),
+        pointer(None if a_pts is None else a_pts.reshape(-1).contiguous()),
+        weight.qdata,
+        weight.scale_codes,
+        pointer(weight.per_tensor_scale),
+        pointer(weight.bias),
         out,
         m,
         n,
@@ -317,8 +311,8 @@ def _launch(
         LO=window[0],
         HI=window[1],
         HAS_A_PTS=a_pts is not None,
-        HAS_W_PTS=w_pts is not None,
-        HAS_BIAS=bias is not None,
+        HAS_W_PTS=weight.per_tensor_scale is not None,
+        HAS_BIAS=weight.bias is not None,
         DOT_DTYPE=_TL_DTYPES[dot_dtype],
         INPUT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",  # tf32 is the default, unused for 16 bits
         DOT_SCALED=dot_scaled,
@@ -328,11 +322,22 @@ def _launch(
     if split_k == 1:
         return out
     out = out.sum(0)
-    return (out if bias is None else out + bias.float()).to(out_dtype)
+    return (out if weight.bias is None else out + weight.bias.float()).to(out_dtype)
 
 
-def _flat_rows(x: torch.Tensor, k: int) -> torch.Tensor:
-    return x.reshape(-1, k).contiguous()
+def _launch_w4a4(a: NVFP4Blocks, weight: _Weight, out_dtype: torch.dtype, split_k: int, dot_scaled: bool):
+    """The GEMM of quantized activation blocks; returns (M, N)."""
+    k = weight.qdata.shape[1] * 2
+    return _launch(
+        "nvfp4",
+        a.qdata.reshape(-1, k // 2).contiguous(),
+        weight,
+        out_dtype,
+        split_k,
+        a_scale_codes=a.scale_codes.reshape(-1, k // BLOCK_SIZE).contiguous(),
+        a_pts=a.per_tensor_scale,
+        dot_scaled=dot_scaled,
+    )
 
 
 def nvfp4_gemm_triton(
@@ -354,26 +359,16 @@ def nvfp4_gemm_triton(
         raise ValueError(f"a must be NVFP4Blocks (from quantize_nvfp4_triton), got {type(a).__name__}")
     check_kernel_device(a.qdata, "a.qdata")
     k = a.qdata.shape[-1] * 2
-    w_qdata, w_scales, w_pts = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, a.qdata.device)
-    m = a.qdata.numel() * 2 // k
-    split = _pick_split_k(split_k, m, w_qdata.shape[0], k, a.qdata.device)
-    dot_scaled = _use_dot_scaled(use_dot_scaled, a.qdata.device)
-    out = _launch(
-        _flat_rows(a.qdata, k // 2),
-        _flat_rows(a.scale_codes, k // BLOCK_SIZE),
-        a.per_tensor_scale,
-        w_qdata,
-        w_scales,
-        w_pts,
-        bias,
-        m,
-        k,
+    weight = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, a.qdata.device)
+    m, n = a.qdata.numel() * 2 // k, weight.qdata.shape[0]
+    out = _launch_w4a4(
+        a,
+        weight,
         _check_out_dtype(out_dtype, torch.float32),
-        "nvfp4",
-        split_k=split,
-        dot_scaled=dot_scaled,
+        _split_k(split_k, m, n, k, a.qdata.device),
+        _use_dot_scaled(use_dot_scaled, a.qdata.device),
     )
-    return out.view(*a.qdata.shape[:-1], w_qdata.shape[0])
+    return out.view(*a.qdata.shape[:-1], n)
 
 
 def nvfp4_linear_triton(
@@ -397,7 +392,7 @@ def nvfp4_linear_triton(
     ``act="nvfp4"`` (W4A4): x is quantized with ``method`` / ``window`` / ``act_per_tensor_scale`` (as
     ``quantize_blocks``), inside the GEMM prologue when ``fuse_act_quant`` (default: M <= 16, where it saves a
     launch and the activation round trip) or by ``quantize_nvfp4_triton`` first; both give the same bits.
-    ``act=None`` (W4A16): x (float32 / bfloat16 / float16) is multiplied as is; ``split_k`` (default: more
+    ``act=None`` (W4A16): x (float32 / bfloat16 / float16) is multiplied as is. ``split_k`` (default: more
     than 1 only for M <= 16) splits the reduction across programs. ``out_dtype`` defaults to x's dtype.
     ``use_dot_scaled``: None picks ``tl.dot_scaled`` for W4A4 where the GPU has it; False forces dequantize.
     """
@@ -414,69 +409,26 @@ def nvfp4_linear_triton(
         raise ValueError(
             f"x's last dimension (K = {k}) must be a positive multiple of {BLOCK_SIZE}, got shape {tuple(x.shape)}"
         )
-    w_qdata, w_scales, w_pts = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, x.device)
+    weight = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, x.device)
     out_dtype = _check_out_dtype(out_dtype, x.dtype)
-    n = w_qdata.shape[0]
-    m = x.numel() // k
+    m, n = x.numel() // k, weight.qdata.shape[0]
+    split = _split_k(split_k, m, n, k, x.device)
+    if act is not None:
+        check_method(method)
+        window = check_window(window)
+        dot_scaled = _use_dot_scaled(use_dot_scaled, x.device)
     if m == 0:
         return torch.empty((*x.shape[:-1], n), dtype=out_dtype, device=x.device)
-    split = _pick_split_k(split_k, m, n, k, x.device)
 
+    rows = x.reshape(m, k).contiguous()
     if act is None:
+        out = _launch("float", rows, weight, out_dtype, split, dot_dtype=x.dtype)
+    elif m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant:
+        a_pts = _resolve_per_tensor_scale(x, checked_amax(x), act_per_tensor_scale)
         out = _launch(
-            _flat_rows(x, k),
-            None,
-            None,
-            w_qdata,
-            w_scales,
-            w_pts,
-            bias,
-            m,
-            k,
-            out_dtype,
-            "float",
-            dot_dtype=x.dtype,
-            split_k=split,
+            "quantize", rows, weight, out_dtype, split, a_pts=a_pts, method=method, window=window, dot_scaled=dot_scaled
         )
-        return out.view(*x.shape[:-1], n)
-
-    check_method(method)
-    window = check_window(window)
-    dot_scaled = _use_dot_scaled(use_dot_scaled, x.device)
-    if not (m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant):
-        a = quantize_nvfp4_triton(x, method, window=window, per_tensor_scale=act_per_tensor_scale)
-        out = _launch(
-            _flat_rows(a.qdata, k // 2),
-            _flat_rows(a.scale_codes, k // BLOCK_SIZE),
-            a.per_tensor_scale,
-            w_qdata,
-            w_scales,
-            w_pts,
-            bias,
-            m,
-            k,
-            out_dtype,
-            "nvfp4",
-            split_k=split,
-            dot_scaled=dot_scaled,
-        )
-        return out.view(*x.shape[:-1], n)
-    a_pts = _resolve_per_tensor_scale(x, checked_amax(x), act_per_tensor_scale)
-    out = _launch(
-        _flat_rows(x, k),
-        None,
-        a_pts,
-        w_qdata,
-        w_scales,
-        w_pts,
-        bias,
-        m,
-        k,
-        out_dtype,
-        "quantize",
-        method=method,
-        window=window,
-        split_k=split,
-        dot_scaled=dot_scaled,
-    )
+    else:
+        a = quantize_nvfp4_triton(rows, method, window=window, per_tensor_scale=act_per_tensor_scale)
+        out = _launch_w4a4(a, weight, out_dtype, split, dot_scaled)
     return out.view(*x.shape[:-1], n)
