@@ -63,7 +63,8 @@ class BackendOptions:
         try:
             set_(self, "skip_shapes", tuple((int(n), int(k)) for n, k in self.skip_shapes))
         except (TypeError, ValueError):
-            raise ValueError(f"skip_shapes must be (out_features, in_features) pairs, got {self.skip_shapes!r}") from None
+            message = f"skip_shapes must be (out_features, in_features) pairs, got {self.skip_shapes!r}"
+            raise ValueError(message) from None
 
     @classmethod
     def from_dict(cls, options: dict | None) -> "BackendOptions":
