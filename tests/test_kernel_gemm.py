@@ -201,3 +201,68 @@ def test_gpu_llm_shape_fused_equals_unfused():
     split = nvfp4_linear_triton(*args, fuse_act_quant=False, use_dot_scaled=False, out_dtype=torch.float32)
     assert torch.equal(fused, split)
     assert relative_error(fused, reference(quantize_blocks(x, "search").dequantize(), w)) < 1e-5
+
+
+def gemm_job(capability, a_mode, dot_scaled=False, dot_dtype="fp16", tile=(16, 64, 64, 1), warps=4, stages=3):
+    """A compile job for the GEMM kernel; the activation's pointer type follows A_MODE and the dot dtype."""
+    import triton.language as tl
+
+    a_type = "*u8" if a_mode == "nvfp4" else "*fp32" if dot_dtype == "fp32" else "*bf16"
+    signature = {"a_ptr": a_type, "a_scale_ptr": "*u8", "a_pts_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*u8"}
+    signature.update(w_pts_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", M="i32", N="i32", K="i32")
+    signature.update(M_BUCKET="i32", A_PTS_STRIDE="i32")
+    block_m, block_n, block_k, group_m = tile
+    constexprs = {
+        "A_MODE": a_mode,
+        "METHOD": "search",
+        "LO": -2,
+        "HI": 6,
+        "HAS_A_PTS": a_mode != "float",
+        "HAS_W_PTS": True,
+        "HAS_BIAS": True,
+        "DOT_DTYPE": getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dot_dtype]),
+        "INPUT_PRECISION": "ieee" if dot_dtype == "fp32" else "tf32",
+        "DOT_SCALED": dot_scaled,
+        "SPLIT_K": 1,
+        "BLOCK_M": block_m,
+        "BLOCK_N": block_n,
+        "BLOCK_K": block_k,
+        "GROUP_M": group_m,
+    }
+    options = {"num_warps": warps, "num_stages": stages, "enable_fp_fusion": False}
+    return ("scalesearch_compile.kernels.gemm", "_nvfp4_gemm_kernel", signature, constexprs, capability, options)
+
+
+def test_compiles_for_ampere_hopper_and_blackwell():
+    """Every GPU autotune config and every A mode builds (no GPU needed): the interpreter misses compile errors.
+
+    Blackwell's W4A4 lowers to tcgen05 block-scaled MMAs and Hopper's large tiles to wgmma; the fused prologue
+    keeps its block errors free of FMA contraction.
+    """
+    from scalesearch_compile.kernels._nvfp4 import compile_ptx
+    from scalesearch_compile.kernels.gemm import GPU_CONFIGS
+
+    configs = [
+        gemm_job(
+            90,
+            "nvfp4",
+            tile=tuple(c.kwargs[key] for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M")),
+            warps=c.num_warps,
+            stages=c.num_stages,
+        )
+        for c in GPU_CONFIGS
+    ]
+    modes = [
+        gemm_job(90, "float", dot_dtype="bf16"),
+        gemm_job(90, "float", dot_dtype="fp32"),
+        gemm_job(80, "nvfp4"),
+        gemm_job(90, "quantize"),
+        gemm_job(100, "nvfp4", dot_scaled=True, tile=(128, 128, 128, 8)),
+        gemm_job(100, "quantize", dot_scaled=True),
+    ]
+    ptx = compile_ptx(configs + modes)
+    hopper_large = ptx[0]
+    assert "wgmma" in hopper_large
+    *_, fused_hopper, blackwell, fused_blackwell = ptx
+    assert "tcgen05.mma" in blackwell
+    assert fused_hopper.count("fma.rn.f32") == 0 and fused_blackwell.count("fma.rn.f32") == 0

@@ -141,3 +141,30 @@ def test_gpu_large_tensor_bitwise(method):
     """1M values on a GPU: any FMA contraction of |x| - q * s, or a non-IEEE division, would flip choices."""
     x = torch.randn(256, 4096, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 3, 4096)
     check(x.to(torch.bfloat16), method)
+
+
+def quantize_job(method, capability, fp_fusion):
+    signature = {"x_ptr": "*bf16", "pts_ptr": "*fp32", "qdata_ptr": "*u8", "scale_ptr": "*u8", "offset_ptr": "*i16"}
+    signature.update(M="i32", K="i32", PTS_STRIDE="i32")
+    constexprs = {"HAS_PTS": True, "METHOD": method, "LO": -2, "HI": 6, "BLOCK_M": 16, "BLOCK_K": 128}
+    options = {"num_warps": 4, "enable_fp_fusion": fp_fusion}
+    return ("scalesearch_compile.kernels.quantize", "_quantize_kernel", signature, constexprs, capability, options)
+
+
+def test_compiles_for_hopper_and_blackwell_without_fma():
+    """The kernel builds for sm_90 / sm_100 (no GPU needed), with IEEE divisions and no FMA once fusion is off.
+
+    The same build with fusion on (Triton's GPU default) does contract, so the FMA check can fail.
+    """
+    from scalesearch_compile.kernels._nvfp4 import compile_ptx
+
+    jobs = [quantize_job("search", 90, fp_fusion=True)]
+    jobs += [
+        quantize_job(method, capability, fp_fusion=False)
+        for method, capability in [("search", 90), ("amax", 100), ("four_over_six", 100), ("exhaustive", 100)]
+    ]
+    fused, *exact = compile_ptx(jobs)
+    assert fused.count("fma.rn.f32") > 0
+    for ptx in exact:
+        assert ptx.count("fma.rn.f32") == 0
+        assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx

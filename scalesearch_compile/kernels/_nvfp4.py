@@ -11,16 +11,22 @@ whole NVFP4 blocks per row. E2M1 codes are int32 0..15 (bit 3 the sign), E4M3 sc
 Packed bytes hold element 2i in the low nibble.
 """
 
+import importlib
 import os
+import pickle
+import subprocess
+import sys
+import tempfile
 
 import triton
 import triton.language as tl
 
-NVFP4_BLOCK: tl.constexpr = 16
-E2M1_MAX: tl.constexpr = 6.0
-E4M3_MAX: tl.constexpr = 448.0
-E4M3_MIN_NORMAL: tl.constexpr = 0.015625  # 2**-6
-E4M3_MAX_CODE: tl.constexpr = 126
+# Globals a @triton.jit function reads must be tl.constexpr instances (the interpreter does not check this).
+NVFP4_BLOCK = tl.constexpr(16)
+E2M1_MAX = tl.constexpr(6.0)
+E4M3_MAX = tl.constexpr(448.0)
+E4M3_MIN_NORMAL = tl.constexpr(2.0**-6)
+E4M3_MAX_CODE = tl.constexpr(126)
 
 
 @triton.jit
@@ -211,7 +217,7 @@ def dequantize_tile(codes, scale_codes, ROWS: tl.constexpr, BLOCK_K: tl.constexp
     return tl.reshape(values * e4m3_value(scale_codes.to(tl.int32))[:, :, None], (ROWS, BLOCK_K))
 
 
-# ---- host side: shared by the launchers ----
+# ---- host side: shared by the launchers and their tests ----
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -227,3 +233,47 @@ def check_kernel_device(tensor, what: str) -> None:
         raise ValueError(
             f"{what} is on {tensor.device}; the Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 on CPU)"
         )
+
+
+def compile_ptx(jobs):
+    """PTX of kernels compiled for NVIDIA targets with no GPU present (Triton's bundled ptxas checks it).
+
+    Each job is ``(module, kernel name, {argument: type} for the non-constexpr arguments, {constexpr: value},
+    compute capability, compile options)``. The interpreter cannot compile, so under TRITON_INTERPRET=1 the
+    jobs run in a fresh Python process without it; this is how the CPU tests catch errors that only a GPU
+    build would meet (the interpreter accepts code a compiler rejects, such as non-constexpr globals).
+    """
+    if INTERPRET:
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "ptx.pickle")
+            with open(path, "wb") as f:
+                pickle.dump(jobs, f)
+            env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+            child = f"from {__name__} import _compile_file; _compile_file({path!r})"
+            done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=False)
+            if done.returncode:
+                raise RuntimeError(f"compiling in a child process failed:\n{done.stderr[-6000:]}")
+            with open(path, "rb") as f:
+                return pickle.load(f)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    results = []
+    for module, name, signature, constexprs, capability, options in jobs:
+        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(fn, "fn", fn)  # the JIT function under @triton.autotune
+        full_signature = {arg: signature.get(arg, "constexpr") for arg in fn.arg_names}
+        target = GPUTarget("cuda", capability, 32)
+        results.append(
+            triton.compile(ASTSource(fn, full_signature, constexprs), target=target, options=options).asm["ptx"]
+        )
+    return results
+
+
+def _compile_file(path: str) -> None:
+    """Child side of :func:`compile_ptx`: read the jobs from ``path``, write their PTX back to it."""
+    with open(path, "rb") as f:
+        jobs = pickle.load(f)
+    ptx = compile_ptx(jobs)
+    with open(path, "wb") as f:
+        pickle.dump(ptx, f)
