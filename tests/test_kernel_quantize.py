@@ -128,6 +128,7 @@ def test_random_shapes_and_scales(rows, blocks, log_scale, seed, method, per_ten
         (torch.tensor([[float("nan")] + [0.0] * 15]), {}, "NaN or Inf"),
         (torch.randn(4, 32), {"per_tensor_scale": torch.tensor(-1.0)}, "positive and finite"),
         (torch.randn(4, 32), {"per_tensor_scale": "column"}, "unknown per_tensor_scale"),
+        (torch.randn(4, 32), {"importance": torch.ones(16)}, "one weight per input channel"),
     ],
 )
 def test_input_errors(x, kwargs, message):
@@ -143,10 +144,11 @@ def test_gpu_large_tensor_bitwise(method):
     check(x.to(torch.bfloat16), method)
 
 
-def quantize_job(method, capability, fp_fusion):
-    signature = {"x_ptr": "*bf16", "pts_ptr": "*fp32", "qdata_ptr": "*u8", "scale_ptr": "*u8", "offset_ptr": "*i16"}
-    signature.update(M="i32", K="i32", PTS_STRIDE="i32")
-    constexprs = {"HAS_PTS": True, "METHOD": method, "LO": -2, "HI": 6, "BLOCK_M": 16, "BLOCK_K": 128}
+def quantize_job(method, capability, fp_fusion, weighted=False):
+    signature = {"x_ptr": "*bf16", "pts_ptr": "*fp32", "weights_ptr": "*fp32", "qdata_ptr": "*u8", "scale_ptr": "*u8"}
+    signature.update(offset_ptr="*i16", M="i32", K="i32", PTS_STRIDE="i32")
+    constexprs = {"HAS_PTS": True, "HAS_WEIGHTS": weighted, "METHOD": method, "LO": -2, "HI": 6}
+    constexprs.update(BLOCK_M=16, BLOCK_K=128)
     options = {"num_warps": 4, "enable_fp_fusion": fp_fusion}
     return ("scalesearch_compile.kernels.quantize", "_quantize_kernel", signature, constexprs, capability, options)
 
@@ -163,8 +165,19 @@ def test_compiles_for_hopper_and_blackwell_without_fma():
         quantize_job(method, capability, fp_fusion=False)
         for method, capability in [("search", 90), ("amax", 100), ("four_over_six", 100), ("exhaustive", 100)]
     ]
+    jobs.append(quantize_job("search", 100, fp_fusion=False, weighted=True))
     fused, *exact = compile_ptx(jobs)
     assert fused.count("fma.rn.f32") > 0
     for ptx in exact:
         assert ptx.count("fma.rn.f32") == 0
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
+
+
+@pytest.mark.parametrize("method", ["four_over_six", "search", "exhaustive"])
+def test_importance_weighted_search(method):
+    x = ragged_input(torch.float32, rows=6, k=80)
+    importance = torch.rand(80, generator=torch.Generator().manual_seed(2)) ** 4  # spread over 4 decades
+    importance[:16] = 0.0  # a block whose error counts for nothing: every candidate ties, the amax code stays
+    weighted = check(x, method, importance=importance)
+    assert (weighted.offsets[:, 0] == 0).all()
+    assert not torch.equal(weighted.offsets, quantize_blocks(x, method).offsets)  # the weights change choices

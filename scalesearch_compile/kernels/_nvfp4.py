@@ -94,12 +94,15 @@ def amax_code(block_amax, pts, DIVISOR: tl.constexpr, HAS_PTS: tl.constexpr):
 
 
 @triton.jit
-def quantize_multiplier(code, pts, HAS_PTS: tl.constexpr):
-    """The float32 multiplier that maps x onto the E2M1 grid with scale code ``code``: ``(1 / pts) / s``."""
+def scale_factors(code, pts, HAS_PTS: tl.constexpr):
+    """(quantize multiplier, dequantize scale) of E4M3 ``code`` clamped to 1..126: ``((1 / pts) / s, pts * s)``.
+
+    Without a global scale: ``(1 / s, s)`` (``search._scale_factors``).
+    """
     scale = e4m3_value(tl.minimum(tl.maximum(code, 1), E4M3_MAX_CODE))
     if HAS_PTS:
-        return tl.math.div_rn(tl.math.div_rn(1.0, pts), scale)
-    return tl.math.div_rn(1.0, scale)
+        return tl.math.div_rn(tl.math.div_rn(1.0, pts), scale), pts * scale
+    return tl.math.div_rn(1.0, scale), scale
 
 
 @triton.jit
@@ -119,19 +122,29 @@ def _pairwise_sum16(values, ROWS: tl.constexpr, NUM_BLOCKS: tl.constexpr):
 
 
 @triton.jit
-def block_error(mag, code, pts, HAS_PTS: tl.constexpr, ROWS: tl.constexpr, NUM_BLOCKS: tl.constexpr):
-    """Sum over each block of ``(|x| - e2m1(|x| * mult) * (pts * s))**2`` (``search._block_error``).
+def block_error(
+    mag,
+    code,
+    pts,
+    weights,
+    HAS_PTS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
+    ROWS: tl.constexpr,
+    NUM_BLOCKS: tl.constexpr,
+):
+    """Sum over each block of ``w * (|x| - e2m1(|x| * mult) * (pts * s))**2`` (``search._block_error``).
 
     ``mag``: |x| as ``[ROWS, NUM_BLOCKS, 16]``; ``code``: ``[ROWS, NUM_BLOCKS]`` scale codes (clamped to
-    1..126 here; the caller discards invalid ones).
+    1..126 here; the caller discards invalid ones); ``weights``: ``[1, NUM_BLOCKS, 16]`` per-channel
+    importance w (read only if HAS_WEIGHTS, else w = 1).
     """
-    multiplier = quantize_multiplier(code, pts, HAS_PTS)
-    dequant_scale = e4m3_value(tl.minimum(tl.maximum(code, 1), E4M3_MAX_CODE))
-    if HAS_PTS:
-        dequant_scale = pts * dequant_scale
+    multiplier, dequant_scale = scale_factors(code, pts, HAS_PTS)
     y = e2m1_round(mag * multiplier[:, :, None]) * dequant_scale[:, :, None]
     diff = mag - y
-    return _pairwise_sum16(diff * diff, ROWS, NUM_BLOCKS)
+    err = diff * diff
+    if HAS_WEIGHTS:
+        err = err * weights
+    return _pairwise_sum16(err, ROWS, NUM_BLOCKS)
 
 
 @triton.jit
@@ -145,7 +158,9 @@ def _keep_better(best_code, best_err, code, err):
 def quantize_tile(
     x,
     pts,
+    weights,
     HAS_PTS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     METHOD: tl.constexpr,
     LO: tl.constexpr,
     HI: tl.constexpr,
@@ -154,7 +169,8 @@ def quantize_tile(
 ):
     """Quantize a float32 tile ``[ROWS, BLOCK_K]`` to NVFP4 exactly as ``search.quantize_blocks``.
 
-    ``pts``: float32 ``[ROWS, 1]`` global scale (ignored unless HAS_PTS). METHOD: "amax", "four_over_six",
+    ``pts``: float32 ``[ROWS, 1]`` global scale (ignored unless HAS_PTS); ``weights``: float32 ``[1, BLOCK_K //
+    16, 16]`` importance of the tile's input channels (ignored unless HAS_WEIGHTS). METHOD: "amax", "four_over_six",
     "search" (code offsets LO..HI around the amax code) or "exhaustive". The amax code is evaluated first and
     candidates follow in the reference's order, so ties resolve the same way.
     Returns ``(codes [ROWS, BLOCK_K] int32 E2M1, scale codes [ROWS, BLOCK_K // 16] int32, amax codes)``.
@@ -165,24 +181,24 @@ def quantize_tile(
     first_code = amax_code(block_amax, pts, E2M1_MAX, HAS_PTS)
     best_code = first_code
     if METHOD != "amax":
-        best_err = block_error(mag, first_code, pts, HAS_PTS, ROWS, NUM_BLOCKS)
+        best_err = block_error(mag, first_code, pts, weights, HAS_PTS, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
         if METHOD == "four_over_six":
             code = amax_code(block_amax, pts, 4.0, HAS_PTS)
-            err = block_error(mag, code, pts, HAS_PTS, ROWS, NUM_BLOCKS)
+            err = block_error(mag, code, pts, weights, HAS_PTS, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
             best_code, best_err = _keep_better(best_code, best_err, code, err)
         if METHOD == "search":
             for offset in tl.static_range(LO, HI + 1):
                 if offset != 0:
                     code = first_code + offset
-                    err = block_error(mag, code, pts, HAS_PTS, ROWS, NUM_BLOCKS)
+                    err = block_error(mag, code, pts, weights, HAS_PTS, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
                     best_code, best_err = _keep_better(best_code, best_err, code, err)
         if METHOD == "exhaustive":
             for candidate in range(1, E4M3_MAX_CODE + 1):
                 code = tl.full((ROWS, NUM_BLOCKS), candidate, tl.int32)
-                err = block_error(mag, code, pts, HAS_PTS, ROWS, NUM_BLOCKS)
+                err = block_error(mag, code, pts, weights, HAS_PTS, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
                 best_code, best_err = _keep_better(best_code, best_err, code, err)
 
-    multiplier = quantize_multiplier(best_code, pts, HAS_PTS)
+    multiplier, _ = scale_factors(best_code, pts, HAS_PTS)
     magnitude = e2m1_round(mag * multiplier[:, :, None])
     # |x * m| == |x| * m exactly, and the code keeps the sign bit of x (-0.0 gives code 8, as the reference).
     sign = (tl.reshape(x, (ROWS, NUM_BLOCKS, NVFP4_BLOCK)).to(tl.int32, bitcast=True) >> 28) & 8

@@ -1,9 +1,9 @@
 """Fused NVFP4 quantization with scale search: block amax, every candidate scale, best kept, codes packed.
 
-Numerics: bit for bit ``search.quantize_blocks(x, method, window=..., per_tensor_scale=...)`` on qdata, scale
-codes and offsets, for methods "amax", "four_over_six", "search" and "exhaustive" (the exact formulas are in
-search.py's docstring; the tile arithmetic is in ``_nvfp4.quantize_tile``). The global scale comes from the
-first reduction, ``checked_amax`` (torch's amax; a maximum is exact in any order), or is given.
+Numerics: bit for bit ``search.quantize_blocks(x, method, window=..., per_tensor_scale=..., importance=...)``
+on qdata, scale codes and offsets, for methods "amax", "four_over_six", "search" and "exhaustive" (the exact
+formulas are in search.py's docstring; the tile arithmetic is in ``_nvfp4.quantize_tile``). The global scale
+comes from the first reduction, ``checked_amax`` (torch's amax; a maximum is exact in any order), or is given.
 
 Layouts: reads x ``(..., K)`` (float32, bfloat16 or float16, K a multiple of 16) as ``(M, K)`` rows; writes
 qdata uint8 ``(M, K // 2)`` (element 2i in the low nibble), E4M3 scale codes uint8 ``(M, K // 16)`` and the
@@ -22,6 +22,7 @@ from scalesearch_compile.search import (
     DEFAULT_WINDOW,
     NVFP4Blocks,
     PerTensorScale,
+    _check_importance,
     _resolve_per_tensor_scale,
     check_method,
     check_window,
@@ -44,6 +45,7 @@ _CONFIGS = autotune_configs(GPU_CONFIGS, triton.Config({"BLOCK_M": 32, "BLOCK_K"
 def _quantize_kernel(
     x_ptr,
     pts_ptr,
+    weights_ptr,
     qdata_ptr,
     scale_ptr,
     offset_ptr,
@@ -51,6 +53,7 @@ def _quantize_kernel(
     K,
     PTS_STRIDE,
     HAS_PTS: tl.constexpr,
+    HAS_WEIGHTS: tl.constexpr,
     METHOD: tl.constexpr,
     LO: tl.constexpr,
     HI: tl.constexpr,
@@ -59,7 +62,8 @@ def _quantize_kernel(
 ):
     """One ``[BLOCK_M, BLOCK_K]`` tile of x -> its packed codes, scale codes and offsets.
 
-    ``pts_ptr`` holds one global scale (PTS_STRIDE 0) or one per row (PTS_STRIDE 1).
+    ``pts_ptr`` holds one global scale (PTS_STRIDE 0) or one per row (PTS_STRIDE 1); ``weights_ptr`` the K
+    input-channel importance weights of a weighted search (HAS_WEIGHTS).
     """
     NUM_BLOCKS: tl.constexpr = BLOCK_K // 16
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -71,7 +75,13 @@ def _quantize_kernel(
         pts = tl.load(pts_ptr + rows * PTS_STRIDE, mask=row_ok, other=1.0)[:, None]
     else:
         pts = tl.full((BLOCK_M, 1), 1.0, tl.float32)
-    codes, scale_codes, first_codes = quantize_tile(x.to(tl.float32), pts, HAS_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K)
+    if HAS_WEIGHTS:
+        weights = tl.reshape(tl.load(weights_ptr + cols, mask=cols < K, other=0.0), (1, NUM_BLOCKS, 16))
+    else:
+        weights = None
+    codes, scale_codes, first_codes = quantize_tile(
+        x.to(tl.float32), pts, weights, HAS_PTS, HAS_WEIGHTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
+    )
 
     bytes_ = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     byte_mask = row_ok[:, None] & (bytes_ < K // 2)[None, :]
@@ -89,11 +99,13 @@ def quantize_nvfp4_triton(
     *,
     window: Sequence[int] = DEFAULT_WINDOW,
     per_tensor_scale: PerTensorScale = True,
+    importance: torch.Tensor | None = None,
 ) -> NVFP4Blocks:
     """Quantize ``x`` (..., K) to NVFP4 in one Triton pass; same result as ``search.quantize_blocks``.
 
     ``per_tensor_scale``: True (torchao's ``amax / (448 * 6)``), "row", a one-element or ``(..., 1)`` tensor,
-    or None (single-level scales). Raises ValueError for an unknown method, a bad window, an input that
+    or None (single-level scales). ``importance``: optional (K,) non-negative weights of each input channel's
+    squared error in the block error. Raises ValueError for an unknown method, a bad window, an input that
     cannot be quantized (dtype, K not a multiple of 16, empty, NaN/Inf) or a tensor a kernel cannot read.
     """
     check_method(method)
@@ -101,6 +113,7 @@ def quantize_nvfp4_triton(
     amax = checked_amax(x)
     check_kernel_device(x, "input")
     pts = _resolve_per_tensor_scale(x, amax, per_tensor_scale)
+    weights = _check_importance(importance, x)
 
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()
@@ -108,7 +121,8 @@ def quantize_nvfp4_triton(
     qdata = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
     scale_codes = torch.empty((m, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
     offsets = torch.empty((m, k // BLOCK_SIZE), dtype=torch.int16, device=x.device)
-    pts_arg = rows if pts is None else pts.reshape(-1).contiguous()  # rows: a placeholder pointer, never read
+    # rows: a placeholder pointer for an absent optional tensor, never read
+    pts_arg = rows if pts is None else pts.reshape(-1).contiguous()
     pts_stride = 0 if pts is None or pts.dim() == 0 else 1
 
     def grid(meta):
@@ -120,6 +134,7 @@ def quantize_nvfp4_triton(
     _quantize_kernel[grid](
         rows,
         pts_arg,
+        rows if weights is None else weights.reshape(-1),
         qdata,
         scale_codes,
         offsets,
@@ -127,6 +142,7 @@ def quantize_nvfp4_triton(
         k,
         pts_stride,
         HAS_PTS=pts is not None,
+        HAS_WEIGHTS=weights is not None,
         METHOD=method,
         LO=low,
         HI=high,
