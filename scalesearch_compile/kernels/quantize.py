@@ -31,7 +31,7 @@ from scalesearch_compile.search import (
 
 # Rows x columns per program. GPU candidates: tiles of 512-4096 values (4 warps, 4-32 values a thread) that keep
 # the 9-candidate search in registers; not yet timed on a GPU. The interpreter runs one tile shape, the
-# largest of them, since it pays per program (numpy), not per value.
+# largest of them: it pays per program (a 256 x 512 search took 20.3 s with 8 x 64 tiles, 1.6 s with 32 x 128).
 GPU_CONFIGS = [
     triton.Config({"BLOCK_M": block_m, "BLOCK_K": block_k}, num_warps=4)
     for block_m in (8, 16, 32)
