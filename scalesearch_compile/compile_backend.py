@@ -82,8 +82,18 @@ class BackendOptions:
         return AttentionRecipe(method=self.method, window=self.window) if self.attention else None
 
 
+@dataclass(frozen=True)
+class GraphReport:
+    """The passes' reports for one graph handed to the backend; ``compile_id`` is Dynamo's ("0/1": frame 0,
+    second compilation). Dynamo may hand the same compilation over twice (it restarts after Inductor adds
+    a guard), so count compilations by distinct ``compile_id``."""
+
+    compile_id: str
+    passes: list
+
+
 class ScaleSearchBackend:
-    """A torch.compile backend with fixed options; ``reports`` holds the passes' reports of every graph."""
+    """A torch.compile backend with fixed options; ``reports`` holds a :class:`GraphReport` per graph."""
 
     def __init__(self, options: BackendOptions):
         self.options = options
@@ -96,7 +106,7 @@ class ScaleSearchBackend:
         recipe = o.attention_recipe()
         if recipe is not None:
             reports.append(rewrite_attention(gm, recipe, o.impl))
-        self.reports.append(reports)
+        self.reports.append(GraphReport(str(gm.meta.get("dynamo_compile_id")), reports))
         for report in reports:
             logger.info("scalesearch backend: %s", report.summary())
         if not o.inductor:
@@ -109,7 +119,12 @@ class ScaleSearchBackend:
 
     def rewritten(self, kind: str) -> int:
         """How many calls of ``kind`` ("linear" or "attention") the compiled graphs rewrote, in total."""
-        return sum(len(r.rewritten) for graph in self.reports for r in graph if r.kind == kind)
+        latest = {graph.compile_id: graph for graph in self.reports}  # a restarted compilation counts once
+        return sum(len(r.rewritten) for graph in latest.values() for r in graph.passes if r.kind == kind)
+
+    def compilations(self) -> int:
+        """How many distinct Dynamo compilations reached this backend."""
+        return len({graph.compile_id for graph in self.reports})
 
 
 def backend(**options) -> ScaleSearchBackend:

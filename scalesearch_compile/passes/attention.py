@@ -38,6 +38,13 @@ def _example(arg):
     return arg.meta.get("example_value") if isinstance(arg, torch.fx.Node) else arg
 
 
+def _constant_scale(scale):
+    """The softmax scale as a Python float or None; a scale computed from a symbolic head_dim (dynamic=True)
+    is specialized here, which adds a guard on it (head_dim is fixed for a model in practice)."""
+    value = _example(scale)
+    return float(value) if isinstance(value, float | torch.SymFloat) else value
+
+
 def _unsupported(call: inspect.BoundArguments) -> str | None:
     """Why this SDPA call cannot become NVFP4 attention, or None."""
     a = call.arguments
@@ -46,8 +53,8 @@ def _unsupported(call: inspect.BoundArguments) -> str | None:
     for name in ("is_causal", "enable_gqa"):
         if not isinstance(a[name], bool):
             return f"{name} is not a constant"
-    if isinstance(a["scale"], torch.fx.Node):
-        return "scale is computed in the graph"
+    if not isinstance(_constant_scale(a["scale"]), float | None):
+        return "scale is not a number"
     q, k, v = (_example(a[name]) for name in ("query", "key", "value"))
     if q is None or k is None or v is None:
         return "no traced example value"
@@ -72,7 +79,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, recipe: AttentionRecipe, impl: s
             report.skipped.append((name, reason))
             continue
         a = call.arguments
-        scale = None if a["scale"] is None else float(a["scale"])
+        scale = _constant_scale(a["scale"])
         args = (a["query"], a["key"], a["value"], a["attn_mask"], a["is_causal"], scale, a["enable_gqa"])
         low, high = recipe.window
         options = (recipe.method, low, high, recipe.smooth_k, recipe.smooth_q, recipe.hadamard, recipe.sink_tiles)

