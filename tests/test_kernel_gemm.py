@@ -8,6 +8,8 @@ import os
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 if not torch.cuda.is_available():
@@ -111,6 +113,24 @@ def test_fused_prologue_equals_quantize_then_gemm(m, method, window):
     assert torch.equal(fused, split)
     a = quantize_nvfp4_triton(x.to(DEVICE), method, window=window)
     assert torch.equal(nvfp4_gemm_triton(a, *weight_args(w), bias), split)
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    m=st.integers(1, 40),
+    n=st.integers(1, 70),
+    blocks=st.integers(1, 10),
+    act=st.sampled_from(["nvfp4", None]),
+    fuse=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_random_shapes(m, n, blocks, act, fuse, seed):
+    k = 16 * blocks
+    w, x = make_weight(n, k, seed=seed), make_input(m, k, seed=seed + 1)
+    out = nvfp4_linear_triton(x.to(DEVICE), *weight_args(w), act=act, fuse_act_quant=fuse)
+    a = x if act is None else quantize_blocks(x, "search").dequantize()
+    assert out.shape == (m, n) and torch.isfinite(out).all()
+    assert relative_error(out, reference(a, w)) < 1e-5
 
 
 def test_torchao_weight_layout():
