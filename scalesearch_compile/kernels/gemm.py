@@ -4,9 +4,11 @@ Computes ``out = A @ W^T (+ bias)`` with float32 accumulation and stores it in t
 
 Numerics: an NVFP4 operand is ``e2m1(code) * e4m3(scale code) * pts`` per 16-element block (``NVFP4Blocks``
 .dequantize). The kernel multiplies the E2M1 and E4M3 values only (exact in fp16), accumulates the dot
-products in float32, then multiplies by ``pts_a * pts_w``, adds the bias in float32 and casts. W4A16 dots
-the activation (its own dtype) with the dequantized weight. The fused prologue quantizes each activation tile
-exactly as ``quantize_nvfp4_triton`` (``_nvfp4.quantize_tile``), so it equals quantize-then-GEMM bit for bit.
+products in float32, then multiplies by ``pts_a`` and ``pts_w``, adds the bias in float32 and casts. W4A16
+dots the activation in its own dtype with the dequantized weight (float32 activations with IEEE precision,
+no TF32; under the interpreter, whose bf16 dot is wrong, bf16 activations in float32, which is exact). The
+fused prologue quantizes each activation tile exactly as ``quantize_nvfp4_triton`` (``_nvfp4.quantize_tile``),
+so it equals quantize-then-GEMM bit for bit.
 Paths: on compute capability 10.x / 12.x, W4A4 uses ``tl.dot_scaled(..., "e2m1", ...)`` with E4M3 scales;
 elsewhere (Hopper, Ampere, the interpreter) tiles are dequantized in registers and fed to ``tl.dot``.
 Decode shapes (M <= 16) split K across programs; their float32 partial sums are added by torch (in a fixed
