@@ -40,7 +40,7 @@ GPU_CONFIGS = [
 _CONFIGS = autotune_configs(GPU_CONFIGS, triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4))
 
 
-@triton.autotune(configs=_CONFIGS, key=["K", "METHOD", "HAS_PTS"])
+@triton.autotune(configs=_CONFIGS, key=["K", "METHOD", "HAS_PTS", "HAS_WEIGHTS"])
 @triton.jit
 def _quantize_kernel(
     x_ptr,
