@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
 
 from scalesearch_compile.calibration import calibrate  # noqa: E402
+from scalesearch_compile.compile_backend import backend  # noqa: E402
 from scalesearch_compile.config import ScaleSearchConfig  # noqa: E402
 from scalesearch_compile.ops.linear import nvfp4_linear  # noqa: E402
 from scalesearch_compile.ops.quantize import nvfp4_quantize  # noqa: E402
@@ -18,6 +19,7 @@ __all__ = [
     "NVFP4Blocks",
     "ScaleSearchConfig",
     "ScaleSearchNVFP4Tensor",
+    "backend",
     "calibrate",
     "chosen_offsets",
     "nvfp4_linear",
