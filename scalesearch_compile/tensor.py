@@ -1,9 +1,13 @@
-"""Building torchao ``NVFP4Tensor`` objects from searched block scales, and reading them back.
+"""NVFP4 weights with searched block scales: stock torchao ``NVFP4Tensor`` objects built from them, and
+``ScaleSearchNVFP4Tensor``, the same layout plus a record of how the linear quantizes its activations.
 
 Layout (torchao's, unswizzled): ``qdata`` uint8 ``(..., K // 2)``, element 2i in the low nibble of byte i;
 ``scale`` float8_e4m3fn ``(..., K // 16)``; ``per_tensor_scale`` float32 0-d tensor or None;
 ``block_size`` 16; ``orig_dtype`` the input's dtype. The tensor dequantizes to
 ``e2m1_value(code) * (per_tensor_scale * scale)``, exactly :meth:`NVFP4Blocks.dequantize`.
+
+Importing this module allow-lists ``ScaleSearchNVFP4Tensor`` and ``NVFP4ActivationKwargs`` for
+``torch.load(weights_only=True)`` and for torchao's safetensors helpers (which transformers saves through).
 """
 
 import hashlib

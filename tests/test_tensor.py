@@ -7,7 +7,7 @@ from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_am
 from torchao.quantization import quantize_
 
 from scalesearch_compile import NVFP4ActivationKwargs, ScaleSearchNVFP4Tensor, quantize_blocks, quantize_nvfp4
-from scalesearch_compile.tensor import quantize_weight
+from scalesearch_compile.tensor import blocks_to_nvfp4_tensor, nvfp4_tensor_to_blocks, quantize_weight
 
 torch.manual_seed(0)
 
@@ -94,3 +94,17 @@ def test_layout_errors():
         ScaleSearchNVFP4Tensor.from_nvfp4_tensor(static)
     with pytest.raises(ValueError, match="expected a torchao NVFP4Tensor"):
         ScaleSearchNVFP4Tensor.from_nvfp4_tensor(q)
+
+
+def test_nvfp4_tensor_to_blocks_round_trip_and_errors():
+    blocks = quantize_blocks(torch.randn(32, 64), "search")
+    stock = blocks_to_nvfp4_tensor(blocks, torch.float32)
+    back = nvfp4_tensor_to_blocks(stock)
+    assert torch.equal(back.qdata, blocks.qdata) and torch.equal(back.scale_codes, blocks.scale_codes)
+    assert torch.equal(back.dequantize(), blocks.dequantize())
+    with pytest.raises(ValueError, match="transposed"):
+        nvfp4_tensor_to_blocks(stock.t())
+    with pytest.raises(ValueError, match="swizzled"):
+        nvfp4_tensor_to_blocks(NVFP4Tensor.to_nvfp4(torch.randn(128, 64), is_swizzled_scales=True))
+    with pytest.raises(ValueError, match="2-D or 3-D"):
+        blocks_to_nvfp4_tensor(quantize_blocks(torch.randn(64), "amax"), torch.float32)
