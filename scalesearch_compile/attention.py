@@ -124,8 +124,14 @@ def check_inputs(q, k, v, attn_mask, is_causal, enable_gqa) -> None:
     if attn_mask is not None:
         if is_causal:
             raise ValueError("pass either attn_mask or is_causal=True, not both (as scaled_dot_product_attention)")
-        if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
-            raise ValueError(f"attn_mask must be bool or floating point, got {attn_mask.dtype}")
+        if not isinstance(attn_mask, torch.Tensor) or (
+            attn_mask.dtype != torch.bool and not attn_mask.is_floating_point()
+        ):
+            raise ValueError(
+                f"attn_mask must be a bool or floating-point tensor, got {getattr(attn_mask, 'dtype', attn_mask)}"
+            )
+        if attn_mask.device != q.device:
+            raise ValueError(f"attn_mask is on {attn_mask.device}, query on {q.device}")
         try:
             torch.broadcast_shapes(attn_mask.shape, (b, hq, q.shape[2], sk))
         except RuntimeError:

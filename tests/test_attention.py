@@ -188,7 +188,7 @@ BAD_INPUTS = [
     (lambda q, k, v: (q.to(torch.int32), k, v), {}, "dtype"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(8, 8, dtype=torch.bool), "is_causal": True}, "not both"),
     (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(3, 8, dtype=torch.bool)}, "does not broadcast"),
-    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(8, 8, dtype=torch.int64)}, "bool or floating"),
+    (lambda q, k, v: (q, k, v), {"attn_mask": torch.ones(8, 8, dtype=torch.int64)}, "bool or floating-point tensor"),
     (lambda q, k, v: (q[:, :, :0], k, v), {}, "empty"),
 ]
 

@@ -1,13 +1,14 @@
 """Triton forward kernel of ScaleSearchAttention: FlashAttention with Q, K, V and P in NVFP4.
 
 Numerics: those of :mod:`scalesearch_compile.attention` (its docstring is the definition). The launcher runs
-step 1 there (:func:`prepare`: smoothing, Hadamard and the quantization of Q, K and V, in torch) and the kernel
-runs step 2: one program per (BLOCK_M queries, batch * head) walks the KV tiles of ``BLOCK_N == TILE`` keys with
-an online softmax in float32, skipping the tiles above the diagonal when causal. P is quantized in the kernel
-with the arithmetic of ``formats.py`` / ``search.py`` copied exactly: E2M1 rounding by adding and subtracting
-``2**22 * spacing``, E4M3 rounding on the float32 bit pattern, the block error summed in pairs (16 -> 8 -> 4 ->
-2 -> 1), and a candidate kept only if its error is strictly lower than the best so far (the amax code, tried
-first, wins ties). Divisions that decide a rounding use ``div_rn`` (Triton's ``/`` is approximate on GPUs).
+step 1 there (:func:`prepare`: smoothing and Hadamard in torch, Q, K and V quantized by the fused Triton
+quantize kernel, bit for bit ``quantize_blocks``) and ``_attention_kernel`` runs step 2: one program per
+(BLOCK_M queries, batch * head) walks the KV tiles of ``BLOCK_N == TILE`` keys with an online softmax in
+float32, skipping the tiles above the diagonal when causal. P is quantized in the kernel by
+``_nvfp4.quantize_tile``, which copies the arithmetic of ``formats.py`` / ``search.py`` exactly (E2M1 rounding
+by adding and subtracting ``2**22 * spacing``, E4M3 rounding on the float32 bit pattern, IEEE divisions, block
+errors summed in pairs 16 -> 8 -> 4 -> 2 -> 1, a candidate kept only if strictly better so the amax code wins
+ties); the launch sets ``enable_fp_fusion=False`` so no FMA changes those bits on a GPU.
 
 NVFP4 tiles are multiplied as ``global scales * dot(e2m1 * e4m3, e2m1 * e4m3)``: each product of an E2M1 value
 and an E4M3 scale is exact in float16, so the float16 ``tl.dot`` with float32 accumulation loses nothing, and
@@ -15,11 +16,11 @@ the per-tensor (Q, K, V) and per-row (P) global scales are applied to the float3
 tiles use float32 ``tl.dot(input_precision="ieee")``. On compute capability 10.x/12.x the NVFP4 products go
 through ``tl.dot_scaled`` instead (``DOT_SCALED``; untested: the interpreter reads E4M3 scales as E8M0).
 
-Agreement with the reference is not bitwise: both sum scores and P.V in a different order and ``exp`` may
-differ in the last bit, so a P element can land on the neighbouring E2M1 value. ``tests/test_kernel_attention``
-checks a relative L2 difference of at most ``KERNEL_TOLERANCE`` against the reference under ``TRITON_INTERPRET=1``
-(measured at most 5e-7 there: the P codes agree bit for bit); on a GPU, ``exp`` and fused multiply-adds may
-move single P elements by one E2M1 step (not measured: no GPU was available).
+Agreement with the reference is not bitwise: the kernel sums scores and P.V in another order (and applies the
+global scales after the dot instead of before), and its ``exp`` may differ in the last bit, so a P element can
+land on the neighbouring E2M1 value. ``tests/test_kernel_attention.py`` checks a relative L2 difference of at
+most ``KERNEL_TOLERANCE`` under ``TRITON_INTERPRET=1`` (measured at most 5e-7 there, with P quantized bit for
+bit as the reference does); on a GPU it is not measured (no GPU was available).
 
 Layouts (contiguous; Hkv key/value heads, Skp = Sk padded to a multiple of TILE with zeros):
 ``q_codes`` uint8 (B, Hq, Sq, D/2), ``q_scales`` uint8 E4M3 codes (B, Hq, Sq, D/16), ``q_hp`` float32
@@ -113,7 +114,6 @@ def _attention_kernel(
 
     q_packed, q_scale_codes = _load_nvfp4(q_codes_ptr, q_scales_ptr, q_rows, HEAD_DIM, 0, HEAD_DIM)
     q_unit = _unit_values(q_packed, q_scale_codes, BLOCK_M, HEAD_DIM)
-    q_hp = tl.load(q_hp_ptr + q_rows[:, None] * HEAD_DIM + dims[None, :])
     if SMOOTH_Q:
         q_mean = tl.load(q_mean_ptr + pid_bh * HEAD_DIM + dims)
     q_scale = tl.load(global_scales_ptr)
@@ -130,7 +130,8 @@ def _attention_kernel(
         cols = start + tl.arange(0, BLOCK_N)
         k_rows = kv_bh * padded_len + cols
         high_precision = (start < sink_end) | (start == tail_start)
-        if high_precision:
+        if high_precision:  # at most two tiles a row: reloading Q here keeps it out of registers elsewhere
+            q_hp = tl.load(q_hp_ptr + q_rows[:, None] * HEAD_DIM + dims[None, :])
             k_hp = tl.load(k_hp_ptr + k_rows[:, None] * HEAD_DIM + dims[None, :])
             s = tl.dot(q_hp, tl.trans(k_hp), input_precision="ieee")
         else:
