@@ -158,14 +158,14 @@ def _keep_better(best_code, best_err, code, err):
 def quantize_tile(
     x,
     pts,
-    weights,
     HAS_PTS: tl.constexpr,
-    HAS_WEIGHTS: tl.constexpr,
     METHOD: tl.constexpr,
     LO: tl.constexpr,
     HI: tl.constexpr,
     ROWS: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    weights=None,
+    HAS_WEIGHTS: tl.constexpr = False,
 ):
     """Quantize a float32 tile ``[ROWS, BLOCK_K]`` to NVFP4 exactly as ``search.quantize_blocks``.
 

@@ -160,7 +160,7 @@ def _nvfp4_gemm_kernel(
             a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
             if A_MODE == "quantize":
                 a_codes, a_scales, _ = quantize_tile(
-                    a.to(tl.float32), a_pts, None, HAS_A_PTS, False, METHOD, LO, HI, BLOCK_M, BLOCK_K
+                    a.to(tl.float32), a_pts, HAS_A_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
                 )
                 if DOT_SCALED:
                     a_packed = pack_nibbles(a_codes, BLOCK_M, BLOCK_K)

@@ -80,7 +80,7 @@ def _quantize_kernel(
     else:
         weights = None
     codes, scale_codes, first_codes = quantize_tile(
-        x.to(tl.float32), pts, weights, HAS_PTS, HAS_WEIGHTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
+        x.to(tl.float32), pts, HAS_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K, weights, HAS_WEIGHTS
     )
 
     bytes_ = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
