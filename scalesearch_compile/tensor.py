@@ -200,12 +200,21 @@ def _check_layout(qdata, scale, block_size, per_tensor_scale, act_quant_kwargs) 
         raise ValueError(f"act_quant_kwargs must be NVFP4ActivationKwargs or None, got {act_quant_kwargs!r}")
 
 
-@ScaleSearchNVFP4Tensor.implements([torch.ops.aten.t.default])
+@ScaleSearchNVFP4Tensor.implements(
+    [torch.ops.aten.t.default, torch.ops.aten.transpose.int, torch.ops.aten.permute.default]
+)
 def _transpose(func, types, args, kwargs):
-    w = args[0]
-    return ScaleSearchNVFP4Tensor(
-        w.qdata.t(), w.scale.t(), w.block_size, w.orig_dtype, w.per_tensor_scale, w.act_quant_kwargs
-    )
+    """``w.t()``, ``w.T``, ``w.transpose(0, 1)``, ``w.permute(1, 0)``: the swap of the two dimensions, a view
+    of qdata and scale (as ``NVFP4Tensor`` does); a transpose or permute that swaps nothing is an alias."""
+    w, dims = args[0], args[1:]
+    if func is torch.ops.aten.transpose.int:
+        swap = dims[0] % 2 != dims[1] % 2
+    elif func is torch.ops.aten.permute.default:
+        swap = [d % 2 for d in dims[0]] == [1, 0]
+    else:
+        swap = True
+    qdata, scale = (w.qdata.t(), w.scale.t()) if swap else (w.qdata, w.scale)
+    return ScaleSearchNVFP4Tensor(qdata, scale, w.block_size, w.orig_dtype, w.per_tensor_scale, w.act_quant_kwargs)
 
 
 def quantize_weight(

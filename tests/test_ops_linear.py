@@ -118,6 +118,7 @@ def test_f_linear_and_matmul_route_to_the_op():
     expected = nvfp4_linear(x, weight, bias, impl="reference")
     assert torch.equal(F.linear(x, weight, bias), expected)
     assert torch.equal(x @ weight.t(), nvfp4_linear(x, weight))
+    assert torch.equal(torch.matmul(x, weight.T), nvfp4_linear(x, weight))
     with pytest.raises(NotImplementedError, match="F.linear"):
         torch.mm(torch.randn(4, 48), weight)
 

@@ -37,6 +37,10 @@ def test_transpose_keeps_bytes_and_round_trips():
     t = q.t()
     assert isinstance(t, ScaleSearchNVFP4Tensor) and t.shape == (64, 48)
     assert t.act_quant_kwargs == q.act_quant_kwargs
+    for swapped in (q.T, q.transpose(0, 1), q.transpose(-1, -2), q.permute(1, 0)):
+        assert swapped.shape == (64, 48) and torch.equal(swapped.qdata, t.qdata)
+    for same in (q.transpose(1, 1), q.permute(0, 1)):
+        assert same.shape == q.shape and same.qdata is q.qdata
     back = t.t()
     assert back.shape == (48, 64) and torch.equal(back.qdata, q.qdata)
     assert torch.equal(back.dequantize(), q.dequantize())
