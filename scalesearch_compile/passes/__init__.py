@@ -19,11 +19,18 @@ class PassReport:
     skipped: list = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line: ``linear: rewrote 7 of 8; left: lm_head (in_features 100 is not a multiple of 16)``."""
+        """One line, the skipped grouped by reason:
+        ``linear: rewrote 7 of 9; left as they were: 2 x <reason> (lm_head.weight, pooler.dense.weight)``."""
         total = len(self.rewritten) + len(self.skipped)
         line = f"{self.kind}: rewrote {len(self.rewritten)} of {total}"
-        if self.skipped:
-            line += "; left as they were: " + ", ".join(f"{name} ({reason})" for name, reason in self.skipped)
+        by_reason = {}
+        for name, reason in self.skipped:
+            by_reason.setdefault(reason, []).append(name)
+        if by_reason:
+            groups = [
+                f"{len(names)} x {reason} ({', '.join(dict.fromkeys(names))})" for reason, names in by_reason.items()
+            ]
+            line += "; left as they were: " + "; ".join(groups)
         return line
 
 
