@@ -37,7 +37,9 @@ class ScaleSearchConfig(AOBaseConfig):
     numbers), "four_over_six" or "exhaustive". ``activations``: "nvfp4" quantizes each linear's input at run
     time (blocks of 16, searched scales, dynamic per-tensor scale); None keeps it in high precision (weight
     only). ``window``: [lowest, highest] E4M3 code offset the search tries around the amax code. ``exclude``:
-    regular expressions; a module whose name fully matches one is left as it is. ``progress``: show a tqdm
+    regular expressions; a module whose name fully matches one is left as it is (names are known where
+    ``quantize_`` walks a model; transformers, which quantizes layer by layer while loading, skips modules
+    through ``TorchAoConfig(modules_to_not_convert=...)`` instead). ``progress``: show a tqdm
     bar when quantizing a whole model. Layers with in_features not a multiple of 16 or an unsupported weight
     dtype are left as they are and reported in the summary log line. Weights of layers passed through
     :func:`scalesearch_compile.calibrate` first are searched with its importance weights.
@@ -92,31 +94,40 @@ def _linear_extra_repr(self):
 
 
 class _Run:
-    """One ``quantize_`` call: the modules it will hand to the handler, a progress bar, and the outcomes."""
+    """One ``quantize_`` call: how many handler calls it will make, the names of the modules, a progress bar,
+    and the outcomes."""
 
-    def __init__(self, frame, names: dict[int, str], config: ScaleSearchConfig):
+    def __init__(self, frame, visits: list[tuple[torch.nn.Module, str]], config: ScaleSearchConfig):
         self.frame = frame
-        self.names = names
-        self.pending = set(names)
+        self.names = {id(module): name for module, name in reversed(visits)}  # a shared module: first name
+        self.expected = len(visits)
         self.quantized = 0
         self.skipped: dict[str, list[str]] = {}
-        self.bar = tqdm(
-            total=len(names), desc="scalesearch quantize_", unit="layer", disable=not config.progress or len(names) < 2
-        )
+        quiet = not config.progress or len(visits) < 2
+        self.bar = tqdm(total=self.expected, desc="scalesearch quantize_", unit="layer", disable=quiet)
         self.config = config
+
+    def expect(self, module: torch.nn.Module) -> None:
+        """Count a call the walk did not foresee (it should not happen; the summary stays right if it does)."""
+        self.names[id(module)] = ""
+        self.expected += 1
+        self.bar.total = self.expected
 
     def record(self, module: torch.nn.Module, reason: str | None) -> None:
         if reason is None:
             self.quantized += 1
         else:
-            self.skipped.setdefault(reason, []).append(self.names.get(id(module)) or type(module).__name__)
+            self.skipped.setdefault(reason, []).append(self.names[id(module)] or type(module).__name__)
         self.bar.update(1)
-        self.pending.discard(id(module))
+
+    @property
+    def done(self) -> bool:
+        return self.quantized + sum(map(len, self.skipped.values())) == self.expected
 
     def summary(self) -> str:
         c = self.config
         line = (
-            f"scalesearch quantize_: {self.quantized} of {len(self.names)} layers to NVFP4 "
+            f"scalesearch quantize_: {self.quantized} of {self.expected} layers to NVFP4 "
             f"(method={c.method}, activations={c.activations}, window={c.window})"
         )
         if self.skipped:
@@ -140,19 +151,15 @@ def _quantize_call_frame():
     return frame
 
 
-def _visits(model: torch.nn.Module, filter_fn) -> dict[int, str]:
-    """id -> name of the modules ``quantize_(model, config, filter_fn)`` hands to the handler (its walk)."""
-    found: dict[int, str] = {}
-
-    def walk(module, name):
-        if filter_fn(module, name):
-            found.setdefault(id(module), name)
-            return
-        for child_name, child in module.named_children():
-            walk(child, f"{name}.{child_name}" if name else child_name)
-
-    walk(model, "")
-    return found
+def _visits(module: torch.nn.Module, filter_fn, name: str = "") -> list[tuple[torch.nn.Module, str]]:
+    """(module, name) of each handler call ``quantize_(module, config, filter_fn)`` makes: its own walk."""
+    if filter_fn(module, name):
+        return [(module, name)]
+    return [
+        visit
+        for child_name, child in module.named_children()
+        for visit in _visits(child, filter_fn, f"{name}.{child_name}" if name else child_name)
+    ]
 
 
 def _current_run(module: torch.nn.Module, config: ScaleSearchConfig) -> _Run:
@@ -160,19 +167,17 @@ def _current_run(module: torch.nn.Module, config: ScaleSearchConfig) -> _Run:
     frame = _quantize_call_frame()
     if frame is None or _run is None or _run.frame is not frame:
         filter_fn = None if frame is None else frame.f_locals.get("filter_fn")  # None under FqnToConfig
-        names = {} if filter_fn is None else _visits(frame.f_locals["model"], filter_fn)
-        _run = _Run(frame, names, config)
-    if id(module) not in _run.names:  # a walk this module did not foresee: count it all the same
-        _run.names[id(module)] = ""
-        _run.pending.add(id(module))
-        _run.bar.total += 1
+        visits = [] if filter_fn is None else _visits(frame.f_locals["model"], filter_fn)
+        _run = _Run(frame, visits, config)
+    if id(module) not in _run.names:
+        _run.expect(module)
     return _run
 
 
 def _finish(run: _Run) -> None:
     global _run
     run.bar.close()
-    logger.log(logging.INFO if len(run.names) > 1 else logging.DEBUG, run.summary())
+    logger.log(logging.INFO if run.expected > 1 else logging.DEBUG, run.summary())
     _run = None
 
 
@@ -192,6 +197,6 @@ def _quantize_linear(module: torch.nn.Module, config: ScaleSearchConfig) -> torc
         module.weight = torch.nn.Parameter(weight, requires_grad=False)
         module.extra_repr = types.MethodType(_linear_extra_repr, module)
     run.record(module, reason)
-    if not run.pending:
+    if run.done:
         _finish(run)
     return module

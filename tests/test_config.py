@@ -76,12 +76,24 @@ def test_second_run_skips_quantized_layers(caplog):
     assert "0 of 2 layers" in caplog.text and "weight already quantized (ScaleSearchNVFP4Tensor)" in caplog.text
 
 
-def test_a_single_layer_logs_at_debug_only(caplog):
-    # transformers quantizes while loading by calling quantize_ once per layer: no line per layer at INFO
+def test_a_module_shared_by_two_parents_is_counted_twice(caplog):
+    shared = torch.nn.Linear(32, 16)
+    net = torch.nn.Module()
+    net.a, net.b = torch.nn.Sequential(shared), torch.nn.Sequential(torch.nn.Linear(32, 32), shared)
+    with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
+        quantize_(net, ScaleSearchConfig(progress=False))
+    (record,) = _records(caplog)  # one line, after the last of quantize_'s three handler calls
+    assert "2 of 3 layers" in record.getMessage()
+    assert "weight already quantized (ScaleSearchNVFP4Tensor): a.0" in record.getMessage()
+
+
+def test_a_single_layer_logs_at_debug_only(caplog, capsys):
+    # transformers quantizes while loading by calling quantize_ once per layer: no bar or INFO line per layer
     with caplog.at_level(logging.DEBUG, logger="scalesearch_compile"):
         quantize_(torch.nn.Linear(32, 16), ScaleSearchConfig())
     (record,) = _records(caplog)
     assert record.levelno == logging.DEBUG and "1 of 1 layers" in record.getMessage()
+    assert "scalesearch quantize_" not in capsys.readouterr().err
 
 
 def test_custom_filter_reports_non_linear_modules(caplog):
