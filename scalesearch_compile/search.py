@@ -127,8 +127,10 @@ def per_tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
     return torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
-def _resolve_per_tensor_scale(x: torch.Tensor, amax: torch.Tensor, per_tensor_scale: PerTensorScale):
-    """The global scale as float32: 0-d (one per tensor), ``(..., 1)`` (one per row) or None."""
+def resolve_per_tensor_scale(x: torch.Tensor, amax: torch.Tensor, per_tensor_scale: PerTensorScale):
+    """``per_tensor_scale`` as :func:`quantize_blocks` takes it, resolved for ``x`` (whose amax is ``amax``).
+
+    The global scale as float32: 0-d (one per tensor), ``(..., 1)`` (one per row) or None."""
     if per_tensor_scale is True:
         return per_tensor_scale_from_amax(amax)
     if per_tensor_scale is None or per_tensor_scale is False:
@@ -149,7 +151,8 @@ def _resolve_per_tensor_scale(x: torch.Tensor, amax: torch.Tensor, per_tensor_sc
     return scale
 
 
-def _check_importance(importance: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+def check_importance(importance: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    """Validated per-input-channel importance as float32 ``(K // 16, 16)``, or None."""
     if importance is None:
         return None
     if importance.shape != (x.shape[-1],):
@@ -170,7 +173,10 @@ def _pairwise_block_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def _amax_code(block_amax: torch.Tensor, divisor: float, pts: torch.Tensor | None) -> torch.Tensor:
-    scale = block_amax / divisor
+    # An elementwise division, not by a Python number: CUDA turns ``tensor / scalar`` into a multiplication
+    # by the reciprocal, which differs in the last bit for about a third of the values (IEEE division here,
+    # as on the CPU and in the Triton kernel's div_rn).
+    scale = block_amax / torch.full_like(block_amax, divisor)
     if pts is not None:
         scale = scale / pts
     return e4m3_encode(scale.clamp(E4M3_MIN_NORMAL, E4M3_MAX)).to(torch.int32)
@@ -252,8 +258,8 @@ def quantize_blocks(
     check_method(method)
     window = check_window(window)
     amax = checked_amax(x)
-    weights = _check_importance(importance, x)
-    pts = _resolve_per_tensor_scale(x, amax, per_tensor_scale)
+    weights = check_importance(importance, x)
+    pts = resolve_per_tensor_scale(x, amax, per_tensor_scale)
     row_pts = pts.reshape(-1, 1) if pts is not None and pts.dim() else None
 
     k = x.shape[-1]

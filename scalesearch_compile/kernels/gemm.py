@@ -42,10 +42,10 @@ from scalesearch_compile.search import (
     SUPPORTED_DTYPES,
     NVFP4Blocks,
     PerTensorScale,
-    _resolve_per_tensor_scale,
     check_method,
     check_window,
     checked_amax,
+    resolve_per_tensor_scale,
 )
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -426,7 +426,7 @@ def nvfp4_linear_triton(
     if act is None:
         out = _launch("float", rows, weight, out_dtype, split, dot_dtype=x.dtype)
     elif m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant:
-        a_pts = _resolve_per_tensor_scale(x, checked_amax(x), act_per_tensor_scale)
+        a_pts = resolve_per_tensor_scale(x, checked_amax(x), act_per_tensor_scale)
         out = _launch(
             "quantize", rows, weight, out_dtype, split, a_pts=a_pts, method=method, window=window, dot_scaled=dot_scaled
         )

@@ -22,11 +22,11 @@ from scalesearch_compile.search import (
     DEFAULT_WINDOW,
     NVFP4Blocks,
     PerTensorScale,
-    _check_importance,
-    _resolve_per_tensor_scale,
+    check_importance,
     check_method,
     check_window,
     checked_amax,
+    resolve_per_tensor_scale,
 )
 
 # Rows x columns per program. GPU candidates: tiles of 512-4096 values (4 warps, 4-32 values a thread) that keep
@@ -112,8 +112,8 @@ def quantize_nvfp4_triton(
     low, high = check_window(window)
     amax = checked_amax(x)
     check_kernel_device(x, "input")
-    pts = _resolve_per_tensor_scale(x, amax, per_tensor_scale)
-    weights = _check_importance(importance, x)
+    pts = resolve_per_tensor_scale(x, amax, per_tensor_scale)
+    weights = check_importance(importance, x)
 
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()
