@@ -48,6 +48,7 @@ from scalesearch_compile.attention import (
 )
 from scalesearch_compile.kernels._nvfp4 import (
     INTERPRET,
+    autotune_configs,
     check_kernel_device,
     dequantize_tile,
     pack_nibbles,
@@ -57,9 +58,12 @@ from scalesearch_compile.kernels._nvfp4 import (
 from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton
 
 KERNEL_TOLERANCE = 1e-5  # relative L2 difference from the reference under the interpreter (module docstring)
-# One config: BLOCK_M = TILE and 4 warps, untuned (no GPU was available to measure others).
-BLOCK_M = TILE
-NUM_WARPS = 4
+# Query rows per program and warps: FlashAttention-2's usual shapes for head_dim 64/128, not yet timed on a GPU
+# (none was available). The interpreter runs the one config it can (FACTS.md section 4).
+_CONFIGS = autotune_configs(
+    [triton.Config({"BLOCK_M": block_m}, num_warps=warps) for block_m in (64, 128) for warps in (4, 8)],
+    triton.Config({"BLOCK_M": 64}, num_warps=4),
+)
 
 
 @triton.jit
@@ -89,6 +93,7 @@ def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.co
     return codes, scale_codes, row_scale
 
 
+@triton.autotune(_CONFIGS, key=["q_len", "k_len", "HEAD_DIM", "V_DIM", "IS_CAUSAL", "HAS_MASK", "DOT_SCALED"])
 @triton.jit
 def _attention_kernel(
     q_codes_ptr, q_scales_ptr, q_hp_ptr, q_mean_ptr,
@@ -215,7 +220,7 @@ def nvfp4_attention_triton(
     sink_end = TILE if recipe.sink_tiles else 0
     tail_start = k_len // TILE * TILE if recipe.sink_tiles and k_len % TILE else -1
     out = torch.empty((batch, num_heads, q_len, v_dim), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(q_len, BLOCK_M), batch * num_heads)
+    grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * num_heads)  # noqa: E731
     _attention_kernel[grid](
         prep.q.qdata, prep.q.scale_codes, prep.q_hp.contiguous(), q_mean.contiguous(),
         prep.k.qdata, prep.k.scale_codes, prep.k_hp.contiguous(),
@@ -224,9 +229,9 @@ def nvfp4_attention_triton(
         *(mask.stride() if mask is not None else (0, 0, 0, 0)),
         num_heads, num_heads // kv_heads, q_len, k_len, padded_len, sink_end, tail_start,
         1.0 / math.sqrt(head_dim) if scale is None else float(scale),
-        HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_M=BLOCK_M, BLOCK_N=TILE,
+        HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_N=TILE,
         IS_CAUSAL=is_causal, HAS_MASK=mask is not None, SMOOTH_Q=prep.q_mean is not None,
         METHOD=recipe.method, LO=recipe.window[0], HI=recipe.window[1], SCALE_FLOOR=P_SCALE_FLOOR,
-        DOT_SCALED=_use_dot_scaled(q.device), num_warps=NUM_WARPS, enable_fp_fusion=False,
+        DOT_SCALED=_use_dot_scaled(q.device), enable_fp_fusion=False,
     )  # fmt: skip
     return out.to(q.dtype)
