@@ -59,7 +59,8 @@ from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton
 
 KERNEL_TOLERANCE = 1e-5  # relative L2 difference from the reference under the interpreter (module docstring)
 # Query rows per program and warps: FlashAttention-2's usual shapes for head_dim 64/128, not yet timed on a GPU
-# (none was available). The interpreter runs the one config it can (FACTS.md section 4).
+# (none was available). Compiled without a GPU, sm_100 lowers DOT_SCALED to the block-scaled NVFP4 tcgen05 MMA
+# only at BLOCK_M = 128 (64 gives f16 MMAs). The interpreter runs the one config it can (FACTS.md section 4).
 _CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": block_m}, num_warps=warps) for block_m in (64, 128) for warps in (4, 8)],
     triton.Config({"BLOCK_M": 64}, num_warps=4),
