@@ -5,10 +5,11 @@ eager and under ``torch.compile``, on the CPU; and the MiniLM sentence-embedding
 
 Models: the real all-MiniLM-L6-v2 encoder (16 sentences, padded) and a small random Llama built from a config
 (4 layers, hidden 512, batch 4 x 64 tokens). Times are medians of ``--repeats`` forward passes under
-``torch.no_grad`` after two warm-up passes (which also compile), printed with their ratios to the float32
-model and to torchao's ``NVFP4WeightOnlyConfig`` (amax scales, dequantize-then-matmul), all measured in this
-process; a ratio above 1 is slower. ``torch.compile`` is the default Inductor backend. The cosines are the
-mean over the sentences of the cosine between quantized and float32 mean-pooled embeddings.
+``torch.no_grad`` after two warm-up passes (which also compile), every variant of a model, eager and
+compiled, timed round-robin in the same rounds, and printed with their ratios to the float32 model and to
+torchao's ``NVFP4WeightOnlyConfig`` (amax scales, dequantize-then-matmul) in the same mode; a ratio above 1
+is slower. ``torch.compile`` is the default Inductor backend. The cosines are the mean over the sentences
+of the cosine between quantized and float32 mean-pooled embeddings.
 """
 
 import argparse
@@ -125,21 +126,22 @@ def interleaved_median_ms(models: dict, inputs, repeats: int) -> dict:
 
 
 def time_model(name, model, inputs, repeats: int, compile_too: bool) -> None:
-    models = {variant: quantized(model, config) for variant, config in VARIANTS.items()}
-    eager = interleaved_median_ms(models, inputs, repeats)
-    compiled = dict.fromkeys(models, float("nan"))
+    eager = {variant: quantized(model, config) for variant, config in VARIANTS.items()}
+    models = {(variant, "eager"): m for variant, m in eager.items()}
     if compile_too:
-        compiled = interleaved_median_ms({v: torch.compile(m) for v, m in models.items()}, inputs, repeats)
+        models |= {(variant, "compiled"): torch.compile(m) for variant, m in eager.items()}
+    ms = interleaved_median_ms(models, inputs, repeats)
+    ms |= {(variant, "compiled"): float("nan") for variant in eager if not compile_too}
     print(f"\n{name}: median forward ms and ratios (above 1: slower)")
     print("| variant | eager ms | compiled ms | eager/fp32 | compiled/fp32 | eager/torchao | compiled/torchao |")
     print("|---|---|---|---|---|---|---|")
-    base = "float32"
-    torchao = "torchao NVFP4WeightOnly"
-    for variant in models:
-        e, c = eager[variant], compiled[variant]
+    for variant in eager:
+        e, c = ms[(variant, "eager")], ms[(variant, "compiled")]
+        base = ms[("float32", "eager")], ms[("float32", "compiled")]
+        torchao = ms[("torchao NVFP4WeightOnly", "eager")], ms[("torchao NVFP4WeightOnly", "compiled")]
         print(
-            f"| {variant} | {e:.1f} | {c:.1f} | {e / eager[base]:.2f}x | {c / compiled[base]:.2f}x "
-            f"| {e / eager[torchao]:.2f}x | {c / compiled[torchao]:.2f}x |"
+            f"| {variant} | {e:.1f} | {c:.1f} | {e / base[0]:.2f}x | {c / base[1]:.2f}x "
+            f"| {e / torchao[0]:.2f}x | {c / torchao[1]:.2f}x |"
         )
 
 

