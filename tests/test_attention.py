@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from scalesearch_compile.attention import (
     NAIVE_RECIPE,
@@ -244,3 +246,26 @@ def test_compiles_fullgraph_and_matches_eager():
 
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(q, k, v), attend(q, k, v), atol=0, rtol=0)
+
+
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(
+    q_len=st.integers(1, 150),
+    k_len=st.integers(1, 200),
+    group=st.sampled_from([1, 2]),
+    is_causal=st.booleans(),
+    log_magnitude=st.integers(-20, 3),
+    recipe=st.sampled_from([NAIVE_RECIPE, AttentionRecipe(), AttentionRecipe(smooth_q=True, sink_tiles=False)]),
+    seed=st.integers(0, 2**16),
+)
+def test_finite_inputs_give_finite_close_outputs(q_len, k_len, group, is_causal, log_magnitude, recipe, seed):
+    """No NaN or Inf from finite inputs at any magnitude of Q (scores from ~1e-20 to ~1e4). The error is bounded
+    only for scores up to ~10 and with K smoothing: beyond, a few percent of NVFP4 error on scores of 1e3 moves
+    the argmax (measured up to 0.5 with every technique, 0.64 naive), and naive NVFP4 reaches 0.41 on these
+    outlier-channel inputs even at magnitude 1 (the smoothed recipes measured at most 0.11 over 150 draws)."""
+    q, k, v = attention_inputs(seed, heads=2 * group, kv_heads=2, q_len=q_len, k_len=k_len)
+    q = q * 10.0**log_magnitude
+    out = nvfp4_attention_reference(q, k, v, is_causal=is_causal, enable_gqa=True, recipe=recipe)
+    assert torch.isfinite(out).all()
+    if log_magnitude <= 0 and recipe.smooth_k:
+        assert rel_error(out, sdpa64(q, k, v, is_causal=is_causal, enable_gqa=True)) < 0.25
