@@ -63,7 +63,7 @@ def test_backend_method_and_window_reach_the_attention_recipe():
     "sdpa_kwargs,head_dim,reason",
     [
         ({"dropout_p": 0.1}, 64, "dropout_p=0.1"),
-        ({}, 48, "head_dim 48 is not supported"),
+        ({}, 80, "head_dim 80 is not supported"),
     ],
 )
 def test_unsupported_calls_stay_sdpa_and_are_reported(sdpa_kwargs, head_dim, reason, caplog):
@@ -75,6 +75,24 @@ def test_unsupported_calls_stay_sdpa_and_are_reported(sdpa_kwargs, head_dim, rea
     assert "attention: rewrote 0 of 1" in caplog.text and reason in caplog.text
     if not sdpa_kwargs:
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))
+
+
+@pytest.mark.parametrize("sdpa_kwargs", [{}, {"scale": 0.2, "is_causal": True}])
+def test_small_head_dims_are_zero_padded(sdpa_kwargs):
+    q, k, v = qkv(head_dim=32)
+    recipe = AttentionRecipe(hadamard=False)
+    out, b = compile_and_run(Attend(**sdpa_kwargs), q, k, v, attention=recipe)
+    assert b.reports[0].passes[1].rewritten == ["test_passes_attention.py:18 (head_dim 32 zero-padded to 64)"]
+    assert out.shape == v.shape
+
+    def pad(t):
+        return F.pad(t, (0, 32))
+
+    kwargs = {"scale": 32**-0.5, **sdpa_kwargs}
+    expected = nvfp4_attention(pad(q), pad(k), pad(v), recipe=recipe, **kwargs)[..., :32]
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    exact = F.scaled_dot_product_attention(q, k, v, **sdpa_kwargs)
+    assert (out - exact).norm() / exact.norm() < 0.2
 
 
 def test_attention_false_leaves_sdpa_alone():

@@ -2,19 +2,24 @@
 
 Matches every SDPA call of the Dynamo graph (one node on every device) and rewrites it when the call is inside
 the op's contract (:func:`scalesearch_compile.attention.check_inputs`, checked on the traced example values):
-causal or with a bool/additive mask, GQA, custom scale, and ``dropout_p`` a constant 0. Everything else (a
-dropout, an unsupported head_dim, a scale computed in the graph) is left as SDPA and reported.
+causal or with a bool/additive mask, GQA, custom scale, and ``dropout_p`` a constant 0. A head_dim below the
+op's smallest (a multiple of 16, e.g. MiniLM's 32) is zero-padded up to it, with the softmax scale of the
+original head_dim and the output sliced back: exact for attention (zero channels add nothing to Q K^T, and
+their NVFP4 blocks are exact zeros), at the cost of the padded width. Everything else (a dropout, another
+head_dim, a scale that is not a number) is left as SDPA and reported.
 """
 
 import inspect
+import math
 
 import torch
 import torch.fx
 import torch.nn.functional as F
 
-from scalesearch_compile.attention import AttentionRecipe, check_inputs
+from scalesearch_compile.attention import HEAD_DIMS, AttentionRecipe, check_inputs
 from scalesearch_compile.passes import PassReport, node_location
 
+QKV = ("query", "key", "value")
 SDPA_TARGETS = (F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention)
 # F.scaled_dot_product_attention is a builtin without a signature; its documented one:
 _SDPA = inspect.Signature(
@@ -45,6 +50,15 @@ def _constant_scale(scale):
     return float(value) if isinstance(value, float | torch.SymFloat) else value
 
 
+def _padded_dim(dim) -> int:
+    """The head_dim the op runs: ``dim``, or the smallest supported one for a smaller multiple of 16."""
+    return HEAD_DIMS[0] if dim < HEAD_DIMS[0] and dim % 16 == 0 else dim
+
+
+def _with_padded_head_dim(t: torch.Tensor) -> torch.Tensor:
+    return t.new_empty((*t.shape[:-1], _padded_dim(t.shape[-1])))
+
+
 def _unsupported(call: inspect.BoundArguments) -> str | None:
     """Why this SDPA call cannot become NVFP4 attention, or None."""
     a = call.arguments
@@ -55,14 +69,20 @@ def _unsupported(call: inspect.BoundArguments) -> str | None:
             return f"{name} is not a constant"
     if not isinstance(_constant_scale(a["scale"]), float | None):
         return "scale is not a number"
-    q, k, v = (_example(a[name]) for name in ("query", "key", "value"))
+    q, k, v = (_example(a[name]) for name in QKV)
     if q is None or k is None or v is None:
         return "no traced example value"
+    q, k, v = (_with_padded_head_dim(t) for t in (q, k, v))
     try:
         check_inputs(q, k, v, _example(a["attn_mask"]), a["is_causal"], a["enable_gqa"])
     except ValueError as err:
         return str(err)
     return None
+
+
+def _pad_head_dim(graph: torch.fx.Graph, node: torch.fx.Node, dim: int) -> torch.fx.Node:
+    pad = _padded_dim(dim) - dim
+    return node if pad == 0 else graph.call_function(F.pad, (node, (0, pad)))
 
 
 def rewrite_attention(gm: torch.fx.GraphModule, recipe: AttentionRecipe, impl: str = "auto") -> PassReport:
@@ -79,15 +99,22 @@ def rewrite_attention(gm: torch.fx.GraphModule, recipe: AttentionRecipe, impl: s
             report.skipped.append((name, reason))
             continue
         a = call.arguments
+        qk_dim, v_dim = int(_example(a["query"]).shape[-1]), int(_example(a["value"]).shape[-1])
         scale = _constant_scale(a["scale"])
-        args = (a["query"], a["key"], a["value"], a["attn_mask"], a["is_causal"], scale, a["enable_gqa"])
+        if scale is None and _padded_dim(qk_dim) != qk_dim:
+            scale = 1.0 / math.sqrt(qk_dim)  # SDPA's default, of the unpadded head_dim
         low, high = recipe.window
         options = (recipe.method, low, high, recipe.smooth_k, recipe.smooth_q, recipe.hadamard, recipe.sink_tiles)
         with gm.graph.inserting_before(node):
+            q, k, v = (_pad_head_dim(gm.graph, a[n], dim) for n, dim in zip(QKV, (qk_dim, qk_dim, v_dim), strict=True))
+            args = (q, k, v, a["attn_mask"], a["is_causal"], scale, a["enable_gqa"])
             new = gm.graph.call_function(torch.ops.scalesearch.nvfp4_attention.default, (*args, *options, impl))
+            if _padded_dim(v_dim) != v_dim:
+                new = gm.graph.call_function(torch.narrow, (new, -1, 0, v_dim))
         node.replace_all_uses_with(new)
         new.meta.update(node.meta)
         gm.graph.erase_node(node)
-        report.rewritten.append(name)
+        padded = f" (head_dim {qk_dim} zero-padded to {_padded_dim(qk_dim)})" if _padded_dim(qk_dim) != qk_dim else ""
+        report.rewritten.append(name + padded)
     gm.recompile()
     return report
