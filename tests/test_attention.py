@@ -269,3 +269,13 @@ def test_finite_inputs_give_finite_close_outputs(q_len, k_len, group, is_causal,
     assert torch.isfinite(out).all()
     if log_magnitude <= 0 and recipe.smooth_k:
         assert rel_error(out, sdpa64(q, k, v, is_causal=is_causal, enable_gqa=True)) < 0.25
+
+
+def test_backward_is_the_straight_through_sdpa_gradient():
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(1, 4, 40, 64, generator=g).requires_grad_() for _ in range(3))
+    upstream = torch.randn(1, 4, 40, 64, generator=g)
+    grads = torch.autograd.grad(nvfp4_attention(q, k, v, is_causal=True, enable_gqa=True), (q, k, v), upstream)
+    reference = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), upstream)
+    for got, want in zip(grads, reference, strict=True):
+        torch.testing.assert_close(got, want)

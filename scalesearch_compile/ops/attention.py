@@ -3,14 +3,15 @@
 One implementation for every device: ``impl="reference"`` runs :func:`nvfp4_attention_reference` (pure torch),
 ``impl="triton"`` the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``impl="auto"`` the kernel on
 CUDA and the reference elsewhere. The recipe travels as plain arguments because a custom op's schema takes no
-dataclasses. Forward only: no autograd formula is registered.
+dataclasses. Backward is a straight-through estimate: the gradient of float ``scaled_dot_product_attention``
+at the unquantized inputs (so a model compiled with the backend runs with grad mode on, and can be fine-tuned
+through NVFP4 attention as quantization-aware training does); masks get no gradient.
 """
 
 import torch
 
 from scalesearch_compile.attention import DEFAULT_RECIPE, AttentionRecipe, check_inputs, nvfp4_attention_reference
-
-IMPLS = ("auto", "reference", "triton")
+from scalesearch_compile.ops.quantize import IMPLS
 
 
 @torch.library.custom_op("scalesearch::nvfp4_attention", mutates_args=())
@@ -49,6 +50,24 @@ def nvfp4_attention_op(
 @nvfp4_attention_op.register_fake
 def _(q, k, v, attn_mask, is_causal, scale, enable_gqa, *recipe_and_impl):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, attn_mask, is_causal, scale, enable_gqa = inputs[:7]
+    ctx.save_for_backward(q, k, v, attn_mask)
+    ctx.options = {"is_causal": is_causal, "scale": scale, "enable_gqa": enable_gqa}
+
+
+def _backward(ctx, grad):
+    q, k, v, attn_mask = ctx.saved_tensors
+    with torch.enable_grad():
+        inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = torch.nn.functional.scaled_dot_product_attention(*inputs, attn_mask=attn_mask, **ctx.options)
+        grads = torch.autograd.grad(out, inputs, grad)
+    return (*grads, *[None] * 12)
+
+
+nvfp4_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def nvfp4_attention(
