@@ -110,6 +110,22 @@ def test_opcheck_linear(act_method, with_bias):
     opcheck(torch.ops.scalesearch.nvfp4_linear.default, (*_linear_args(), bias, act_method, [-2, 6], "auto"))
 
 
+@pytest.mark.parametrize("act_method", [None, "search"])
+def test_backward_is_straight_through(act_method):
+    weight = _weight(act=None if act_method is None else NVFP4ActivationKwargs(act_method))
+    x = torch.randn(2, 3, 64, requires_grad=True)
+    bias = torch.randn(48, requires_grad=True)
+    upstream = torch.randn(2, 3, 48)
+    grad_x, grad_bias = torch.autograd.grad(nvfp4_linear(x, weight, bias), (x, bias), upstream)
+    w = weight.to_nvfp4_tensor().dequantize(torch.float64)  # torchao's dequantize, not ours
+    torch.testing.assert_close(grad_x.double(), upstream.double() @ w, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_bias, upstream.sum((0, 1)))
+    opcheck(  # with inputs that require grad, opcheck also checks the autograd registration
+        torch.ops.scalesearch.nvfp4_linear.default,
+        (x, weight.qdata, weight.scale.view(torch.uint8), weight.per_tensor_scale, bias, act_method, [-2, 6], "auto"),
+    )
+
+
 @pytest.mark.parametrize(
     "args",
     [

@@ -16,8 +16,6 @@ Layouts: x ``(..., K)`` float32/bfloat16/float16; ``weight_qdata`` uint8 ``(N, K
 ``weight_per_tensor_scale`` float32 0-d or None; bias ``(N,)`` or None; output ``(..., N)`` in x's dtype.
 """
 
-import functools
-
 import torch
 
 from scalesearch_compile.formats import e2m1_value_table, unpack_nibbles
@@ -28,12 +26,16 @@ from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor
 aten = torch.ops.aten
 
 
-@functools.cache
-def _byte_values(device: torch.device) -> torch.Tensor:
-    """int64 (256,): the float32 values of a byte's two E2M1 codes (low nibble first), the 8 bytes of the pair
-    read as one int64, so that a single gather decodes both nibbles."""
-    codes = unpack_nibbles(torch.arange(256, dtype=torch.uint8, device=device))
-    return e2m1_value_table(device)[codes.long()].view(torch.int64)
+def _byte_value_bits() -> list:
+    """For each byte 0..255, the float32 values of its two E2M1 codes (low nibble first) as the 8 bytes of one
+    int64, so that a single gather decodes both nibbles."""
+    codes = unpack_nibbles(torch.arange(256, dtype=torch.uint8))
+    return e2m1_value_table()[codes.long()].view(torch.int64).tolist()
+
+
+# Python ints, not a cached tensor: the table is rebuilt per call (256 values) so that it is a fresh constant
+# when AOTAutograd traces the op's backward with fake tensors.
+_BYTE_VALUE_BITS = _byte_value_bits()
 
 
 def dequantize_unscaled(qdata: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
@@ -43,7 +45,8 @@ def dequantize_unscaled(qdata: torch.Tensor, scale_codes: torch.Tensor) -> torch
     One 8-byte gather per byte of codes: 2-4x faster on the 2-core CI machine than unpacking the nibbles and
     gathering each (1536 x 384 weight: 13-25 ms against 47-82 ms, under varying load).
     """
-    values = _byte_values(qdata.device)[qdata.long()].view(torch.float32).view(*scale_codes.shape, BLOCK_SIZE)
+    table = torch.tensor(_BYTE_VALUE_BITS, dtype=torch.int64, device=qdata.device)
+    values = table[qdata.long()].view(torch.float32).view(*scale_codes.shape, BLOCK_SIZE)
     return (values * scale_codes.view(torch.float8_e4m3fn).float().unsqueeze(-1)).flatten(-2)
 
 
@@ -116,6 +119,27 @@ def _linear_op(
 def _linear_fake(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl):
     _check_linear_args(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
     return x.new_empty((*x.shape[:-1], weight_qdata.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight_qdata, weight_scale, weight_per_tensor_scale, bias = inputs[:5]
+    ctx.save_for_backward(weight_qdata, weight_scale, weight_per_tensor_scale)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    """Straight-through: ``grad_x = grad @ w_hat`` with the dequantized weight (activation quantization passes the
+    gradient unchanged), ``grad_bias = grad`` summed over the leading dimensions; the weight bytes get none."""
+    weight_qdata, weight_scale, weight_per_tensor_scale = ctx.saved_tensors
+    w_hat = dequantize_unscaled(weight_qdata, weight_scale)
+    if weight_per_tensor_scale is not None:
+        w_hat = w_hat * weight_per_tensor_scale
+    grad_x = (grad.float() @ w_hat).to(grad.dtype)
+    grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
+    return grad_x, None, None, None, grad_bias, None, None, None
+
+
+_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def nvfp4_linear(
