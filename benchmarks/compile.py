@@ -20,7 +20,7 @@ os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 import torch  # noqa: E402
 
 import scalesearch_compile  # noqa: E402
-from scalesearch_compile.demo import compile_and_time, load_minilm, tiny_model  # noqa: E402
+from scalesearch_compile.demo import compile_and_time, load_minilm, markdown_table, tiny_model  # noqa: E402
 
 
 def workload(name: str):
@@ -44,8 +44,7 @@ def main() -> None:
     print(f"{torch.get_num_threads()} CPU threads, Inductor caches off")
     header = ("model", "inductor compile s", "scalesearch compile s", "compile ratio")
     header += ("inductor ms", "scalesearch ms", "latency ratio", "linears / attention rewritten")
-    print("| " + " | ".join(header) + " |")
-    print("|---" * len(header) + "|")
+    rows = []
     for name in args.models:
         model, run = workload(name)
         base = compile_and_time(model, run, "inductor", args.repeats)
@@ -61,7 +60,8 @@ def main() -> None:
             f"{ours.latency_ms / base.latency_ms:.2f}",
             f"{backend.rewritten('linear')} / {backend.rewritten('attention')}",
         )
-        print("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch  # noqa: E402
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale  # noqa: E402
 
 from scalesearch_compile import quantize_nvfp4  # noqa: E402
+from scalesearch_compile.demo import markdown_table  # noqa: E402
 
 
 def torchao_amax(x):
@@ -85,10 +86,9 @@ def main() -> None:
 
     base = seconds["torchao amax"]
     print(f"NVFP4 quantization of a {args.rows}x{args.cols} bf16 tensor, {torch.get_num_threads()} CPU threads")
-    print("| method | time (s) | time / torchao amax | peak extra memory / input |")
-    print("|---|---|---|---|")
-    for name in QUANTIZERS:
-        print(f"| {name} | {seconds[name]:.3f} | {seconds[name] / base:.2f} | {memory[name]:.2f} |")
+    header = ["method", "time (s)", "time / torchao amax", "peak extra memory / input"]
+    rows = [[name, f"{seconds[name]:.3f}", f"{seconds[name] / base:.2f}", f"{memory[name]:.2f}"] for name in QUANTIZERS]
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":

