@@ -9,7 +9,8 @@ tolerance): with ``w_hat = e2m1(w_code) * e4m3(w_scale)`` (per-tensor scale left
 where ``x_hat`` is x quantized per 16 values along K by ``quantize_blocks(x, act_method, window=act_window)``
 with the dynamic per-tensor scale ``pts_x = amax(x) / (448 * 6)``, also left out of ``x_hat``. Everything
 runs in float32 (fp32 accumulation, as the tensor cores' block-scaled MMA followed by the global scales) and
-the result is cast to x's dtype. A missing per-tensor scale counts as 1.0.
+the result is cast to x's dtype. A missing per-tensor scale counts as 1.0. Backward is straight-through:
+``grad_x = grad @ (w_hat * pts_w)``, ``grad_bias = grad`` summed over rows; the weight bytes get no gradient.
 
 Layouts: x ``(..., K)`` float32/bfloat16/float16; ``weight_qdata`` uint8 ``(N, K // 2)``;
 ``weight_scale`` uint8 ``(N, K // 16)``, float8_e4m3fn bit patterns (see ``ops.quantize``);
