@@ -6,7 +6,7 @@ import logging
 import pytest
 import torch
 from torchao.core.config import config_from_dict, config_to_dict
-from torchao.quantization import quantize_
+from torchao.quantization import FqnToConfig, quantize_
 
 from scalesearch_compile import NVFP4ActivationKwargs, ScaleSearchConfig, ScaleSearchNVFP4Tensor, calibrate
 from scalesearch_compile.calibration import IMPORTANCE_BUFFER
@@ -94,6 +94,13 @@ def test_a_single_layer_logs_at_debug_only(caplog, capsys):
     (record,) = _records(caplog)
     assert record.levelno == logging.DEBUG and "1 of 1 layers" in record.getMessage()
     assert "scalesearch quantize_" not in capsys.readouterr().err
+
+
+def test_fqn_to_config_quantizes_the_named_module():
+    net = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 16))
+    quantize_(net, FqnToConfig({"1": ScaleSearchConfig(activations=None)}), filter_fn=None)
+    assert type(net[0].weight) is torch.nn.Parameter
+    assert isinstance(net[1].weight, ScaleSearchNVFP4Tensor) and net[1].weight.act_quant_kwargs is None
 
 
 def test_custom_filter_reports_non_linear_modules(caplog):
