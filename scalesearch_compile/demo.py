@@ -17,14 +17,20 @@ from dataclasses import dataclass
 import torch
 
 SENTENCES = [
-    "The cat sat on the mat.",
-    "A dog is playing in the park.",
-    "Quantization reduces the memory footprint of neural networks.",
-    "NVFP4 stores each weight in four bits with a shared scale.",
-    "The stock market fell sharply on Monday.",
-    "She is reading a book about the history of Rome.",
+    "A man is playing a guitar.",
+    "The new movie is awesome.",
+    "A woman is slicing an onion.",
+    "Stock markets fell sharply on Monday after the report.",
     "How do I reset my password?",
-    "Fresh bread smells wonderful in the morning.",
+    "The cat sleeps on the warm windowsill.",
+    "Quantum computers use qubits instead of bits.",
+    "She ran five kilometres before breakfast.",
+    "Paris is the capital of France.",
+    "The recipe calls for two cups of flour.",
+    "Please turn off the lights when you leave.",
+    "Neural networks can approximate many functions.",
+    "The train to Berlin was delayed by an hour.",
+    "He painted the fence bright blue.",
     "Rain is expected throughout the weekend.",
     "I forgot my umbrella at the office.",
 ]
