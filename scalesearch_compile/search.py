@@ -84,8 +84,9 @@ class NVFP4Blocks:
         return (blocks * self.block_scales().unsqueeze(-1)).flatten(-2)
 
 
-def checked_amax(x: torch.Tensor, what: str = "input") -> torch.Tensor:
-    """amax(|x|) as float32, after raising ValueError naming the problem if ``x`` cannot be quantized."""
+def check_dtype_and_shape(x: torch.Tensor, what: str = "input") -> None:
+    """ValueError naming the problem unless ``x`` is a tensor of a supported dtype with K % 16 == 0 (reads no
+    values, so it also runs on fake tensors)."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
@@ -96,6 +97,11 @@ def checked_amax(x: torch.Tensor, what: str = "input") -> torch.Tensor:
             f"{what} last dimension must be a multiple of {BLOCK_SIZE} (the NVFP4 block size), "
             f"got shape {tuple(x.shape)}"
         )
+
+
+def checked_amax(x: torch.Tensor, what: str = "input") -> torch.Tensor:
+    """amax(|x|) as float32, after raising ValueError naming the problem if ``x`` cannot be quantized."""
+    check_dtype_and_shape(x, what)
     if x.numel() == 0:
         raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); there is nothing to quantize")
     amax = x.abs().amax().float()  # NaN and Inf propagate into the maximum

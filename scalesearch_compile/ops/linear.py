@@ -20,8 +20,8 @@ Layouts: x ``(..., K)`` float32/bfloat16/float16; ``weight_qdata`` uint8 ``(N, K
 import torch
 
 from scalesearch_compile.formats import e2m1_value_table, unpack_nibbles
-from scalesearch_compile.ops.quantize import IMPLS, check_input, select_impl
-from scalesearch_compile.search import BLOCK_SIZE, check_method, check_window, quantize_blocks
+from scalesearch_compile.ops.quantize import IMPLS, select_impl
+from scalesearch_compile.search import BLOCK_SIZE, check_dtype_and_shape, check_method, check_window, quantize_blocks
 from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor
 
 aten = torch.ops.aten
@@ -52,7 +52,7 @@ def dequantize_unscaled(qdata: torch.Tensor, scale_codes: torch.Tensor) -> torch
 
 
 def _check_linear_args(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl):
-    check_input(x, "linear input")
+    check_dtype_and_shape(x, "linear input")
     if weight_qdata.dtype != torch.uint8 or weight_qdata.dim() != 2:
         raise ValueError(
             f"weight_qdata must be 2-D uint8 (out_features, in_features // 2), got {weight_qdata.dim()}-D "

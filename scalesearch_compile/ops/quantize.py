@@ -18,7 +18,7 @@ import torch
 from scalesearch_compile.search import (
     BLOCK_SIZE,
     DEFAULT_WINDOW,
-    SUPPORTED_DTYPES,
+    check_dtype_and_shape,
     check_method,
     check_window,
     quantize_blocks,
@@ -59,20 +59,6 @@ def select_impl(impl: str, device: torch.device, module: str, name: str, *, kern
     return launcher
 
 
-def check_input(x: torch.Tensor, what: str) -> None:
-    """ValueError naming the problem unless ``x`` is a float tensor of a supported dtype with K % 16 == 0."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{what} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in SUPPORTED_DTYPES:
-        names = ", ".join(str(d) for d in SUPPORTED_DTYPES)
-        raise ValueError(f"{what} has unsupported dtype {x.dtype}; NVFP4 takes {names}")
-    if x.dim() == 0 or x.shape[-1] % BLOCK_SIZE:
-        raise ValueError(
-            f"{what} last dimension must be a multiple of {BLOCK_SIZE} (the NVFP4 block size), "
-            f"got shape {tuple(x.shape)}"
-        )
-
-
 @torch.library.custom_op("scalesearch::quantize_nvfp4", mutates_args=())
 def _quantize_op(
     x: torch.Tensor,
@@ -82,7 +68,7 @@ def _quantize_op(
     importance: torch.Tensor | None,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    check_input(x, "input")
+    check_dtype_and_shape(x, "input")
     launcher = select_impl(impl, x.device, "quantize", "quantize_nvfp4_triton", kernel_can_run=importance is None)
     if launcher is None:
         blocks = quantize_blocks(x, method, window=window, per_tensor_scale=per_tensor_scale, importance=importance)
@@ -96,7 +82,7 @@ def _quantize_op(
 
 @_quantize_op.register_fake
 def _quantize_fake(x, method, window, per_tensor_scale, importance, impl):
-    check_input(x, "input")
+    check_dtype_and_shape(x, "input")
     check_method(method)
     check_window(window)
     lead, k = x.shape[:-1], x.shape[-1]
