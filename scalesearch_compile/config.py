@@ -40,9 +40,9 @@ class ScaleSearchConfig(AOBaseConfig):
     regular expressions; a module whose name fully matches one is left as it is (names are known where
     ``quantize_`` walks a model; transformers, which quantizes layer by layer while loading, skips modules
     through ``TorchAoConfig(modules_to_not_convert=...)`` instead). ``progress``: show a tqdm
-    bar when quantizing a whole model. Layers with in_features not a multiple of 16 or an unsupported weight
-    dtype are left as they are and reported in the summary log line. Weights of layers passed through
-    :func:`scalesearch_compile.calibrate` first are searched with its importance weights.
+    bar when quantizing a whole model. Layers with in_features not a multiple of 16, an unsupported weight
+    dtype or a NaN/Inf in the weight are left as they are and reported in the summary log line. Weights of
+    layers passed through :func:`scalesearch_compile.calibrate` first are searched with its importance weights.
     """
 
     method: str = "search"
@@ -84,6 +84,8 @@ def skip_reason(module: torch.nn.Module, name: str, config: ScaleSearchConfig) -
         return f"weight dtype {weight.dtype}"
     if module.in_features % BLOCK_SIZE:
         return f"in_features not a multiple of {BLOCK_SIZE}"
+    if not torch.isfinite(weight).all():
+        return "NaN or Inf in the weight"
     return None
 
 

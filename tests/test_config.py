@@ -23,6 +23,9 @@ class _Net(torch.nn.Module):
         self.ragged = torch.nn.Linear(24, 16)  # in_features 24: not a multiple of 16
         self.head = torch.nn.Linear(16, 8)
         self.wide = torch.nn.Linear(16, 16).double()  # unsupported dtype
+        self.broken = torch.nn.Linear(16, 16)
+        with torch.no_grad():
+            self.broken.weight[2, 3] = float("inf")  # not finite
 
     def forward(self, x):
         return self.head(self.ragged(self.odd(self.up(x))))
@@ -34,7 +37,7 @@ def _records(caplog):
 
 def test_quantizes_what_it_can_and_logs_one_summary_line(caplog, capsys):
     net = _Net()
-    untouched = {name: getattr(net, name).weight for name in ("ragged", "wide")}
+    untouched = {name: getattr(net, name).weight for name in ("ragged", "wide", "broken")}
     with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
         quantize_(net, ScaleSearchConfig(exclude=["head"]))
     for name in ("up", "odd"):
@@ -47,8 +50,9 @@ def test_quantizes_what_it_can_and_logs_one_summary_line(caplog, capsys):
     (record,) = _records(caplog)
     assert record.levelno == logging.INFO
     message = record.getMessage()
-    assert "2 of 5 layers to NVFP4 (method=search, activations=nvfp4, window=[-2, 6])" in message
-    assert "skipped 3" in message and "in_features not a multiple of 16: ragged" in message
+    assert "2 of 6 layers to NVFP4 (method=search, activations=nvfp4, window=[-2, 6])" in message
+    assert "skipped 4" in message and "in_features not a multiple of 16: ragged" in message
+    assert "NaN or Inf in the weight: broken" in message
     assert "excluded: head" in message and "weight dtype torch.float64: wide" in message
     assert "scalesearch quantize_" in capsys.readouterr().err  # the tqdm bar
     assert net(torch.randn(3, 64)).shape == (3, 8)
