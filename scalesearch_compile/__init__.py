@@ -1,9 +1,18 @@
 """scalesearch_compile: NVFP4 with searched block scales, for torchao and torch.compile."""
 
+import logging
 import os
 
-# torchao prints two lines about CUDA-only extensions on CPU machines unless told to skip them.
+# torchao prints two lines about CUDA-only extensions on CPU machines unless told to skip them, and torchao 0.18
+# registers two Enum classes with torch's pytree, which logs a deprecation warning for each: import it quietly.
 os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+_pytree_log = logging.getLogger("torch.utils._pytree")
+_level = _pytree_log.level
+_pytree_log.setLevel(logging.ERROR)
+import torchao.prototype.mx_formats.nvfp4_tensor  # noqa: E402, F401
+import torchao.quantization  # noqa: E402, F401
+
+_pytree_log.setLevel(_level)
 
 from scalesearch_compile.calibration import calibrate  # noqa: E402
 from scalesearch_compile.compile_backend import backend  # noqa: E402
