@@ -9,26 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 from torchao.quantization import quantize_
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from scalesearch_compile import ScaleSearchConfig, ScaleSearchNVFP4Tensor
+from scalesearch_compile.demo import tiny_model
 
-TINY = dict(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
-MODELS = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
-
-
-def _tiny(name):
-    torch.manual_seed(0)
-    config_class, model_class = MODELS[name]
-    return model_class(config_class(**TINY)).eval()
+MODELS = ("llama", "qwen2")
+VOCAB = 256  # demo.tiny_model's vocabulary
 
 
 def _quantized(model, **kwargs):
@@ -41,8 +27,8 @@ def _quantized(model, **kwargs):
 @pytest.mark.parametrize("activations", [None, "nvfp4"])
 @torch.no_grad()
 def test_search_brings_logits_closer_than_amax(name, activations):
-    model = _tiny(name)
-    ids = torch.randint(0, TINY["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(1))
+    model = tiny_model(name)
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
     reference = model(ids).logits
     errors = {}
     for method in ("amax", "search"):
@@ -56,13 +42,13 @@ def test_search_brings_logits_closer_than_amax(name, activations):
 @pytest.mark.parametrize("activations", [None, "nvfp4"])
 @torch.no_grad()
 def test_compiled_matches_eager_without_recompiling_per_shape(activations):
-    model = _quantized(_tiny("llama"), activations=activations)
+    model = _quantized(tiny_model("llama"), activations=activations)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(model, fullgraph=True, dynamic=True)
     generator = torch.Generator().manual_seed(2)
     for shape in [(2, 16), (3, 7), (4, 21)]:  # batch 1 would specialise (PyTorch's 0/1 rule), so >= 2
-        ids = torch.randint(0, TINY["vocab_size"], shape, generator=generator)
+        ids = torch.randint(0, VOCAB, shape, generator=generator)
         eager, graph = model(ids).logits, compiled(ids).logits
         assert (graph - eager).abs().max() <= 1e-5 * eager.abs().max()
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

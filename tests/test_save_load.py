@@ -6,19 +6,11 @@ import io
 import pytest
 import torch
 from torchao.quantization import quantize_
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, TorchAoConfig
+from transformers import AutoModelForCausalLM, TorchAoConfig
 
 from scalesearch_compile import ScaleSearchConfig, ScaleSearchNVFP4Tensor
+from scalesearch_compile.demo import tiny_model
 
-TINY = LlamaConfig(
-    vocab_size=256,
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
 
@@ -40,7 +32,7 @@ def _assert_same_bytes(a: dict, b: dict):
 @torch.no_grad()
 def test_torch_save_and_load_weights_only_bit_for_bit(activations):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(TINY).eval()
+    model = tiny_model("llama")
     quantize_(model, ScaleSearchConfig(activations=activations, progress=False))
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
@@ -48,7 +40,7 @@ def test_torch_save_and_load_weights_only_bit_for_bit(activations):
     state = torch.load(buffer, weights_only=True)
     _assert_same_bytes(model.state_dict(), state)
 
-    fresh = LlamaForCausalLM(TINY).eval()  # float weights, replaced by the loaded NVFP4 ones
+    fresh = tiny_model("llama")  # float weights, replaced by the loaded NVFP4 ones
     fresh.load_state_dict(state, assign=True)
     assert torch.equal(fresh(IDS).logits, model(IDS).logits)
 
@@ -57,7 +49,7 @@ def test_torch_save_and_load_weights_only_bit_for_bit(activations):
 @torch.no_grad()
 def test_transformers_save_pretrained_round_trip(tmp_path, activations):
     torch.manual_seed(0)
-    LlamaForCausalLM(TINY).save_pretrained(tmp_path / "float")
+    tiny_model("llama").save_pretrained(tmp_path / "float")
     config = TorchAoConfig(ScaleSearchConfig(activations=activations))
     quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "float", quantization_config=config).eval()
     assert isinstance(quantized.model.layers[0].mlp.up_proj.weight, ScaleSearchNVFP4Tensor)
