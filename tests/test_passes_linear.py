@@ -5,6 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from torchao.prototype.mx_formats.inference_workflow import NVFP4WeightOnlyConfig
 from torchao.quantization import quantize_
 
 from scalesearch_compile import ScaleSearchConfig
@@ -116,3 +117,15 @@ def test_quantized_model_keeps_its_bytes_and_matches_eager(activations):
     with torch.no_grad():
         eager = model(ids).logits
     torch.testing.assert_close(out.logits, eager, rtol=0, atol=0)
+
+
+def test_torchao_nvfp4_weights_are_rewritten_weight_only():
+    model = tiny_model("llama")
+    quantize_(model, NVFP4WeightOnlyConfig())  # torchao's own NVFP4Tensor, swizzled scales
+    ids = torch.randint(0, 256, (2, 16))
+    out, b = run(model, ids, method="search", activations="nvfp4")  # the weights' own (weight-only) mode wins
+    assert len(b.reports[0].passes[0].rewritten) == 15
+    with torch.no_grad():
+        eager = model(ids).logits
+    # torchao multiplies by the global scale before the matmul, the op after it: equal up to rounding.
+    assert (out.logits - eager).norm() / eager.norm() < 1e-5
