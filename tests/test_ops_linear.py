@@ -163,16 +163,16 @@ def test_triton_impl_without_kernels_is_a_clear_error(monkeypatch):
 def test_triton_impl_calls_the_kernel_launcher(monkeypatch):
     calls = []
 
-    def launcher(x, method, *, window, per_tensor_scale):
-        calls.append((method, window, per_tensor_scale))
-        return quantize_blocks(x, method, window=window, per_tensor_scale=per_tensor_scale)
+    def launcher(x, method, *, window, per_tensor_scale, importance):
+        calls.append((method, window, per_tensor_scale, importance))
+        return quantize_blocks(x, method, window=window, per_tensor_scale=per_tensor_scale, importance=importance)
 
     monkeypatch.setattr(quantize_ops, "_find_launcher", lambda module, name: (launcher, ""))
-    x = torch.randn(4, 64)
+    x, importance = torch.randn(4, 64), torch.rand(64)
     assert torch.equal(nvfp4_quantize(x, impl="triton")[0], nvfp4_quantize(x, impl="reference")[0])
-    assert calls == [("search", [-2, 6], True)]
-    with pytest.raises(ValueError, match="does not take these arguments"):
-        nvfp4_quantize(x, importance=torch.ones(64), impl="triton")
+    assert calls == [("search", [-2, 6], True, None)]
+    nvfp4_quantize(x, per_tensor_scale=False, importance=importance, impl="triton")
+    assert calls[1][2] is None and calls[1][3] is importance
 
 
 @pytest.mark.skipif(
@@ -188,9 +188,10 @@ def test_triton_impl_agrees_with_the_reference(act_method):
     out = nvfp4_linear(x, weight, bias, impl="triton")
     expected = nvfp4_linear(x, weight, bias, impl="reference")
     assert (out - expected).abs().max() <= 1e-5 * expected.abs().max()
-    for per_tensor_scale in (True, False):
-        got = nvfp4_quantize(x, per_tensor_scale=per_tensor_scale, impl="triton")
-        want = nvfp4_quantize(x, per_tensor_scale=per_tensor_scale, impl="reference")
+    importance = torch.rand(64, device=device)
+    for per_tensor_scale, weights in ((True, None), (False, None), (True, importance)):
+        got = nvfp4_quantize(x, per_tensor_scale=per_tensor_scale, importance=weights, impl="triton")
+        want = nvfp4_quantize(x, per_tensor_scale=per_tensor_scale, importance=weights, impl="reference")
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 

@@ -38,12 +38,11 @@ def _find_launcher(module: str, name: str) -> tuple[Callable | None, str]:
     return launcher, "" if launcher is not None else f"{path} has no {name}"
 
 
-def select_impl(impl: str, device: torch.device, module: str, name: str, *, kernel_can_run: bool = True):
+def select_impl(impl: str, device: torch.device, module: str, name: str):
     """The Triton launcher to call, or None for the PyTorch reference.
 
     "reference": always the reference. "triton": the launcher, or NotImplementedError saying why it is
-    missing. "auto": the launcher on CUDA when it exists and ``kernel_can_run`` (the arguments are ones the
-    kernel takes), otherwise the reference.
+    missing. "auto": the launcher on CUDA when it exists, otherwise the reference.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}")
@@ -51,11 +50,9 @@ def select_impl(impl: str, device: torch.device, module: str, name: str, *, kern
         return None
     launcher, missing = _find_launcher(module, name)
     if impl == "auto":
-        return launcher if device.type == "cuda" and kernel_can_run else None
+        return launcher if device.type == "cuda" else None
     if launcher is None:
         raise NotImplementedError(f"impl='triton' is not available: {missing}; use impl='reference'")
-    if not kernel_can_run:
-        raise ValueError(f"the Triton kernel {module}.{name} does not take these arguments; use impl='reference'")
     return launcher
 
 
@@ -69,11 +66,9 @@ def _quantize_op(
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_dtype_and_shape(x, "input")
-    launcher = select_impl(impl, x.device, "quantize", "quantize_nvfp4_triton", kernel_can_run=importance is None)
-    if launcher is None:
-        blocks = quantize_blocks(x, method, window=window, per_tensor_scale=per_tensor_scale, importance=importance)
-    else:
-        blocks = launcher(x, method, window=window, per_tensor_scale=True if per_tensor_scale else None)
+    quantize = select_impl(impl, x.device, "quantize", "quantize_nvfp4_triton") or quantize_blocks
+    scale = True if per_tensor_scale else None
+    blocks = quantize(x, method, window=window, per_tensor_scale=scale, importance=importance)
     pts = blocks.per_tensor_scale
     if pts is None:
         pts = torch.ones((), dtype=torch.float32, device=x.device)
