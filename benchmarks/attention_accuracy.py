@@ -31,16 +31,14 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import AttentionInterface, AutoModel, AutoTokenizer  # noqa: E402
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
-from scalesearch_compile.attention import NAIVE_RECIPE, TILE, AttentionRecipe, nvfp4_attention_reference  # noqa: E402
+from scalesearch_compile.attention import (  # noqa: E402
+    ABLATION_LADDER,
+    TILE,
+    AttentionRecipe,
+    nvfp4_attention_reference,
+)
 
-RECIPES = {
-    "naive amax NVFP4": NAIVE_RECIPE,
-    "+ search": AttentionRecipe(smooth_k=False, hadamard=False, sink_tiles=False),
-    "+ K smoothing": AttentionRecipe(hadamard=False, sink_tiles=False),
-    "+ Hadamard": AttentionRecipe(sink_tiles=False),
-    "+ sink precision (default)": AttentionRecipe(),
-    "+ Q smoothing": AttentionRecipe(smooth_q=True),
-}
+RECIPES = {**ABLATION_LADDER, "+ Q smoothing": AttentionRecipe(smooth_q=True)}
 
 PARAGRAPHS = [
     "The river rose slowly through the night, and by morning the lower fields were under a sheet of brown water. "

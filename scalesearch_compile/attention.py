@@ -67,6 +67,14 @@ class AttentionRecipe:
 
 DEFAULT_RECIPE = AttentionRecipe()
 NAIVE_RECIPE = AttentionRecipe(method="amax", smooth_k=False, hadamard=False, sink_tiles=False)
+# The ablation of issue 4, each step adding one technique to the one before (tests and the accuracy study).
+ABLATION_LADDER = {
+    "naive amax NVFP4": NAIVE_RECIPE,
+    "+ search": AttentionRecipe(smooth_k=False, hadamard=False, sink_tiles=False),
+    "+ K smoothing": AttentionRecipe(hadamard=False, sink_tiles=False),
+    "+ Hadamard": AttentionRecipe(sink_tiles=False),
+    "+ sink precision (default)": DEFAULT_RECIPE,
+}
 
 
 @dataclass(frozen=True)
