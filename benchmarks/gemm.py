@@ -12,14 +12,18 @@ Bytes count each operand once (HBM traffic of an ideal kernel): bf16 activations
 
 import argparse
 import os
+import sys
 from functools import partial
+from pathlib import Path
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scalesearch_demo.py, beside the package
+import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import, keeps the hub offline)
 
+# isort: split
 from scalesearch_compile.kernels.gemm import nvfp4_linear_triton  # noqa: E402
 from scalesearch_compile.search import quantize_blocks  # noqa: E402
 

@@ -15,18 +15,21 @@ of the cosine between quantized and float32 mean-pooled embeddings.
 import argparse
 import copy
 import os
+import sys
 import time
+from pathlib import Path
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scalesearch_demo.py, beside the package
+import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import, keeps the hub offline)
 
+# isort: split
 import torch  # noqa: E402
 from torchao.prototype.mx_formats.inference_workflow import NVFP4WeightOnlyConfig  # noqa: E402
 from torchao.quantization import quantize_  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from scalesearch_compile import ScaleSearchConfig, calibrate  # noqa: E402
-from scalesearch_compile.demo import load_minilm, mean_cosine, sentence_embeddings  # noqa: E402
+from scalesearch_demo import load_minilm, mean_cosine, sentence_embeddings  # noqa: E402
 
 VARIANTS = {
     "float32": None,
@@ -38,7 +41,7 @@ VARIANTS = {
 
 
 def minilm():
-    """The float32 all-MiniLM-L6-v2 encoder and the tokenized ``demo.SENTENCES``."""
+    """The float32 all-MiniLM-L6-v2 encoder and the tokenized ``scalesearch_demo.SENTENCES``."""
     model, batch = load_minilm()
     return model, dict(batch)
 

@@ -10,19 +10,21 @@ the resident set while quantizing once, as a multiple of the input's size, each 
 """
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scalesearch_demo.py, beside the package
+import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import, keeps the hub offline)
 
+# isort: split
 import torch  # noqa: E402
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale  # noqa: E402
 
 from scalesearch_compile import quantize_nvfp4  # noqa: E402
-from scalesearch_compile.demo import markdown_table  # noqa: E402
+from scalesearch_demo import markdown_table  # noqa: E402
 
 
 def torchao_amax(x):

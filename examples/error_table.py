@@ -9,14 +9,17 @@ torchao's two-level scaling (global scale amax / (448 * 6)).
 """
 
 import argparse
-import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scalesearch_demo.py, beside the package
+import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import, keeps the hub offline)
 
+# isort: split
 import torch  # noqa: E402
 
 from scalesearch_compile import quantize_blocks  # noqa: E402
-from scalesearch_compile.demo import load_minilm, markdown_table  # noqa: E402
+from scalesearch_demo import load_minilm, markdown_table  # noqa: E402
 
 # (column title, method, window)
 METHODS = [

@@ -11,15 +11,17 @@ shown: rewritten linears and attention calls, compile time and latency against I
 
 import argparse
 import logging
-import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scalesearch_demo.py, beside the package
+import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import, keeps the hub offline)
 
+# isort: split
 import torch  # noqa: E402
 
 import scalesearch_compile  # noqa: E402
-from scalesearch_compile.demo import compile_and_time, markdown_table, tiny_model  # noqa: E402
+from scalesearch_demo import compile_and_time, markdown_table, tiny_model  # noqa: E402
 
 
 def load(path: str | None) -> torch.nn.Module:

@@ -13,15 +13,18 @@ why, is logged above the table.
 
 import argparse
 import logging
-import os
+import sys
+from pathlib import Path
 
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scalesearch_demo.py, beside the package
+import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import, keeps the hub offline)
 
+# isort: split
 import torch  # noqa: E402
 
 import scalesearch_compile  # noqa: E402
-from scalesearch_compile.demo import (  # noqa: E402
+from scalesearch_compile.search import quantize_blocks  # noqa: E402
+from scalesearch_demo import (  # noqa: E402
     SENTENCES,
     compile_and_time,
     load_minilm,
@@ -30,7 +33,6 @@ from scalesearch_compile.demo import (  # noqa: E402
     median_ms,
     sentence_embeddings,
 )
-from scalesearch_compile.search import quantize_blocks  # noqa: E402
 
 
 def load(path: str | None):

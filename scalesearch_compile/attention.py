@@ -6,7 +6,8 @@ with ``enable_gqa``; ``attn_mask`` bool (True = attend) or additive, broadcastab
 ``is_causal`` is top-left aligned (query i sees keys j <= i) and excludes ``attn_mask``; output (B, Hq, Sq, Dv)
 in q's dtype. A query row that may attend to no key returns zeros, as SDPA does.
 
-Numerics (the definition the Triton kernel follows; every quantization is :func:`quantize_blocks`):
+Numerics (the definition the Triton kernel follows; every quantization is ``search.quantize_reference`` at run
+time: nothing is read on the host, and NaN/Inf become NaN blocks that reach only the outputs they feed):
 1. Prepare (:func:`prepare`), in float32: K smoothing ``k -= mean_over_keys(k)`` (per batch, head and channel;
    softmax is unchanged since every score of a row moves by the same amount); Hadamard ``q @ H``, ``k @ H``
    with the orthonormal Sylvester matrix ``H`` (D x D), which leaves ``q k^T`` unchanged; Q smoothing
@@ -29,14 +30,13 @@ from dataclasses import dataclass
 
 import torch
 
-from scalesearch_compile.formats import E2M1_MAX, E4M3_MAX
+from scalesearch_compile.layout import NVFP4Blocks
 from scalesearch_compile.search import (
-    DEFAULT_WINDOW,
     SUPPORTED_DTYPES,
-    NVFP4Blocks,
-    check_method,
-    check_window,
-    quantize_blocks,
+    QuantizeRequest,
+    ScaleChoice,
+    global_scale,
+    quantize_reference,
 )
 
 TILE = 64  # keys per KV tile (and queries per tile in the kernel); a multiple of the NVFP4 block (16)
@@ -45,24 +45,24 @@ P_SCALE_FLOOR = 2.0**-96  # smallest first-level P scale kept; below it 1 / scal
 
 
 @dataclass(frozen=True)
-class AttentionRecipe:
-    """Which ScaleSearchAttention techniques are on (each switchable for ablation).
+class AttentionRecipe(ScaleChoice):
+    """The block-scale choice for Q, K, V and P (``method``, ``window``: a :class:`ScaleChoice`) and which
+    ScaleSearchAttention techniques are on (each switchable for ablation).
 
-    ``method``/``window``: block-scale selection for Q, K, V and P (see :mod:`scalesearch_compile.search`).
     ``smooth_k``/``smooth_q``: subtract the mean of K over keys / of Q over queries (Q's is added back).
     ``hadamard``: rotate Q and K along head_dim. ``sink_tiles``: first and trailing partial KV tile unquantized.
     """
 
-    method: str = "search"
-    window: tuple = DEFAULT_WINDOW
     smooth_k: bool = True
     smooth_q: bool = False
     hadamard: bool = True
     sink_tiles: bool = True
 
     def __post_init__(self):
-        check_method(self.method)
-        object.__setattr__(self, "window", check_window(self.window))
+        super().__post_init__()
+        for name in ("smooth_k", "smooth_q", "hadamard", "sink_tiles"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"AttentionRecipe.{name} must be True or False, got {getattr(self, name)!r}")
 
 
 DEFAULT_RECIPE = AttentionRecipe()
@@ -100,7 +100,7 @@ def hadamard_matrix(n: int, device=None) -> torch.Tensor:
     h = torch.ones(1, 1, device=device)
     while h.shape[0] < n:
         h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return h / math.sqrt(n)
+    return h / math.sqrt(n)  # entries +-1: CUDA's multiplication by the reciprocal gives the same bits
 
 
 def check_inputs(q, k, v, attn_mask, is_causal, enable_gqa) -> None:
@@ -166,10 +166,11 @@ def score_bias(attn_mask, is_causal: bool, q_len: int, k_len: int, padded_len: i
     return torch.nn.functional.pad(bias, (0, padded_len - k_len), value=-math.inf)
 
 
-def prepare(q, k, v, recipe: AttentionRecipe, quantize=quantize_blocks) -> PreparedInputs:
-    """Step 1 of the module numerics: smoothing, rotation, padding and quantization of Q, K and V.
+def prepare(q, k, v, recipe: AttentionRecipe, quantize=quantize_reference) -> PreparedInputs:
+    """Step 1 of the module numerics: smoothing, rotation, padding and quantization of Q, K and V (at run time:
+    nothing read on the host, NaN/Inf propagate as NaN blocks).
 
-    ``quantize``: :func:`quantize_blocks` or a function with its signature and results (the Triton quantize).
+    ``quantize``: :func:`quantize_reference` or the Triton quantize, taking a :class:`QuantizeRequest`.
     """
     q, k, v = q.float(), k.float(), v.float()
     if recipe.smooth_k:
@@ -183,9 +184,9 @@ def prepare(q, k, v, recipe: AttentionRecipe, quantize=quantize_blocks) -> Prepa
     q_mean = q.mean(dim=-2, keepdim=True) if recipe.smooth_q else None
     q_centered = q if q_mean is None else q - q_mean
 
+    scales = ScaleChoice.of(recipe)
     q_blocks, k_blocks, v_blocks = (
-        quantize(x, recipe.method, window=recipe.window, per_tensor_scale=True)
-        for x in (q_centered, k, v.transpose(-1, -2))
+        quantize(QuantizeRequest.of(x, scales, check_finite=False)) for x in (q_centered, k, v.transpose(-1, -2))
     )
     return PreparedInputs(q, k, v, q_blocks, k_blocks, v_blocks, q_mean)
 
@@ -200,9 +201,9 @@ def high_precision_tiles(k_len: int, recipe: AttentionRecipe) -> set:
 def quantize_probabilities(p: torch.Tensor, recipe: AttentionRecipe) -> torch.Tensor:
     """NVFP4 round trip of probabilities ``p`` (..., TILE) >= 0 along the last dim, two-level with a per-row
     first level ``rowmax / (448 * 6)`` (1.0 below ``P_SCALE_FLOOR``)."""
-    row_scale = p.amax(dim=-1, keepdim=True) / (E4M3_MAX * E2M1_MAX)
-    row_scale = torch.where(row_scale >= P_SCALE_FLOOR, row_scale, torch.ones_like(row_scale))
-    return quantize_blocks(p, recipe.method, window=recipe.window, per_tensor_scale=row_scale).dequantize()
+    row_scale = global_scale(p.amax(dim=-1, keepdim=True), smallest=P_SCALE_FLOOR)
+    request = QuantizeRequest.of(p, ScaleChoice.of(recipe), per_tensor_scale=row_scale, check_finite=False)
+    return quantize_reference(request).dequantize()
 
 
 def nvfp4_attention_reference(

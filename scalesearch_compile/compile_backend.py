@@ -16,30 +16,29 @@ import torch
 
 import scalesearch_compile.ops  # noqa: F401  (registers the scalesearch::* ops the passes insert)
 from scalesearch_compile.attention import AttentionRecipe
-from scalesearch_compile.ops.quantize import IMPLS
+from scalesearch_compile.ops.dispatch import check_impl
 from scalesearch_compile.passes.attention import rewrite_attention
 from scalesearch_compile.passes.linear import LinearRewrite, rewrite_linears
-from scalesearch_compile.search import DEFAULT_WINDOW, check_method, check_window
+from scalesearch_compile.policy import LinearPolicy, ModulePatterns
+from scalesearch_compile.search import ScaleChoice
+from scalesearch_compile.tensor import activation_kwargs
 
 logger = logging.getLogger("scalesearch_compile")
 
-ACTIVATIONS = ("nvfp4", None)
-
 
 @dataclass(frozen=True)
-class BackendOptions:
+class BackendOptions(ScaleChoice):
     """What the backend rewrites and how.
 
-    method / window: block-scale selection for weights quantized at compile time, for activations and inside
-    attention. activations: "nvfp4" (W4A4, activations quantized at run time) or None (weight-only).
-    attention: rewrite SDPA (True, the default recipe with ``method``/``window``), leave it (False), or an
-    :class:`AttentionRecipe`. skip_modules: fnmatch patterns on module paths ("lm_head", "*.mlp.*").
+    method / window (a :class:`ScaleChoice`): block-scale selection for weights quantized at compile time, for
+    activations and inside attention. activations: "nvfp4" (W4A4, activations quantized at run time) or None
+    (weight-only). attention: rewrite SDPA (True, the default recipe with ``method``/``window``), leave it
+    (False), or an :class:`AttentionRecipe`. skip_modules: module-path patterns to leave, in the syntax of
+    :mod:`scalesearch_compile.policy` (``["lm_head", "*.mlp.*", "re:..."]``), as ``ScaleSearchConfig.exclude``.
     skip_shapes: (out_features, in_features) pairs to leave. impl: "auto", "reference" or "triton".
     inductor: compile the rewritten graph with Inductor (True) or run it as it is (False).
     """
 
-    method: str = "search"
-    window: tuple = DEFAULT_WINDOW
     activations: str | None = "nvfp4"
     attention: bool | AttentionRecipe = True
     skip_modules: tuple = ()
@@ -48,18 +47,19 @@ class BackendOptions:
     inductor: bool = True
 
     def __post_init__(self):
-        check_method(self.method)
+        super().__post_init__()
         set_ = object.__setattr__
-        set_(self, "window", check_window(self.window))
-        if self.activations not in ACTIVATIONS:
-            raise ValueError(f"activations must be 'nvfp4' or None, got {self.activations!r}")
-        if not isinstance(self.attention, bool | AttentionRecipe):
-            raise ValueError(f"attention must be True, False or an AttentionRecipe, got {self.attention!r}")
-        if self.impl not in IMPLS:
-            raise ValueError(f"unknown impl {self.impl!r}; expected one of {', '.join(IMPLS)}")
-        if isinstance(self.skip_modules, str) or not all(isinstance(p, str) for p in self.skip_modules):
-            raise ValueError(f"skip_modules must be a list of module-path patterns, got {self.skip_modules!r}")
-        set_(self, "skip_modules", tuple(self.skip_modules))
+        activation_kwargs(self.activations, self)  # validates
+        for name in ("attention", "inductor"):
+            value = getattr(self, name)
+            if not isinstance(value, bool) and not (name == "attention" and isinstance(value, AttentionRecipe)):
+                allowed = "True, False or an AttentionRecipe" if name == "attention" else "True or False"
+                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        check_impl(self.impl)
+        try:
+            set_(self, "skip_modules", ModulePatterns(self.skip_modules).patterns)
+        except ValueError as error:
+            raise ValueError(f"skip_modules: {error}") from None
         try:
             set_(self, "skip_shapes", tuple((int(n), int(k)) for n, k in self.skip_shapes))
         except (TypeError, ValueError):
@@ -75,6 +75,15 @@ class BackendOptions:
         if unknown:
             raise ValueError(f"unknown scalesearch backend option(s) {unknown}; valid options: {', '.join(known)}")
         return cls(**options)
+
+    def linear_policy(self) -> LinearPolicy:
+        scales = ScaleChoice.of(self)
+        return LinearPolicy(
+            scales,
+            activation_kwargs(self.activations, scales),
+            ModulePatterns(self.skip_modules),
+            frozenset(self.skip_shapes),
+        )
 
     def attention_recipe(self) -> AttentionRecipe | None:
         if isinstance(self.attention, AttentionRecipe):
@@ -101,8 +110,7 @@ class ScaleSearchBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs, **torch_kwargs):
         o = self.options
-        linear = LinearRewrite(o.method, o.window, o.activations, o.skip_modules, o.skip_shapes, o.impl)
-        reports = [rewrite_linears(gm, example_inputs, linear)]
+        reports = [rewrite_linears(gm, example_inputs, LinearRewrite(o.linear_policy(), o.impl))]
         recipe = o.attention_recipe()
         if recipe is not None:
             reports.append(rewrite_attention(gm, recipe, o.impl))

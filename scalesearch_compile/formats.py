@@ -1,13 +1,13 @@
 """Number formats of NVFP4 and MXFP4: E2M1 elements, E4M3 and E8M0 block scales, nibble packing.
 
 Every rounding here is exact and written with comparisons and integer bit arithmetic on float32, so that a
-Triton kernel can reproduce it bit for bit (the Triton interpreter's float8 casts truncate; FACTS.md).
+Triton kernel can reproduce it bit for bit (float casts cannot be used: Triton's interpreter truncates them).
 
 E2M1 codes (4 bits): bit 3 is the sign, bits 0-2 index ``E2M1_VALUES``; negative inputs that round to zero
 keep the sign bit (code 8), as torchao does.
 E4M3 codes (float8_e4m3fn bit patterns, positive only): 0 is zero, 1..7 subnormals (k * 2**-9), 8..126
-normals up to 448; 127 (NaN) is never produced. Codes grow with the value, so a scale is stepped by adding
-whole codes.
+normals up to 448; 127 is NaN, produced only as the scale of a block holding a NaN or Inf value at run time
+(so that the block dequantizes to NaN). Codes grow with the value, so a scale is stepped by adding whole codes.
 E8M0 codes (float8_e8m0fnu): value 2**(code - 127), codes 0..254; 255 (NaN) is never produced.
 Packing: two E2M1 codes a byte, the element with the even index in the low nibble (torchao, tl.dot_scaled).
 """
@@ -18,6 +18,7 @@ E2M1_MAX = 6.0
 E4M3_MAX = 448.0
 E4M3_MIN_NORMAL = 2.0**-6
 E4M3_MAX_CODE = 126
+E4M3_NAN_CODE = 127
 E8M0_MAX_CODE = 254
 
 # Magnitudes of E2M1 codes 0..7.
@@ -92,17 +93,18 @@ def e4m3_encode(x: torch.Tensor) -> torch.Tensor:
 
 
 def e4m3_value_table(device=None) -> torch.Tensor:
-    """float32 values of E4M3 codes 0..126 (increasing)."""
-    codes = torch.arange(E4M3_MAX_CODE + 1, dtype=torch.int32, device=device)
+    """float32 values of E4M3 codes 0..127 (increasing up to 448 at code 126; code 127 is NaN)."""
+    codes = torch.arange(E4M3_NAN_CODE + 1, dtype=torch.int32, device=device)
     exponent = codes >> 3
     mantissa = (codes & 7).float()
-    normal = (1.0 + mantissa / 8.0) * torch.exp2((exponent - 7).float())
+    normal = (1.0 + mantissa * 0.125) * torch.exp2((exponent - 7).float())
     subnormal = mantissa * 2.0**-9
-    return torch.where(exponent == 0, subnormal, normal)
+    values = torch.where(exponent == 0, subnormal, normal)
+    return torch.where(codes == E4M3_NAN_CODE, torch.nan, values)
 
 
 def e4m3_decode(codes: torch.Tensor) -> torch.Tensor:
-    """float32 values of E4M3 codes (uint8 or integer tensor, 0..126)."""
+    """float32 values of E4M3 codes (uint8 or integer tensor, 0..127)."""
     return e4m3_value_table(codes.device)[codes.long()]
 
 
@@ -138,6 +140,30 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"pack_nibbles needs an even last dimension, got shape {tuple(codes.shape)}")
     codes = codes.to(torch.uint8)
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _byte_value_bits() -> list:
+    """For each byte 0..255, the float32 values of its two E2M1 codes (low nibble first) as the 8 bytes of one
+    int64, so that one gather decodes both nibbles."""
+    codes = torch.stack([torch.arange(256) & 0xF, torch.arange(256) >> 4], dim=-1)
+    return e2m1_value_table()[codes].view(torch.int64).flatten().tolist()
+
+
+# Python ints, not a cached tensor: the table is rebuilt per call (256 values) so that it is a fresh constant
+# when AOTAutograd traces a caller with fake tensors.
+_BYTE_VALUE_BITS = _byte_value_bits()
+
+
+def e2m1_decode_packed(packed: torch.Tensor) -> torch.Tensor:
+    """float32 values of packed E2M1 codes: uint8 ``(..., n)`` -> ``(..., 2n)``, element 2i from the low nibble.
+
+    One 8-byte gather per byte: 2-4x faster on a 2-core CPU than unpacking the nibbles and gathering each
+    (1536 x 384 weight: 13-25 ms against 47-82 ms, under varying load).
+    """
+    if packed.dtype != torch.uint8:
+        raise ValueError(f"packed E2M1 codes must be uint8, got dtype {packed.dtype}")
+    table = torch.tensor(_BYTE_VALUE_BITS, dtype=torch.int64, device=packed.device)
+    return table[packed.long()].view(torch.float32)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:

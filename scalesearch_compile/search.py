@@ -2,8 +2,12 @@
 
 Numerics (the reference every kernel must match bit for bit):
 - Input is cast to float32 and split into blocks of 16 along the last dimension.
-- Global scale (optional): ``pts = amax(|x|) / (448 * 6)`` as torchao's ``per_tensor_amax_to_scale``; a zero
-  or underflowing ``pts`` is replaced by 1.0 so an all-zero tensor quantizes to zeros, not NaN.
+- Global scale (optional): ``pts = amax(|x|) / (448 * 6)`` as torchao's ``per_tensor_amax_to_scale``, over the
+  finite values of x; a zero or underflowing ``pts`` is replaced by 1.0 so an all-zero tensor quantizes to
+  zeros, not NaN. Every scale here is an IEEE division by a tensor (:func:`global_scale`), never by a Python
+  number: CUDA computes ``tensor / python_float`` as a multiplication by the reciprocal, which differs in the
+  last bit for some values, while a division by a tensor is correctly rounded on every device and in the
+  Triton kernels (``div_rn``).
 - amax code ``c0 = e4m3(clamp(amax_block / 6 / pts, 2**-6, 448))`` (without a global scale, ``pts`` is
   left out of every formula), exactly torchao's ``nvfp4_quantize``.
 - A candidate code ``c`` (1..126) quantizes the block as ``q = e2m1(clamp(x * ((1 / pts) / s), -6, 6))``
@@ -22,11 +26,19 @@ Overflow policy: a candidate code outside 1..126 (a scale above 448 or at zero a
 skipped, never clamped. With torchao's global scale the block holding the tensor's amax already sits at
 code 126, so only smaller scales are tried for it; clamping would merely repeat the 448 candidate.
 
+NaN and Inf: quantizing weights (``check_finite=True``, the default) raises ValueError naming them, which
+reads the values (a host synchronisation on a GPU). At run time (``check_finite=False``) nothing is read on
+the host: non-finite values are quantized as zeros, their block gets the E4M3 NaN code 127 (it dequantizes to
+NaN, and NaN reaches only the outputs that block feeds, as in a float matmul), and the global scale is taken
+over the finite values, so one row's bad values do not change how the other rows are quantized.
+
 Memory: the input is processed in chunks of about ``CHUNK_ELEMENTS`` values, so the working set is bounded
 by a few float32 copies of one chunk whatever the tensor size.
 """
 
+
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,16 +49,15 @@ from scalesearch_compile.formats import (
     E4M3_MAX,
     E4M3_MAX_CODE,
     E4M3_MIN_NORMAL,
+    E4M3_NAN_CODE,
     e2m1_encode,
     e2m1_round,
-    e2m1_value_table,
     e4m3_encode,
     e4m3_value_table,
     pack_nibbles,
-    unpack_nibbles,
 )
+from scalesearch_compile.layout import BLOCK_SIZE, NVFP4Blocks
 
-BLOCK_SIZE = 16
 METHODS = ("amax", "search", "four_over_six", "exhaustive")
 DEFAULT_WINDOW = (-2, 6)
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -58,30 +69,46 @@ PerTensorScale = bool | str | None | torch.Tensor
 
 
 @dataclass(frozen=True)
-class NVFP4Blocks:
-    """A tensor quantized to NVFP4 in torchao's unswizzled layout, with the search's choices.
+class ScaleChoice:
+    """How block scales are chosen: ``method`` ("amax", "search", "four_over_six" or "exhaustive") and, for
+    "search", the ``window`` (lowest, highest) of E4M3 code offsets tried around the amax code.
 
-    ``qdata``: uint8 ``(..., K // 2)``, two E2M1 codes a byte (element 2i in the low nibble).
-    ``scale_codes``: uint8 E4M3 codes ``(..., K // 16)``. ``per_tensor_scale``: float32 0-d tensor, a
-    per-row ``(..., 1)`` tensor, or None for single-level scaling. ``offsets``: int16 ``(..., K // 16)``,
-    chosen code minus amax code per block.
+    Validated here and nowhere else; a window given as a list (as JSON gives it back) becomes a tuple. The
+    option objects that carry a scale choice (activation kwargs, attention recipe, backend options) derive
+    from this class.
     """
 
-    qdata: torch.Tensor
-    scale_codes: torch.Tensor
-    per_tensor_scale: torch.Tensor | None
-    offsets: torch.Tensor
+    method: str = "search"
+    window: tuple = DEFAULT_WINDOW
 
-    def block_scales(self) -> torch.Tensor:
-        """float32 scale of each block, global scale included: ``pts * e4m3_value(code)``."""
-        scales = e4m3_value_table(self.scale_codes.device)[self.scale_codes.long()]
-        return scales if self.per_tensor_scale is None else self.per_tensor_scale * scales
+    def __post_init__(self):
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; expected one of {', '.join(METHODS)}")
+        window = self.window
+        if (
+            isinstance(window, str | bytes)
+            or not isinstance(window, Sequence)
+            or len(window) != 2
+            or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in window)
+        ):
+            raise ValueError(f"window must be a pair of integer code offsets (low, high), got {window!r}")
+        low, high = (int(v) for v in window)
+        if low > high:
+            raise ValueError(f"empty search window ({low}, {high}): the low offset must not exceed the high offset")
+        object.__setattr__(self, "window", (low, high))
 
-    def dequantize(self) -> torch.Tensor:
-        """float32 values ``e2m1_value(code) * (pts * e4m3_value(scale_code))``, shape ``(..., K)``."""
-        values = e2m1_value_table(self.qdata.device)[unpack_nibbles(self.qdata).long()]
-        blocks = values.unflatten(-1, (-1, BLOCK_SIZE))
-        return (blocks * self.block_scales().unsqueeze(-1)).flatten(-2)
+    @classmethod
+    def of(cls, method: "str | ScaleChoice", window: Sequence[int] | None = None) -> "ScaleChoice":
+        """The scale choice a public function was given: a :class:`ScaleChoice` as it is (``window`` must then
+        be None), or a method name with ``window`` (default ``DEFAULT_WINDOW``)."""
+        if isinstance(method, ScaleChoice):
+            if window is not None:
+                raise ValueError("pass either a ScaleChoice or a method name with a window, not both")
+            return ScaleChoice(method.method, method.window)
+        return cls(method, DEFAULT_WINDOW if window is None else window)
+
+
+DEFAULT_SCALES = ScaleChoice()
 
 
 def check_dtype_and_shape(x: torch.Tensor, what: str = "input") -> None:
@@ -99,52 +126,96 @@ def check_dtype_and_shape(x: torch.Tensor, what: str = "input") -> None:
         )
 
 
+class NonFiniteError(ValueError):
+    """A tensor that must be finite (a weight being quantized) holds NaN or Inf."""
+
+
 def checked_amax(x: torch.Tensor, what: str = "input") -> torch.Tensor:
-    """amax(|x|) as float32, after raising ValueError naming the problem if ``x`` cannot be quantized."""
-    check_dtype_and_shape(x, what)
-    if x.numel() == 0:
-        raise ValueError(f"{what} is empty (shape {tuple(x.shape)}); there is nothing to quantize")
+    """float32 amax of |x|, after raising :class:`NonFiniteError` counting x's NaN and Inf values (reads the
+    maximum on the host)."""
     amax = x.abs().amax().float()  # NaN and Inf propagate into the maximum
     if not torch.isfinite(amax):
         bad = (~torch.isfinite(x)).sum().item()
-        raise ValueError(f"{what} contains {bad} NaN or Inf value(s); NVFP4 quantization needs finite input")
+        raise NonFiniteError(f"{what} contains {bad} NaN or Inf value(s); NVFP4 quantization needs finite input")
     return amax
 
 
-def check_window(window: Sequence[int]) -> tuple:
-    """Validate a search window ``(lowest offset, highest offset)`` of E4M3 codes around the amax code."""
-    try:
-        low, high = (int(v) for v in window)
-    except (TypeError, ValueError):
-        raise ValueError(f"window must be a pair of integer code offsets (low, high), got {window!r}") from None
-    if low > high:
-        raise ValueError(f"empty search window ({low}, {high}): the low offset must not exceed the high offset")
-    return low, high
+def finite_amax(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """float32 amax of |x| over its finite values (0 where there are none), over all of x or along ``dim``
+    (kept). Reads nothing on the host; one temporary the size of x."""
+    magnitudes = x.abs().nan_to_num_(nan=0.0, posinf=0.0)
+    return (magnitudes.amax() if dim is None else magnitudes.amax(dim=dim, keepdim=True)).float()
 
 
-def check_method(method: str) -> None:
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+def global_scale(amax: torch.Tensor, smallest: float = 2.0**-149) -> torch.Tensor:
+    """First-level scale ``amax / (448 * 6)`` (float32), 1.0 where it is below ``smallest`` (default: where it
+    is zero). An IEEE division by a tensor, so CPU, CUDA and the Triton kernels compute the same bits."""
+    amax = amax.float()
+    scale = amax / torch.full_like(amax, E4M3_MAX * E2M1_MAX)
+    return torch.where(scale >= smallest, scale, torch.ones_like(scale))
 
 
-def per_tensor_scale_from_amax(amax: torch.Tensor) -> torch.Tensor:
-    """torchao's global scale ``amax / (448 * 6)`` (float32), with 1.0 where that is zero."""
-    scale = amax.float() / (E4M3_MAX * E2M1_MAX)
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+@dataclass(frozen=True)
+class QuantizeRequest:
+    """A validated quantization, what :func:`quantize_reference` and the Triton quantize kernel take.
+
+    ``x``: ``(..., K)`` float32/bfloat16/float16, K a multiple of 16, not empty. ``scales``: the
+    :class:`ScaleChoice`. ``per_tensor_scale``: the resolved float32 global scale, 0-d or per row ``(..., 1)``,
+    or None (single-level). ``importance``: float32 ``(K // 16, 16)`` weights of each input channel's squared
+    error, or None. ``finite``: x was checked to hold no NaN or Inf (so it needs no sanitising).
+    """
+
+    x: torch.Tensor
+    scales: ScaleChoice
+    per_tensor_scale: torch.Tensor | None
+    importance: torch.Tensor | None
+    finite: bool
+
+    @classmethod
+    def of(
+        cls,
+        x: torch.Tensor,
+        scales: ScaleChoice,
+        *,
+        per_tensor_scale: PerTensorScale = True,
+        importance: torch.Tensor | None = None,
+        check_finite: bool = True,
+    ) -> "QuantizeRequest":
+        """Validate the arguments of a quantization and resolve the global scale.
+
+        ``per_tensor_scale``: True computes ``amax / (448 * 6)`` from x; "row" one such scale per row (over
+        the last dimension, shape ``(..., 1)``); a one-element tensor, or one of shape ``(..., 1)``, is used as
+        given; None or False means single-level scaling. ``importance``: optional (K,) non-negative weights.
+        ``check_finite``: True raises ValueError for NaN/Inf in x and for bad values in the given scale or
+        importance (reading them on the host); False reads no value (run time; see the module docstring).
+        """
+        if not isinstance(scales, ScaleChoice):
+            raise ValueError(f"scales must be a ScaleChoice, got {type(scales).__name__}")
+        check_dtype_and_shape(x)
+        if x.numel() == 0:
+            raise ValueError(f"input is empty (shape {tuple(x.shape)}); there is nothing to quantize")
+        x = x.detach()
+        amax = checked_amax(x) if check_finite else None
+        return cls(
+            x,
+            scales,
+            _resolve_per_tensor_scale(x, per_tensor_scale, amax, check_finite),
+            _check_importance(importance, x, check_finite),
+            check_finite,
+        )
 
 
-def resolve_per_tensor_scale(x: torch.Tensor, amax: torch.Tensor, per_tensor_scale: PerTensorScale):
-    """``per_tensor_scale`` as :func:`quantize_blocks` takes it, resolved for ``x`` (whose amax is ``amax``).
 
-    The global scale as float32: 0-d (one per tensor), ``(..., 1)`` (one per row) or None."""
+def _resolve_per_tensor_scale(x, per_tensor_scale: PerTensorScale, amax: torch.Tensor | None, check_values: bool):
+    """The global scale ``per_tensor_scale`` asks for; ``amax``: x's, when it is already known."""
     if per_tensor_scale is True:
-        return per_tensor_scale_from_amax(amax)
+        return global_scale(finite_amax(x) if amax is None else amax)
     if per_tensor_scale is None or per_tensor_scale is False:
         return None
     if isinstance(per_tensor_scale, str):
         if per_tensor_scale != "row":
             raise ValueError(f"unknown per_tensor_scale {per_tensor_scale!r}; expected True, None, 'row' or a tensor")
-        return per_tensor_scale_from_amax(x.abs().amax(dim=-1, keepdim=True))
+        return global_scale(finite_amax(x, dim=-1))
     row_shape = (*x.shape[:-1], 1)
     if not isinstance(per_tensor_scale, torch.Tensor) or per_tensor_scale.numel() not in (1, math.prod(row_shape)):
         raise ValueError(
@@ -152,21 +223,22 @@ def resolve_per_tensor_scale(x: torch.Tensor, amax: torch.Tensor, per_tensor_sca
         )
     scale = per_tensor_scale.detach().float().to(x.device)
     scale = scale.reshape(()) if scale.numel() == 1 and scale.dim() < 2 else scale.reshape(row_shape)
-    if not (torch.isfinite(scale).all() and (scale > 0).all()):
+    if check_values and not (torch.isfinite(scale).all() and (scale > 0).all()):
         raise ValueError("per_tensor_scale must be positive and finite")
     return scale
 
 
-def check_importance(importance: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+def _check_importance(importance: torch.Tensor | None, x: torch.Tensor, check_values: bool):
     """Validated per-input-channel importance as float32 ``(K // 16, 16)``, or None."""
     if importance is None:
         return None
-    if importance.shape != (x.shape[-1],):
+    if not isinstance(importance, torch.Tensor) or importance.shape != (x.shape[-1],):
         raise ValueError(
-            f"importance must have one weight per input channel, shape ({x.shape[-1]},), got {tuple(importance.shape)}"
+            f"importance must have one weight per input channel, shape ({x.shape[-1]},), "
+            f"got {tuple(getattr(importance, 'shape', ()))}"
         )
     importance = importance.detach().float().to(x.device)
-    if not torch.isfinite(importance).all() or (importance < 0).any():
+    if check_values and (not torch.isfinite(importance).all() or (importance < 0).any()):
         raise ValueError("importance weights must be finite and non-negative")
     return importance.view(-1, BLOCK_SIZE)
 
@@ -179,9 +251,7 @@ def _pairwise_block_sum(values: torch.Tensor) -> torch.Tensor:
 
 
 def _amax_code(block_amax: torch.Tensor, divisor: float, pts: torch.Tensor | None) -> torch.Tensor:
-    # An elementwise division, not by a Python number: CUDA turns ``tensor / scalar`` into a multiplication
-    # by the reciprocal, which differs in the last bit for about a third of the values (IEEE division here,
-    # as on the CPU and in the Triton kernel's div_rn).
+    # IEEE divisions by tensors (module docstring), as the Triton kernel's div_rn.
     scale = block_amax / torch.full_like(block_amax, divisor)
     if pts is not None:
         scale = scale / pts
@@ -192,8 +262,8 @@ def _scale_factors(code, pts, scale_table):
     """Per-block (quantize multiplier, dequantize scale) of E4M3 ``code``: ((1 / pts) / s, pts * s)."""
     scale = scale_table[code.clamp(1, E4M3_MAX_CODE).long()]
     if pts is None:
-        return 1.0 / scale, scale
-    return (1.0 / pts) / scale, pts * scale
+        return scale.reciprocal(), scale
+    return pts.reciprocal() / scale, pts * scale
 
 
 def _block_error(magnitudes, code, pts, scale_table, weights, work) -> torch.Tensor:
@@ -212,25 +282,30 @@ def _block_error(magnitudes, code, pts, scale_table, weights, work) -> torch.Ten
     return _pairwise_block_sum(err)
 
 
-def _candidate_codes(method, window, block_amax, amax_code, pts):
+def _candidate_codes(scales: ScaleChoice, block_amax, amax_code, pts):
     """Codes to try after the amax code, in order (invalid codes are filtered by the caller)."""
-    if method == "search":
-        return [amax_code + d for d in range(window[0], window[1] + 1) if d != 0]
-    if method == "four_over_six":
+    if scales.method == "search":
+        low, high = scales.window
+        return [amax_code + d for d in range(low, high + 1) if d != 0]
+    if scales.method == "four_over_six":
         return [_amax_code(block_amax, 4.0, pts)]
-    if method == "exhaustive":
+    if scales.method == "exhaustive":
         return [torch.full_like(amax_code, c) for c in range(1, E4M3_MAX_CODE + 1)]
     return []
 
 
-def _quantize_chunk(blocks, weights, pts, method, window):
+def _quantize_chunk(blocks, weights, pts, scales: ScaleChoice, finite: bool):
     """Select scales for float32 ``blocks`` (rows, K//16, 16); return (E2M1 codes, E4M3 codes, offsets)."""
+    if not finite:
+        is_finite = torch.isfinite(blocks)
+        non_finite_block = ~is_finite.all(dim=-1)
+        blocks = torch.where(is_finite, blocks, 0.0)
     scale_table = e4m3_value_table(blocks.device)
     magnitudes = blocks.abs()
     block_amax = magnitudes.amax(dim=-1)
     amax_code = _amax_code(block_amax, E2M1_MAX, pts)
     best_code = amax_code
-    candidates = _candidate_codes(method, window, block_amax, amax_code, pts)
+    candidates = _candidate_codes(scales, block_amax, amax_code, pts)
     if candidates:
         work = (torch.empty_like(magnitudes), torch.empty_like(magnitudes))
         best_err = _block_error(magnitudes, amax_code, pts, scale_table, weights, work)
@@ -242,32 +317,17 @@ def _quantize_chunk(blocks, weights, pts, method, window):
 
     multiplier, _ = _scale_factors(best_code, pts, scale_table)
     codes = e2m1_encode((blocks * multiplier.unsqueeze(-1)).clamp(-E2M1_MAX, E2M1_MAX))
+    if not finite:  # the NaN scale code, and offset 0, for a block that held NaN or Inf
+        best_code = torch.where(non_finite_block, E4M3_NAN_CODE, best_code)
+        amax_code = torch.where(non_finite_block, E4M3_NAN_CODE, amax_code)
     return codes, best_code.to(torch.uint8), (best_code - amax_code).to(torch.int16)
 
 
-def quantize_blocks(
-    x: torch.Tensor,
-    method: str = "search",
-    *,
-    window: Sequence[int] = DEFAULT_WINDOW,
-    per_tensor_scale: PerTensorScale = True,
-    importance: torch.Tensor | None = None,
-) -> NVFP4Blocks:
-    """Quantize ``x`` (..., K) to NVFP4 with the block scales chosen by ``method``.
-
-    ``per_tensor_scale``: True computes torchao's global scale ``amax / (448 * 6)`` from ``x``; "row" computes
-    one such scale per row (over the last dimension, shape ``(..., 1)``; the per-row first level of
-    SageAttention3's P quantization); a one-element tensor, or one of shape ``(..., 1)``, is used as given;
-    None or False means single-level scaling. ``importance``: optional per-input-channel weights
-    (K,) for the block error. See the module docstring for the exact numerics.
-    """
-    check_method(method)
-    window = check_window(window)
-    amax = checked_amax(x)
-    weights = check_importance(importance, x)
-    pts = resolve_per_tensor_scale(x, amax, per_tensor_scale)
+def quantize_reference(request: QuantizeRequest) -> NVFP4Blocks:
+    """The PyTorch reference of NVFP4 quantization with searched scales (module docstring): what every
+    implementation must reproduce bit for bit."""
+    x, pts = request.x, request.per_tensor_scale
     row_pts = pts.reshape(-1, 1) if pts is not None and pts.dim() else None
-
     k = x.shape[-1]
     rows = x.reshape(-1, k)
     qdata = torch.empty((rows.shape[0], k // 2), dtype=torch.uint8, device=x.device)
@@ -279,7 +339,7 @@ def quantize_blocks(
         blocks = rows[start:stop].float().view(-1, k // BLOCK_SIZE, BLOCK_SIZE)
         chunk_pts = pts if row_pts is None else row_pts[start:stop]
         codes, scale_codes[start:stop], offsets[start:stop] = _quantize_chunk(
-            blocks, weights, chunk_pts, method, window
+            blocks, request.importance, chunk_pts, request.scales, request.finite
         )
         qdata[start:stop] = pack_nibbles(codes.view(-1, k))
 
@@ -292,6 +352,30 @@ def quantize_blocks(
     )
 
 
-def chosen_offsets(x: torch.Tensor, method: str = "search", **kwargs) -> torch.Tensor:
+def quantize_blocks(
+    x: torch.Tensor,
+    method: str | ScaleChoice = "search",
+    *,
+    window: Sequence[int] | None = None,
+    per_tensor_scale: PerTensorScale = True,
+    importance: torch.Tensor | None = None,
+    check_finite: bool = True,
+) -> NVFP4Blocks:
+    """Quantize ``x`` (..., K) to NVFP4 with the block scales chosen by ``method`` (the PyTorch reference).
+
+    ``method``: a :class:`ScaleChoice`, or a method name with ``window`` (default -2..+6). ``per_tensor_scale``,
+    ``importance`` and ``check_finite`` as :meth:`QuantizeRequest.of`. See the module docstring for the numerics.
+    """
+    request = QuantizeRequest.of(
+        x,
+        ScaleChoice.of(method, window),
+        per_tensor_scale=per_tensor_scale,
+        importance=importance,
+        check_finite=check_finite,
+    )
+    return quantize_reference(request)
+
+
+def chosen_offsets(x: torch.Tensor, method: str | ScaleChoice = "search", **kwargs) -> torch.Tensor:
     """Per-block E4M3 code offsets (int16, shape (..., K // 16)) that ``method`` picks relative to amax."""
     return quantize_blocks(x, method, **kwargs).offsets

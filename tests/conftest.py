@@ -1,12 +1,9 @@
 """Shared test setup."""
 
-import os
-
 import pytest
 import torch
 
-# torchao prints two lines about its CUDA-only extensions on a CPU machine unless told to skip them.
-os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
+import scalesearch_demo  # noqa: F401  (first: imports torchao quietly, keeps the hub offline)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ from torchao.quantization import quantize_
 
 from scalesearch_compile import ScaleSearchConfig
 from scalesearch_compile.compile_backend import BackendOptions, backend
-from scalesearch_compile.demo import tiny_model
+from scalesearch_demo import tiny_model
 
 # linear layers and attention calls of the tiny models (2 layers each)
 EXPECTED = {"llama": (15, 2), "qwen2": (15, 2), "bert": (13, 2)}  # bert: 6 a layer and the pooler
@@ -97,9 +97,12 @@ def test_entry_point_works_in_a_fresh_interpreter():
         ({"bogus": 1}, r"unknown scalesearch backend option\(s\) \['bogus'\]"),
         ({"method": "mse"}, "unknown method 'mse'"),
         ({"window": (4, 1)}, "empty search window"),
-        ({"activations": "int8"}, "activations must be 'nvfp4' or None"),
+        ({"activations": "int8"}, "activations must be 'nvfp4'"),
         ({"impl": "cuda"}, "unknown impl 'cuda'"),
-        ({"skip_modules": "lm_head"}, "skip_modules must be a list"),
+        ({"skip_modules": "lm_head"}, "skip_modules: module patterns must be a list"),
+        ({"skip_modules": ["re:["]}, "is not a regular expression"),
+        ({"inductor": "no"}, "inductor must be True or False"),
+        ({"window": (-1.5, 2)}, "pair of integer code offsets"),
         ({"skip_shapes": [(1, 2, 3)]}, "skip_shapes must be"),
         ({"attention": "yes"}, "attention must be True, False or an AttentionRecipe"),
     ],

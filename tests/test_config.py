@@ -1,14 +1,23 @@
-"""ScaleSearchConfig and its quantize_ handler: what is quantized and how, what is skipped and why, the
-summary log line, the progress bar, serialisation of the config, and calibration importance."""
+"""ScaleSearchConfig, its stateless quantize_ handler and quantize_model: what is quantized and how, what is
+skipped and why, the summary log line, the progress bar, serialisation of the config, and calibration
+importance."""
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
 from torchao.core.config import config_from_dict, config_to_dict
 from torchao.quantization import FqnToConfig, quantize_
 
-from scalesearch_compile import NVFP4ActivationKwargs, ScaleSearchConfig, ScaleSearchNVFP4Tensor, calibrate
+from scalesearch_compile import (
+    NVFP4ActivationKwargs,
+    ScaleSearchConfig,
+    ScaleSearchNVFP4Tensor,
+    calibrate,
+    quantize_model,
+)
 from scalesearch_compile.calibration import IMPORTANCE_BUFFER
 from scalesearch_compile.tensor import quantize_weight
 
@@ -35,11 +44,11 @@ def _records(caplog):
     return [r for r in caplog.records if r.name == "scalesearch_compile"]
 
 
-def test_quantizes_what_it_can_and_logs_one_summary_line(caplog, capsys):
+def test_quantize_model_quantizes_what_it_can_and_logs_one_summary_line(caplog, capsys):
     net = _Net()
     untouched = {name: getattr(net, name).weight for name in ("ragged", "wide", "broken")}
     with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
-        quantize_(net, ScaleSearchConfig(exclude=["head"]))
+        summary = quantize_model(net, ScaleSearchConfig(exclude=["he*"]))
     for name in ("up", "odd"):
         weight = getattr(net, name).weight
         assert isinstance(weight, ScaleSearchNVFP4Tensor)
@@ -47,35 +56,60 @@ def test_quantizes_what_it_can_and_logs_one_summary_line(caplog, capsys):
     for name, weight in untouched.items():
         assert getattr(net, name).weight is weight
     assert type(net.head.weight) is torch.nn.Parameter
+    assert summary.quantized == ["up", "odd"]
     (record,) = _records(caplog)
     assert record.levelno == logging.INFO
     message = record.getMessage()
+    assert message == summary.line()
     assert "2 of 6 layers to NVFP4 (method=search, activations=nvfp4, window=[-2, 6])" in message
-    assert "skipped 4" in message and "in_features not a multiple of 16: ragged" in message
+    assert "skipped 4" in message and "in_features 24 not a multiple of 16: ragged" in message
     assert "NaN or Inf in the weight: broken" in message
-    assert "excluded: head" in message and "weight dtype torch.float64: wide" in message
+    assert "excluded by 'he*': head" in message and "weight dtype torch.float64: wide" in message
     assert "scalesearch quantize_" in capsys.readouterr().err  # the tqdm bar
     assert net(torch.randn(3, 64)).shape == (3, 8)
 
 
-def test_weight_only_and_method_and_window_are_recorded():
-    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
-    quantize_(net, ScaleSearchConfig(method="amax", activations=None, window=[0, 2], progress=False))
-    assert all(m.weight.act_quant_kwargs is None for m in net)
-    assert torch.equal(net[0].weight.qdata, quantize_weight(net[0].weight.dequantize(), "amax").qdata)
-    assert "W4A16" in repr(net)
+def test_torchao_quantize_handler_is_stateless_and_logs_per_layer(caplog, capsys):
+    net = _Net()
+    with caplog.at_level(logging.DEBUG, logger="scalesearch_compile"):
+        quantize_(net, ScaleSearchConfig())  # torchao's own walk: the handler sees one module at a time
+    assert isinstance(net.up.weight, ScaleSearchNVFP4Tensor) and isinstance(net.head.weight, ScaleSearchNVFP4Tensor)
+    messages = [(r.levelno, r.getMessage()) for r in _records(caplog)]
+    assert sum(level == logging.DEBUG and "to NVFP4" in m for level, m in messages) == 3  # up, odd, head
+    left = [m for level, m in messages if level == logging.INFO]
+    assert len(left) == 3 and any("in_features 24 not a multiple of 16" in m for m in left)
+    assert "scalesearch quantize_" not in capsys.readouterr().err  # no bar: the handler cannot know the total
+    import scalesearch_compile.config as config_module
 
-    net = torch.nn.Sequential(torch.nn.Linear(64, 32))
-    quantize_(net, ScaleSearchConfig(method="four_over_six", window=[0, 2], progress=False))
-    assert net[0].weight.act_quant_kwargs == NVFP4ActivationKwargs("four_over_six", (0, 2))
+    assert not any(isinstance(v, torch.nn.Module) for v in vars(config_module).values())
+
+
+def test_torchao_quantize_refuses_exclude_it_cannot_apply():
+    net = torch.nn.Sequential(torch.nn.Linear(32, 16))
+    with pytest.raises(ValueError, match="exclude needs module names.*quantize_model"):
+        quantize_(net, ScaleSearchConfig(exclude=["0"]))
+    assert type(net[0].weight) is torch.nn.Parameter  # refused before anything changed
+
+
+def test_no_model_is_kept_alive_after_an_error():
+    net = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Linear(16, 16))
+    net[1].register_buffer(IMPORTANCE_BUFFER, torch.ones(3), persistent=False)  # a wrong shape: an error
+    ref = weakref.ref(net)
+    for quantize in (quantize_, quantize_model):
+        with pytest.raises(ValueError, match="one weight per input channel"):
+            quantize(net, ScaleSearchConfig())
+    assert isinstance(net[0].weight, ScaleSearchNVFP4Tensor)
+    del net
+    gc.collect()
+    assert ref() is None  # nothing (a frame, a progress record) holds the model after the error
 
 
 def test_second_run_skips_quantized_layers(caplog):
     net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
-    quantize_(net, ScaleSearchConfig(progress=False))
+    quantize_model(net, ScaleSearchConfig(progress=False))
     qdata = net[0].weight.qdata
     with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
-        quantize_(net, ScaleSearchConfig(progress=False))
+        quantize_model(net, ScaleSearchConfig(progress=False))
     assert net[0].weight.qdata is qdata
     assert "0 of 2 layers" in caplog.text and "weight already quantized (ScaleSearchNVFP4Tensor)" in caplog.text
 
@@ -85,18 +119,17 @@ def test_a_module_shared_by_two_parents_is_counted_twice(caplog):
     net = torch.nn.Module()
     net.a, net.b = torch.nn.Sequential(shared), torch.nn.Sequential(torch.nn.Linear(32, 32), shared)
     with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
-        quantize_(net, ScaleSearchConfig(progress=False))
-    (record,) = _records(caplog)  # one line, after the last of quantize_'s three handler calls
+        quantize_model(net, ScaleSearchConfig(progress=False))
+    (record,) = _records(caplog)  # one line, as quantize_ would make three handler calls
     assert "2 of 3 layers" in record.getMessage()
-    assert "weight already quantized (ScaleSearchNVFP4Tensor): a.0" in record.getMessage()
+    assert "weight already quantized (ScaleSearchNVFP4Tensor): b.1" in record.getMessage()
 
 
-def test_a_single_layer_logs_at_debug_only(caplog, capsys):
-    # transformers quantizes while loading by calling quantize_ once per layer: no bar or INFO line per layer
+def test_a_single_layer_shows_no_bar(caplog, capsys):
     with caplog.at_level(logging.DEBUG, logger="scalesearch_compile"):
-        quantize_(torch.nn.Linear(32, 16), ScaleSearchConfig())
+        quantize_model(torch.nn.Linear(32, 16), ScaleSearchConfig())
     (record,) = _records(caplog)
-    assert record.levelno == logging.DEBUG and "1 of 1 layers" in record.getMessage()
+    assert "1 of 1 layers" in record.getMessage()
     assert "scalesearch quantize_" not in capsys.readouterr().err
 
 
@@ -110,9 +143,22 @@ def test_fqn_to_config_quantizes_the_named_module():
 def test_custom_filter_reports_non_linear_modules(caplog):
     net = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.LayerNorm(16))
     with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
-        quantize_(net, ScaleSearchConfig(progress=False), filter_fn=lambda m, name: name in ("0", "1"))
+        quantize_model(net, ScaleSearchConfig(progress=False), filter_fn=lambda m, name: name in ("0", "1"))
     assert isinstance(net[0].weight, ScaleSearchNVFP4Tensor)
     assert "not an nn.Linear (LayerNorm): 1" in caplog.text
+
+
+def test_quantize_model_and_torchao_quantize_give_the_same_bytes():
+    torch.manual_seed(1)
+    a = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    b = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.GELU(), torch.nn.Linear(32, 16))
+    b.load_state_dict(a.state_dict())
+    config = ScaleSearchConfig(method="four_over_six", activations=None, progress=False)
+    quantize_(a, config)
+    quantize_model(b, config)
+    for i in (0, 2):
+        assert torch.equal(a[i].weight.qdata, b[i].weight.qdata)
+        assert torch.equal(a[i].weight.scale.view(torch.uint8), b[i].weight.scale.view(torch.uint8))
 
 
 def test_calibration_importance_is_used_and_consumed():
@@ -120,7 +166,7 @@ def test_calibration_importance_is_used_and_consumed():
     weight = net[0].weight.detach().clone()
     batches = [torch.randn(8, 64) * torch.linspace(0.01, 3.0, 64) for _ in range(2)]
     importance = calibrate(net, batches)["0"]
-    quantize_(net, ScaleSearchConfig(activations=None, progress=False))
+    quantize_model(net, ScaleSearchConfig(activations=None, progress=False))
     assert not hasattr(net[0], IMPORTANCE_BUFFER)
     expected = quantize_weight(weight, "search", importance=importance)
     plain = quantize_weight(weight, "search")
@@ -137,10 +183,14 @@ def test_config_round_trips_through_torchao_json():
     "kwargs, message",
     [
         ({"method": "mse"}, "unknown method 'mse'"),
-        ({"activations": "fp8"}, "activations must be 'nvfp4' or None"),
+        ({"activations": "fp8"}, "activations must be 'nvfp4'"),
         ({"window": [3, -1]}, "empty search window"),
         ({"window": "wide"}, "window must be a pair"),
-        ({"exclude": ["("]}, "exclude pattern '\\(' is not a regular expression"),
+        ({"window": [-2.5, 6]}, "window must be a pair of integer"),
+        ({"exclude": ["re:("]}, "exclude: module pattern 're:\\(' is not a regular expression"),
+        ({"exclude": "lm_head"}, "exclude: module patterns must be a list of strings"),
+        ({"exclude": [3]}, "a module pattern must be a string"),
+        ({"progress": "yes"}, "progress must be True or False"),
     ],
 )
 def test_bad_config_errors(kwargs, message):

@@ -11,6 +11,7 @@ from torchao.prototype.mx_formats.kernels import f32_to_f4_unpacked, pack_uint4
 from scalesearch_compile.formats import (
     E2M1_VALUES,
     e2m1_decode,
+    e2m1_decode_packed,
     e2m1_encode,
     e2m1_round,
     e4m3_decode,
@@ -83,11 +84,19 @@ def test_e2m1_round_equals_decode_of_encode():
 
 def test_e4m3_value_table_is_float8_e4m3fn():
     table = e4m3_value_table()
-    assert table.shape == (127,)
-    reference = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    assert torch.equal(table, reference)
+    assert table.shape == (128,)
+    reference = torch.arange(128, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    assert torch.equal(table[:127], reference[:127])
+    assert torch.isnan(table[127]) and torch.isnan(reference[127])  # code 127 is E4M3's NaN
     assert table[1].item() == 2.0**-9 and table[8].item() == 2.0**-6 and table[126].item() == 448.0
-    assert (table[1:] > table[:-1]).all()  # stepping by whole codes steps the value
+    assert (table[1:127] > table[:126]).all()  # stepping by whole codes steps the value
+
+
+def test_e2m1_decode_packed_is_unpack_then_decode():
+    packed = torch.arange(256, dtype=torch.uint8).view(4, 64)  # every byte: every pair of codes
+    assert torch.equal(e2m1_decode_packed(packed), e2m1_decode(unpack_nibbles(packed)))
+    with pytest.raises(ValueError, match="must be uint8"):
+        e2m1_decode_packed(packed.int())
 
 
 # (input, expected E4M3 code): ties to even in the normal and subnormal ranges, saturation.

@@ -164,7 +164,7 @@ def compile_job(capability, head_dim=64, block_m=64, dot_scaled=False):
     signature.update(out_ptr="*fp32", sm_scale="fp32")
     for name in ("b", "h", "m", "n"):
         signature[f"mask_stride_{name}"] = "i32"
-    for name in ("num_heads", "group", "q_len", "k_len", "padded_len", "sink_end", "tail_start"):
+    for name in ("num_heads", "group", "q_len", "k_len", "padded_len", "sink_end", "tail_start", "Q_BUCKET", "K_BUCKET"):
         signature[name] = "i32"
     constexprs = dict(
         HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=TILE, IS_CAUSAL=True, HAS_MASK=True,
@@ -178,9 +178,9 @@ def test_compiles_for_hopper_and_blackwell():
     """The GPU builds (no GPU needed; the interpreter accepts code a compiler rejects): Hopper's NVFP4 tiles run
     on wgmma, Blackwell's dot_scaled lowers to the block-scaled NVFP4 MMA, and the only FMAs are those of the two
     float32 high-precision dots (BLOCK_M x TILE x D multiply-adds each over 128 threads), none in the P search."""
-    from scalesearch_compile.kernels._nvfp4 import compile_ptx
+    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu
 
-    hopper, blackwell = compile_ptx([compile_job(90), compile_job(100, block_m=128, dot_scaled=True)])
+    hopper, blackwell = compile_for_gpu([compile_job(90), compile_job(100, block_m=128, dot_scaled=True)])
     assert "wgmma" in hopper and ".local" not in hopper
     assert hopper.count("fma.rn.f32") == 2 * 64 * TILE * 64 // 128
     assert "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16" in blackwell

@@ -17,7 +17,8 @@ if not torch.cuda.is_available():
 
 from scalesearch_compile.kernels.gemm import nvfp4_gemm_triton, nvfp4_linear_triton  # noqa: E402
 from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton  # noqa: E402
-from scalesearch_compile.search import quantize_blocks  # noqa: E402
+from scalesearch_compile.layout import NVFP4Weight  # noqa: E402
+from scalesearch_compile.search import QuantizeRequest, ScaleChoice, quantize_blocks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BLACKWELL = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] in (10, 12)
@@ -35,9 +36,10 @@ def make_input(m, k, seed=1, dtype=torch.float32):
     return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(dtype)
 
 
-def weight_args(w):
+def device_weight(w):
+    """The NVFP4Weight of quantized blocks ``w``, on DEVICE."""
     pts = None if w.per_tensor_scale is None else w.per_tensor_scale.to(DEVICE)
-    return w.qdata.to(DEVICE), w.scale_codes.to(DEVICE), pts
+    return NVFP4Weight(w.qdata.to(DEVICE), w.scale_codes.to(DEVICE), pts)
 
 
 def relative_error(out, ref):
@@ -54,7 +56,7 @@ def reference(a_dequantized, w, bias=None):
 def test_w4a16_matches_float64(m, n, k, split_k):
     w, x = make_weight(n, k), make_input(m, k)
     bias = torch.randn(n)
-    out = nvfp4_linear_triton(x.to(DEVICE), *weight_args(w), bias.to(DEVICE), act=None, split_k=split_k)
+    out = nvfp4_linear_triton(x.to(DEVICE), device_weight(w), bias.to(DEVICE), act=None, split_k=split_k)
     assert out.shape == (m, n) and out.dtype == torch.float32
     assert relative_error(out, reference(x, w, bias)) < 1e-5
 
@@ -64,7 +66,7 @@ def test_w4a16_half_inputs(dtype):
     """bf16/fp16 activations: float32 output to 1e-5; in their own dtype to within the output rounding."""
     m, n, k = 9, 48, 128
     w, x = make_weight(n, k, per_tensor_scale=None), make_input(m, k, dtype=dtype)
-    args = (x.to(DEVICE), *weight_args(w))
+    args = (x.to(DEVICE), device_weight(w))
     ref = reference(x, w)
     assert relative_error(nvfp4_linear_triton(*args, act=None, out_dtype=torch.float32), ref) < 1e-5
     out = nvfp4_linear_triton(*args, act=None)
@@ -82,7 +84,7 @@ def test_w4a4_matches_float64(m, n, k, method, act_pts, fuse):
     w, x = make_weight(n, k), make_input(m, k) * 3.0
     act_pts = torch.tensor(0.05) if act_pts == "tensor" else act_pts
     out = nvfp4_linear_triton(
-        x.to(DEVICE), *weight_args(w), method=method, act_per_tensor_scale=act_pts, fuse_act_quant=fuse
+        x.to(DEVICE), device_weight(w), act=ScaleChoice(method), act_per_tensor_scale=act_pts, fuse_act_quant=fuse
     )
     a = quantize_blocks(x, method, per_tensor_scale=act_pts)
     assert relative_error(out, reference(a.dequantize(), w)) < 1e-5
@@ -107,12 +109,12 @@ def test_fused_prologue_equals_quantize_then_gemm(m, method, window):
     n, k = 40, 144
     w, x = make_weight(n, k), make_input(m, k, dtype=torch.bfloat16)
     bias = torch.randn(n).to(DEVICE)
-    args = (x.to(DEVICE), *weight_args(w), bias)
-    fused = nvfp4_linear_triton(*args, method=method, window=window, fuse_act_quant=True, out_dtype=torch.float32)
-    split = nvfp4_linear_triton(*args, method=method, window=window, fuse_act_quant=False, out_dtype=torch.float32)
+    args = (x.to(DEVICE), device_weight(w), bias, ScaleChoice(method, window))
+    fused = nvfp4_linear_triton(*args, fuse_act_quant=True, out_dtype=torch.float32)
+    split = nvfp4_linear_triton(*args, fuse_act_quant=False, out_dtype=torch.float32)
     assert torch.equal(fused, split)
-    a = quantize_nvfp4_triton(x.to(DEVICE), method, window=window)
-    assert torch.equal(nvfp4_gemm_triton(a, *weight_args(w), bias), split)
+    a = quantize_nvfp4_triton(QuantizeRequest.of(x.to(DEVICE), ScaleChoice(method, window)))
+    assert torch.equal(nvfp4_gemm_triton(a, device_weight(w), bias), split)
 
 
 @settings(max_examples=8, deadline=None)
@@ -120,14 +122,15 @@ def test_fused_prologue_equals_quantize_then_gemm(m, method, window):
     m=st.integers(1, 40),
     n=st.integers(1, 70),
     blocks=st.integers(1, 10),
-    act=st.sampled_from(["nvfp4", None]),
+    act=st.sampled_from(["search", None]),
     fuse=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_random_shapes(m, n, blocks, act, fuse, seed):
     k = 16 * blocks
     w, x = make_weight(n, k, seed=seed), make_input(m, k, seed=seed + 1)
-    out = nvfp4_linear_triton(x.to(DEVICE), *weight_args(w), act=act, fuse_act_quant=fuse)
+    act = None if act is None else ScaleChoice()
+    out = nvfp4_linear_triton(x.to(DEVICE), device_weight(w), act=act, fuse_act_quant=fuse)
     a = x if act is None else quantize_blocks(x, "search").dequantize()
     assert out.shape == (m, n) and torch.isfinite(out).all()
     assert relative_error(out, reference(a, w)) < 1e-5
@@ -141,9 +144,9 @@ def test_torchao_weight_layout():
     w = torch.randn(n, k, generator=torch.Generator().manual_seed(3))
     t = NVFP4Tensor.to_nvfp4(w, per_tensor_scale=per_tensor_amax_to_scale(w.abs().amax()))
     x = make_input(m, k)
-    out = nvfp4_linear_triton(
-        x.to(DEVICE), t.qdata.to(DEVICE), t.scale.to(DEVICE), t.per_tensor_scale.to(DEVICE), act=None
-    )
+    # float8_e4m3fn scales, as torchao keeps them
+    weight = NVFP4Weight(t.qdata.to(DEVICE), t.scale.to(DEVICE), t.per_tensor_scale.to(DEVICE))
+    out = nvfp4_linear_triton(x.to(DEVICE), weight, act=None)
     ref = x.double() @ t.dequantize(torch.float32).double().T
     assert relative_error(out, ref) < 1e-5
 
@@ -155,7 +158,7 @@ def test_split_k_and_bias_in_half_output():
     a = quantize_blocks(x, "search")
     for split_k in (1, 4):
         out = nvfp4_linear_triton(
-            x.to(DEVICE), *weight_args(w), bias.to(DEVICE), split_k=split_k, out_dtype=torch.float32
+            x.to(DEVICE), device_weight(w), bias.to(DEVICE), split_k=split_k, out_dtype=torch.float32
         )
         assert relative_error(out, reference(a.dequantize(), w, bias)) < 1e-5
 
@@ -164,50 +167,55 @@ def test_leading_dimensions_and_empty_batch():
     n, k = 24, 64
     w = make_weight(n, k)
     x = make_input(6, k).view(2, 3, k)
-    out = nvfp4_linear_triton(x.to(DEVICE), *weight_args(w), act=None)
+    out = nvfp4_linear_triton(x.to(DEVICE), device_weight(w), act=None)
     assert out.shape == (2, 3, n)
     assert relative_error(out, reference(x, w)) < 1e-5
-    assert nvfp4_linear_triton(torch.zeros(0, k, device=DEVICE), *weight_args(w)).shape == (0, n)
+    assert nvfp4_linear_triton(torch.zeros(0, k, device=DEVICE), device_weight(w)).shape == (0, n)
 
 
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"act": "int8"}, "act must be"),
-        ({"x": torch.randint(0, 3, (4, 64))}, "x must be a float32"),
-        ({"x": torch.randn(4, 48)}, r"w_qdata must be uint8 of shape \(N, K // 2\)"),
-        ({"x": torch.randn(4, 40)}, "positive multiple of 16"),
-        ({"w_qdata": torch.zeros(8, 32, dtype=torch.int8)}, "w_qdata must be uint8"),
-        ({"w_scale_codes": torch.zeros(8, 2, dtype=torch.uint8)}, "w_scale_codes must be"),
-        ({"w_scale_codes": torch.zeros(8, 4, dtype=torch.float32)}, "w_scale_codes must be"),
-        ({"w_per_tensor_scale": torch.ones(2)}, "one-element tensor"),
+        ({"act": "nvfp4"}, "act must be a ScaleChoice"),
+        ({"x": torch.randint(0, 3, (4, 64))}, "x has unsupported dtype"),
+        ({"x": torch.randn(4, 48)}, "linear input has 48 features but the NVFP4 weight has in_features 64"),
+        ({"x": torch.randn(4, 40)}, "multiple of 16"),
+        ({"weight": "w"}, "weight must be an NVFP4Weight"),
         ({"bias": torch.zeros(7)}, r"bias must be None or a floating-point tensor of shape \(8,\)"),
         ({"split_k": 0}, "split_k must be"),
         ({"out_dtype": torch.int32}, "out_dtype must be"),
-        ({"method": "best"}, "unknown method"),
-        ({"window": (2, 1)}, "empty search window"),
     ],
 )
 def test_input_errors(change, message):
+    """The launcher's own checks; the weight's layout is NVFP4Weight's (tests/test_layout.py)."""
     w = make_weight(8, 64)
-    kwargs = {
-        "x": torch.randn(4, 64),
-        "w_qdata": w.qdata,
-        "w_scale_codes": w.scale_codes,
-        "w_per_tensor_scale": w.per_tensor_scale,
-        "bias": None,
-        **change,
-    }
+    kwargs = {"x": torch.randn(4, 64), "weight": device_weight(w), "bias": None, **change}
     kwargs = {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value for key, value in kwargs.items()}
     with pytest.raises(ValueError, match=message):
         nvfp4_linear_triton(**kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")  # the interpreter's NaN
+def test_nan_activation_rows_stay_in_their_rows():
+    """A NaN or Inf in an activation row gives NaN in that output row only, on the dequantizing paths (fused and
+    unfused) and W4A16; the other rows equal the result without it."""
+    m, n, k = 6, 24, 96
+    w, x = make_weight(n, k), make_input(m, k)
+    bad = x.clone()
+    bad[2, 5], bad[4, 70] = float("nan"), float("inf")
+    for act, fuse in ((ScaleChoice(), True), (ScaleChoice(), False), (None, None)):
+        clean = nvfp4_linear_triton(x.to(DEVICE), device_weight(w), act=act, fuse_act_quant=fuse).cpu()
+        out = nvfp4_linear_triton(bad.to(DEVICE), device_weight(w), act=act, fuse_act_quant=fuse).cpu()
+        assert torch.isnan(out[2]).all() and not torch.isfinite(out[4]).any()
+        rows = [0, 1, 3, 5]
+        assert torch.equal(out[rows], clean[rows])
 
 
 @pytest.mark.skipif(BLACKWELL, reason="checks the refusal on hardware without NVFP4 dot_scaled")
 def test_dot_scaled_refused_without_blackwell():
     w = make_weight(8, 64)
     with pytest.raises(ValueError, match="compute capability 10.x or 12.x"):
-        nvfp4_linear_triton(torch.randn(4, 64, device=DEVICE), *weight_args(w), use_dot_scaled=True)
+        nvfp4_linear_triton(torch.randn(4, 64, device=DEVICE), device_weight(w), use_dot_scaled=True)
 
 
 @pytest.mark.skipif(not BLACKWELL, reason="needs a Blackwell GPU (compute capability 10.x / 12.x) for tl.dot_scaled")
@@ -217,7 +225,7 @@ def test_dot_scaled_matches_float64(m, n, k):
     a = quantize_blocks(x, "search")
     for fuse in (False, True):
         out = nvfp4_linear_triton(
-            x.to(DEVICE), *weight_args(w), fuse_act_quant=fuse, use_dot_scaled=True, out_dtype=torch.float32
+            x.to(DEVICE), device_weight(w), fuse_act_quant=fuse, use_dot_scaled=True, out_dtype=torch.float32
         )
         assert relative_error(out, reference(a.dequantize(), w)) < 1e-5
 
@@ -228,7 +236,7 @@ def test_gpu_llm_shape_fused_equals_unfused():
     """A decode-sized GEMM on a GPU: the fused prologue must pick the reference's scales despite FMA hardware."""
     m, n, k = 16, 2048, 4096
     w, x = make_weight(n, k), make_input(m, k, dtype=torch.bfloat16)
-    args = (x.to(DEVICE), *weight_args(w))
+    args = (x.to(DEVICE), device_weight(w))
     fused = nvfp4_linear_triton(*args, fuse_act_quant=True, use_dot_scaled=False, out_dtype=torch.float32)
     split = nvfp4_linear_triton(*args, fuse_act_quant=False, use_dot_scaled=False, out_dtype=torch.float32)
     assert torch.equal(fused, split)
@@ -271,7 +279,7 @@ def test_compiles_for_ampere_hopper_and_blackwell():
     Blackwell's W4A4 lowers to tcgen05 block-scaled MMAs and Hopper's large tiles to wgmma; the fused prologue
     keeps its block errors free of FMA contraction.
     """
-    from scalesearch_compile.kernels._nvfp4 import compile_ptx
+    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu
     from scalesearch_compile.kernels.gemm import GPU_CONFIGS
 
     configs = [
@@ -292,7 +300,7 @@ def test_compiles_for_ampere_hopper_and_blackwell():
         gemm_job(100, "nvfp4", dot_scaled=True, tile=(128, 128, 128, 8)),
         gemm_job(100, "quantize", dot_scaled=True),
     ]
-    ptx = compile_ptx(configs + modes)
+    ptx = compile_for_gpu(configs + modes)
     hopper_large = ptx[0]
     assert "wgmma" in hopper_large
     *_, fused_hopper, blackwell, fused_blackwell = ptx

@@ -17,7 +17,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton  # noqa: E402
-from scalesearch_compile.search import quantize_blocks  # noqa: E402
+from scalesearch_compile.search import QuantizeRequest, ScaleChoice, quantize_blocks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FIELDS = ("qdata", "scale_codes", "offsets")
@@ -35,9 +35,15 @@ def assert_same_blocks(got, ref):
         assert torch.equal(got.per_tensor_scale.cpu(), ref.per_tensor_scale)
 
 
+def triton_blocks(x, method, window=None, **kwargs):
+    """The kernel's result for ``quantize_blocks(x, method, window=window, **kwargs)``'s request, on DEVICE."""
+    kwargs = {key: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for key, v in kwargs.items()}
+    return quantize_nvfp4_triton(QuantizeRequest.of(x.to(DEVICE), ScaleChoice.of(method, window), **kwargs))
+
+
 def check(x, method, **kwargs):
-    """Kernel on DEVICE vs the reference on the CPU (torch's CUDA division by a Python scalar is not IEEE)."""
-    got = quantize_nvfp4_triton(x.to(DEVICE), method, **kwargs)
+    """Kernel on DEVICE vs the reference on the CPU."""
+    got = triton_blocks(x, method, **kwargs)
     ref = quantize_blocks(x, method, **kwargs)
     assert_same_blocks(got, ref)
     return ref
@@ -97,7 +103,7 @@ def test_windows(window):
 
 def test_leading_dimensions_kept():
     x = ragged_input(torch.float32, rows=10, k=48).view(2, 5, 48)
-    got = quantize_nvfp4_triton(x.to(DEVICE), "search")
+    got = triton_blocks(x, "search")
     assert got.qdata.shape == (2, 5, 24) and got.scale_codes.shape == (2, 5, 3) and got.offsets.shape == (2, 5, 3)
     assert_same_blocks(got, quantize_blocks(x, "search"))
 
@@ -117,23 +123,20 @@ def test_random_shapes_and_scales(rows, blocks, log_scale, seed, method, per_ten
     check(x, method, per_tensor_scale=per_tensor_scale)
 
 
-@pytest.mark.parametrize(
-    ("x", "kwargs", "message"),
-    [
-        (torch.randn(4, 32), {"method": "nearest"}, "unknown method"),
-        (torch.randn(4, 32), {"window": (3, 1)}, "empty search window"),
-        (torch.randn(4, 30), {}, "multiple of 16"),
-        (torch.zeros(0, 32), {}, "empty"),
-        (torch.randint(0, 5, (4, 32)), {}, "unsupported dtype"),
-        (torch.tensor([[float("nan")] + [0.0] * 15]), {}, "NaN or Inf"),
-        (torch.randn(4, 32), {"per_tensor_scale": torch.tensor(-1.0)}, "positive and finite"),
-        (torch.randn(4, 32), {"per_tensor_scale": "column"}, "unknown per_tensor_scale"),
-        (torch.randn(4, 32), {"importance": torch.ones(16)}, "one weight per input channel"),
-    ],
-)
-def test_input_errors(x, kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        quantize_nvfp4_triton(x.to(DEVICE), **kwargs)
+@pytest.mark.parametrize("per_tensor_scale", [True, "row"])
+@pytest.mark.parametrize("method", ["amax", "search"])
+def test_nan_and_inf_blocks_at_run_time(method, per_tensor_scale):
+    """Unchecked (run-time) quantization: NaN/Inf blocks get the NaN code 127, offset 0, in both implementations;
+    the global scales come from the finite values."""
+    x = ragged_input(torch.float32, rows=6, k=64)
+    x[1, 3], x[4, 40], x[4, 41] = float("nan"), float("inf"), -float("inf")
+    ref = check(x, method, per_tensor_scale=per_tensor_scale, check_finite=False)
+    assert ref.scale_codes[1, 0] == 127 and ref.scale_codes[4, 2] == 127
+    assert (ref.offsets[1, 0], ref.offsets[4, 2]) == (0, 0)
+    assert (ref.scale_codes == 127).sum() == 2
+    finite = torch.where(torch.isfinite(x), x, 0.0)
+    clean = quantize_blocks(finite, method, per_tensor_scale=per_tensor_scale)
+    assert torch.equal(ref.qdata, clean.qdata)  # NaN/Inf values are coded as zeros, nothing else moves
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: native Triton build with FMA contraction")
@@ -158,7 +161,7 @@ def test_compiles_for_hopper_and_blackwell_without_fma():
 
     The same build with fusion on (Triton's GPU default) does contract, so the FMA check can fail.
     """
-    from scalesearch_compile.kernels._nvfp4 import compile_ptx
+    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu
 
     jobs = [quantize_job("search", 90, fp_fusion=True)]
     jobs += [
@@ -166,7 +169,7 @@ def test_compiles_for_hopper_and_blackwell_without_fma():
         for method, capability in [("search", 90), ("amax", 100), ("four_over_six", 100), ("exhaustive", 100)]
     ]
     jobs.append(quantize_job("search", 100, fp_fusion=False, weighted=True))
-    fused, *exact = compile_ptx(jobs)
+    fused, *exact = compile_for_gpu(jobs)
     assert fused.count("fma.rn.f32") > 0
     for ptx in exact:
         assert ptx.count("fma.rn.f32") == 0

@@ -11,10 +11,10 @@ import torch
 from torchao.quantization import quantize_
 
 from scalesearch_compile import ScaleSearchConfig, ScaleSearchNVFP4Tensor
-from scalesearch_compile.demo import tiny_model
+from scalesearch_demo import tiny_model
 
 MODELS = ("llama", "qwen2")
-VOCAB = 256  # demo.tiny_model's vocabulary
+VOCAB = 256  # scalesearch_demo.tiny_model's vocabulary
 
 
 def _quantized(model, **kwargs):

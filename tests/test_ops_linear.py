@@ -9,10 +9,17 @@ import torch.nn.functional as F
 from torch.library import opcheck
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
-from scalesearch_compile import NVFP4ActivationKwargs, nvfp4_linear, nvfp4_quantize, quantize_blocks
-from scalesearch_compile.ops import quantize as quantize_ops
-from scalesearch_compile.ops.linear import dequantize_unscaled
-from scalesearch_compile.search import NVFP4Blocks
+from scalesearch_compile import (
+    NVFP4ActivationKwargs,
+    NVFP4Weight,
+    ScaleChoice,
+    nvfp4_linear,
+    nvfp4_quantize,
+    quantize_blocks,
+)
+from scalesearch_compile.formats import e2m1_decode, unpack_nibbles
+from scalesearch_compile.ops import dispatch
+from scalesearch_compile.search import quantize_reference
 from scalesearch_compile.tensor import quantize_weight
 
 torch.manual_seed(0)
@@ -67,11 +74,12 @@ def test_searched_activation_scales_lower_the_output_error():
     assert errors["search"] < 0.95 * errors["amax"]
 
 
-def test_dequantize_unscaled_decodes_every_byte_exactly():
+def test_unscaled_weight_decodes_every_byte_exactly():
     qdata = torch.arange(256, dtype=torch.uint8).view(2, 128)  # every pair of E2M1 codes
     codes = torch.randint(1, 127, (2, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    expected = NVFP4Blocks(qdata, codes, None, torch.zeros(2, 16, dtype=torch.int16)).dequantize()
-    assert torch.equal(dequantize_unscaled(qdata, codes), expected)
+    scales = codes.view(torch.float8_e4m3fn).float()  # torch's own float8 decode
+    expected = (e2m1_decode(unpack_nibbles(qdata)).view(2, 16, 16) * scales[..., None]).view(2, 256)
+    assert torch.equal(NVFP4Weight(qdata, codes).unscaled(), expected)
 
 
 def test_quantize_op_is_quantize_blocks_bit_for_bit():
@@ -149,11 +157,11 @@ def test_f_linear_and_matmul_route_to_the_op():
 
 
 def test_triton_impl_without_kernels_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(quantize_ops, "_find_launcher", lambda module, name: (None, f"no {module}.{name}"))
+    monkeypatch.setattr(dispatch, "_load", lambda op: (None, f"no {op} kernel here"))
     weight = _weight()
-    with pytest.raises(NotImplementedError, match="impl='triton' is not available: no gemm.nvfp4_linear_triton"):
+    with pytest.raises(NotImplementedError, match="impl='triton' is not available: no linear kernel here"):
         nvfp4_linear(torch.randn(2, 64), weight, impl="triton")
-    with pytest.raises(NotImplementedError, match="no quantize.quantize_nvfp4_triton"):
+    with pytest.raises(NotImplementedError, match="no quantize kernel here"):
         nvfp4_quantize(torch.randn(2, 64), impl="triton")
     # "auto" on CPU is the reference whatever exists
     x = torch.ones(2, 64)
@@ -163,16 +171,17 @@ def test_triton_impl_without_kernels_is_a_clear_error(monkeypatch):
 def test_triton_impl_calls_the_kernel_launcher(monkeypatch):
     calls = []
 
-    def launcher(x, method, *, window, per_tensor_scale, importance):
-        calls.append((method, window, per_tensor_scale, importance))
-        return quantize_blocks(x, method, window=window, per_tensor_scale=per_tensor_scale, importance=importance)
+    def launcher(request):
+        calls.append(request)
+        return quantize_reference(request)
 
-    monkeypatch.setattr(quantize_ops, "_find_launcher", lambda module, name: (launcher, ""))
+    monkeypatch.setattr(dispatch, "_load", lambda op: (launcher, ""))
     x, importance = torch.randn(4, 64), torch.rand(64)
     assert torch.equal(nvfp4_quantize(x, impl="triton")[0], nvfp4_quantize(x, impl="reference")[0])
-    assert calls == [("search", [-2, 6], True, None)]
-    nvfp4_quantize(x, per_tensor_scale=False, importance=importance, impl="triton")
-    assert calls[1][2] is None and calls[1][3] is importance
+    assert calls[0].scales == ScaleChoice("search", (-2, 6)) and calls[0].per_tensor_scale is not None
+    nvfp4_quantize(x, "amax", per_tensor_scale=False, importance=importance, impl="triton")
+    assert calls[1].scales.method == "amax" and calls[1].per_tensor_scale is None
+    assert torch.equal(calls[1].importance.flatten(), importance)
 
 
 @pytest.mark.skipif(
@@ -207,11 +216,11 @@ def test_bad_input_errors():
         nvfp4_linear(torch.randn(2, 80), weight)
     with pytest.raises(ValueError, match="multiple of 16"):
         nvfp4_linear(torch.randn(2, 60), weight)
-    with pytest.raises(ValueError, match=r"bias must have shape \(48,\)"):
+    with pytest.raises(ValueError, match=r"bias must be None or a floating-point tensor of shape \(48,\)"):
         nvfp4_linear(torch.randn(2, 64), weight, torch.randn(47))
-    with pytest.raises(ValueError, match="weight_scale must be uint8 E4M3 codes of shape"):
-        op(torch.randn(2, 64), qdata, weight.scale, None, None, None, [], "auto")
-    with pytest.raises(ValueError, match="weight_qdata must be 2-D uint8"):
+    with pytest.raises(ValueError, match=r"scales must be E4M3 codes \(uint8 or float8_e4m3fn\) of shape \(48, 4\)"):
+        op(torch.randn(2, 64), qdata, scale[:, :3], None, None, None, [], "auto")
+    with pytest.raises(ValueError, match="qdata must be a 2-D uint8"):
         op(torch.randn(2, 64), qdata.float(), scale, None, None, None, [], "auto")
     with pytest.raises(ValueError, match="unknown impl 'cuda'"):
         nvfp4_linear(torch.randn(2, 64), weight, impl="cuda")
@@ -219,7 +228,5 @@ def test_bad_input_errors():
         op(torch.randn(2, 64), qdata, scale, None, None, "mse", [-2, 6], "auto")
     with pytest.raises(ValueError, match="must be a ScaleSearchNVFP4Tensor"):
         nvfp4_linear(torch.randn(2, 64), torch.randn(48, 64))
-    with pytest.raises(ValueError, match="NaN or Inf"):
-        nvfp4_linear(torch.full((2, 64), float("nan")), _weight(act=NVFP4ActivationKwargs()))
     with pytest.raises(ValueError, match="empty search window"):
         nvfp4_quantize(torch.randn(2, 64), window=(3, 1))

@@ -9,7 +9,7 @@ from torchao.quantization import quantize_
 from transformers import AutoModelForCausalLM, TorchAoConfig
 
 from scalesearch_compile import ScaleSearchConfig, ScaleSearchNVFP4Tensor
-from scalesearch_compile.demo import tiny_model
+from scalesearch_demo import tiny_model
 
 IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 

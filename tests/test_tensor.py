@@ -6,8 +6,15 @@ from torchao.prototype.mx_formats.inference_workflow import NVFP4WeightOnlyConfi
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 from torchao.quantization import quantize_
 
-from scalesearch_compile import NVFP4ActivationKwargs, ScaleSearchNVFP4Tensor, quantize_blocks, quantize_nvfp4
-from scalesearch_compile.tensor import blocks_to_nvfp4_tensor, nvfp4_tensor_to_blocks, quantize_weight
+from scalesearch_compile import (
+    NVFP4ActivationKwargs,
+    NVFP4Weight,
+    ScaleChoice,
+    ScaleSearchNVFP4Tensor,
+    quantize_blocks,
+    quantize_nvfp4,
+)
+from scalesearch_compile.tensor import nvfp4_weight, quantize_weight
 
 torch.manual_seed(0)
 
@@ -75,6 +82,7 @@ def test_from_torchao_weight_only_config_unswizzles_exactly():
 
 def test_activation_kwargs_validate_and_normalise():
     assert NVFP4ActivationKwargs("search", [-1, 3]).window == (-1, 3)  # JSON gives lists back
+    assert isinstance(NVFP4ActivationKwargs(), ScaleChoice)  # validated by ScaleChoice, nowhere else
     with pytest.raises(ValueError, match="unknown method"):
         NVFP4ActivationKwargs("rtn")
     with pytest.raises(ValueError, match="empty search window"):
@@ -87,9 +95,9 @@ def test_layout_errors():
         ScaleSearchNVFP4Tensor(q.qdata, q.scale, 32, torch.float32)
     with pytest.raises(ValueError, match="qdata must be a 2-D uint8"):
         ScaleSearchNVFP4Tensor(q.qdata.view(torch.int8), q.scale, 16, torch.float32)
-    with pytest.raises(ValueError, match=r"scale must be float8_e4m3fn of shape \(48, 4\)"):
+    with pytest.raises(ValueError, match=r"scales must be E4M3 codes .* of shape \(48, 4\)"):
         ScaleSearchNVFP4Tensor(q.qdata, q.scale[:, :2], 16, torch.float32)
-    with pytest.raises(ValueError, match="per_tensor_scale must be a 0-d float32"):
+    with pytest.raises(ValueError, match="per_tensor_scale must be None or a one-element float"):
         ScaleSearchNVFP4Tensor(q.qdata, q.scale, 16, torch.float32, torch.ones(48, 1))
     with pytest.raises(ValueError, match="act_quant_kwargs must be NVFP4ActivationKwargs"):
         ScaleSearchNVFP4Tensor(q.qdata, q.scale, 16, torch.float32, None, {"method": "search"})
@@ -100,17 +108,23 @@ def test_layout_errors():
         ScaleSearchNVFP4Tensor.from_nvfp4_tensor(static)
     with pytest.raises(ValueError, match="expected a torchao NVFP4Tensor"):
         ScaleSearchNVFP4Tensor.from_nvfp4_tensor(q)
+    with pytest.raises(ValueError, match="transposed view"):
+        q.t().nvfp4_weight()
 
 
-def test_nvfp4_tensor_to_blocks_round_trip_and_errors():
+def test_nvfp4_weight_of_torchao_tensors_round_trips_and_errors():
     blocks = quantize_blocks(torch.randn(32, 64), "search")
-    stock = blocks_to_nvfp4_tensor(blocks, torch.float32)
-    back = nvfp4_tensor_to_blocks(stock)
-    assert torch.equal(back.qdata, blocks.qdata) and torch.equal(back.scale_codes, blocks.scale_codes)
-    assert torch.equal(back.dequantize(), blocks.dequantize())
+    stock = quantize_nvfp4(torch.randn(32, 64), "search")
+    weight = nvfp4_weight(stock)
+    assert torch.equal(weight.qdata, stock.qdata) and torch.equal(weight.scale_codes, stock.scale.view(torch.uint8))
+    assert torch.equal(weight.dequantize(), stock.dequantize(torch.float32))
+    assert torch.equal(NVFP4Weight.from_blocks(blocks).dequantize(), blocks.dequantize())
     with pytest.raises(ValueError, match="transposed"):
-        nvfp4_tensor_to_blocks(stock.t())
-    with pytest.raises(ValueError, match="swizzled"):
-        nvfp4_tensor_to_blocks(NVFP4Tensor.to_nvfp4(torch.randn(128, 64), is_swizzled_scales=True))
+        nvfp4_weight(stock.t())
+    swizzled = NVFP4Tensor.to_nvfp4(torch.randn(128, 64), is_swizzled_scales=True)
+    assert nvfp4_weight(swizzled).scale_codes.shape == (128, 4)  # unswizzled, exactly
+    assert torch.equal(nvfp4_weight(swizzled).dequantize(), swizzled.dequantize(torch.float32))
     with pytest.raises(ValueError, match="2-D or 3-D"):
-        blocks_to_nvfp4_tensor(quantize_blocks(torch.randn(64), "amax"), torch.float32)
+        quantize_nvfp4(torch.randn(64), "amax")
+    with pytest.raises(ValueError, match="one global scale"):
+        quantize_nvfp4(torch.randn(4, 64), per_tensor_scale="row")

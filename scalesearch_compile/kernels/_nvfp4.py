@@ -2,7 +2,8 @@
 
 They reproduce ``scalesearch_compile.formats`` and ``scalesearch_compile.search`` bit for bit:
 - every rounding is written with float32 add/sub/mul, IEEE division (``tl.math.div_rn``) and integer bit
-  arithmetic, never with a float cast (the Triton interpreter's float8 casts truncate; FACTS.md);
+  arithmetic, never with a float cast (Triton's interpreter truncates float casts, so tests could not check
+  them);
 - callers must launch with ``enable_fp_fusion=False``: an FMA contraction of ``|x| - q * s`` changes the
   block error's bits (Triton contracts by default on GPUs).
 
@@ -27,6 +28,7 @@ E2M1_MAX = tl.constexpr(6.0)
 E4M3_MAX = tl.constexpr(448.0)
 E4M3_MIN_NORMAL = tl.constexpr(2.0**-6)
 E4M3_MAX_CODE = tl.constexpr(126)
+E4M3_NAN_CODE = tl.constexpr(127)
 
 
 @triton.jit
@@ -167,16 +169,21 @@ def quantize_tile(
     weights=None,
     HAS_WEIGHTS: tl.constexpr = False,
 ):
-    """Quantize a float32 tile ``[ROWS, BLOCK_K]`` to NVFP4 exactly as ``search.quantize_blocks``.
+    """Quantize a float32 tile ``[ROWS, BLOCK_K]`` to NVFP4 exactly as ``search.quantize_reference``.
 
     ``pts``: float32 ``[ROWS, 1]`` global scale (ignored unless HAS_PTS); ``weights``: float32 ``[1, BLOCK_K //
     16, 16]`` importance of the tile's input channels (ignored unless HAS_WEIGHTS). METHOD: "amax", "four_over_six",
     "search" (code offsets LO..HI around the amax code) or "exhaustive". The amax code is evaluated first and
-    candidates follow in the reference's order, so ties resolve the same way.
+    candidates follow in the reference's order, so ties resolve the same way. NaN and Inf are quantized as
+    zeros and their block gets the NaN scale code 127 (as its amax code, so its offset is 0).
     Returns ``(codes [ROWS, BLOCK_K] int32 E2M1, scale codes [ROWS, BLOCK_K // 16] int32, amax codes)``.
     """
     NUM_BLOCKS: tl.constexpr = BLOCK_K // NVFP4_BLOCK
-    mag = tl.abs(tl.reshape(x, (ROWS, NUM_BLOCKS, NVFP4_BLOCK)))
+    x = tl.reshape(x, (ROWS, NUM_BLOCKS, NVFP4_BLOCK))
+    finite = (x.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000  # exponent all ones: NaN or Inf
+    non_finite_block = tl.max(tl.where(finite, 0, 1), axis=2) > 0
+    x = tl.where(finite, x, 0.0)
+    mag = tl.abs(x)
     block_amax = tl.max(mag, axis=2)
     first_code = amax_code(block_amax, pts, E2M1_MAX, HAS_PTS)
     best_code = first_code
@@ -201,8 +208,10 @@ def quantize_tile(
     multiplier, _ = scale_factors(best_code, pts, HAS_PTS)
     magnitude = e2m1_round(mag * multiplier[:, :, None])
     # |x * m| == |x| * m exactly, and the code keeps the sign bit of x (-0.0 gives code 8, as the reference).
-    sign = (tl.reshape(x, (ROWS, NUM_BLOCKS, NVFP4_BLOCK)).to(tl.int32, bitcast=True) >> 28) & 8
+    sign = (x.to(tl.int32, bitcast=True) >> 28) & 8
     codes = e2m1_magnitude_code(magnitude) | sign
+    best_code = tl.where(non_finite_block, E4M3_NAN_CODE, best_code)
+    first_code = tl.where(non_finite_block, E4M3_NAN_CODE, first_code)
     return tl.reshape(codes, (ROWS, BLOCK_K)), best_code, first_code
 
 
@@ -222,15 +231,18 @@ def unpack_nibbles(packed, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def dequantize_tile(codes, scale_codes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """float32 ``e2m1(codes) * e4m3(scale_codes)``: int32 ``[ROWS, BLOCK_K]`` codes, ``[ROWS, BLOCK_K // 16]`` scales.
+    """float32 ``e2m1(codes) * e4m3(scale_codes)``: int32 ``[ROWS, BLOCK_K]`` codes, ``[ROWS, BLOCK_K // 16]`` scales
+    (the NaN code 127 gives NaN, which propagates through the dot as in a float matmul).
 
     The product of a 2-bit E2M1 significand and a 4-bit E4M3 one is exact in float32, and also in fp16
     and bf16 (values 2**-10 .. 2688), so a tile dequantized here can enter ``tl.dot`` in half precision
     with no rounding; the global scales are applied after the dot.
     """
     NUM_BLOCKS: tl.constexpr = BLOCK_K // NVFP4_BLOCK
+    scale_codes = scale_codes.to(tl.int32)
+    scales = tl.where(scale_codes == E4M3_NAN_CODE, float("nan"), e4m3_value(scale_codes))
     values = tl.reshape(e2m1_value(codes), (ROWS, NUM_BLOCKS, NVFP4_BLOCK))
-    return tl.reshape(values * e4m3_value(scale_codes.to(tl.int32))[:, :, None], (ROWS, BLOCK_K))
+    return tl.reshape(values * scales[:, :, None], (ROWS, BLOCK_K))
 
 
 # ---- host side: shared by the launchers and their tests ----
@@ -239,7 +251,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def autotune_configs(gpu_configs, interpreter_config):
-    """The GPU configs, or the single one the interpreter can run (it fails with more than one; FACTS.md)."""
+    """The GPU configs, or the single one the interpreter can run (``@triton.autotune`` with more than one
+    config fails under Triton 3.9's interpreter)."""
     return [interpreter_config] if INTERPRET else gpu_configs
 
 
@@ -251,8 +264,9 @@ def check_kernel_device(tensor, what: str) -> None:
         )
 
 
-def compile_ptx(jobs):
-    """PTX of kernels compiled for NVIDIA targets with no GPU present (Triton's bundled ptxas checks it).
+def compile_for_gpu(jobs, stage: str = "ptx"):
+    """Code of kernels compiled for NVIDIA targets with no GPU present (Triton's bundled ptxas checks it):
+    ``stage`` "ptx", or "ttir" (Triton IR, where the kernel's own integer arithmetic is still visible).
 
     Each job is ``(module, kernel name, {argument: type} for the non-constexpr arguments, {constexpr: value},
     compute capability, compile options)``. The interpreter cannot compile, so under TRITON_INTERPRET=1 the
@@ -263,7 +277,7 @@ def compile_ptx(jobs):
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "ptx.pickle")
             with open(path, "wb") as f:
-                pickle.dump(jobs, f)
+                pickle.dump((jobs, stage), f)
             env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
             child = f"from {__name__} import _compile_file; _compile_file({path!r})"
             done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=False)
@@ -281,15 +295,15 @@ def compile_ptx(jobs):
         full_signature = {arg: signature.get(arg, "constexpr") for arg in fn.arg_names}
         target = GPUTarget("cuda", capability, 32)
         results.append(
-            triton.compile(ASTSource(fn, full_signature, constexprs), target=target, options=options).asm["ptx"]
+            triton.compile(ASTSource(fn, full_signature, constexprs), target=target, options=options).asm[stage]
         )
     return results
 
 
 def _compile_file(path: str) -> None:
-    """Child side of :func:`compile_ptx`: read the jobs from ``path``, write their PTX back to it."""
+    """Child side of :func:`compile_for_gpu`: read the jobs from ``path``, write their code back to it."""
     with open(path, "rb") as f:
-        jobs = pickle.load(f)
-    ptx = compile_ptx(jobs)
+        jobs, stage = pickle.load(f)
+    code = compile_for_gpu(jobs, stage)
     with open(path, "wb") as f:
-        pickle.dump(ptx, f)
+        pickle.dump(code, f)

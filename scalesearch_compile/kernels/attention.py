@@ -60,7 +60,7 @@ from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton
 KERNEL_TOLERANCE = 1e-5  # relative L2 difference from the reference under the interpreter (module docstring)
 # Query rows per program and warps: FlashAttention-2's usual shapes for head_dim 64/128, not yet timed on a GPU
 # (none was available). Compiled without a GPU, sm_100 lowers DOT_SCALED to the block-scaled NVFP4 tcgen05 MMA
-# only at BLOCK_M = 128 (64 gives f16 MMAs). The interpreter runs the one config it can (FACTS.md section 4).
+# only at BLOCK_M = 128 (64 gives f16 MMAs). The interpreter runs the one config it can.
 _CONFIGS = autotune_configs(
     [triton.Config({"BLOCK_M": block_m}, num_warps=warps) for block_m in (64, 128) for warps in (4, 8)],
     triton.Config({"BLOCK_M": 64}, num_warps=4),
@@ -94,7 +94,15 @@ def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.co
     return codes, scale_codes, row_scale
 
 
-@triton.autotune(_CONFIGS, key=["q_len", "k_len", "HEAD_DIM", "V_DIM", "IS_CAUSAL", "HAS_MASK", "DOT_SCALED"])
+# Sequence lengths enter the key as powers of two (Q_BUCKET, K_BUCKET), so a new length (every decode step)
+# reuses its bucket's tuned config; every constexpr the configs do not set is in the key.
+@triton.autotune(
+    _CONFIGS,
+    key=[
+        "Q_BUCKET", "K_BUCKET", "HEAD_DIM", "V_DIM", "BLOCK_N", "IS_CAUSAL", "HAS_MASK", "SMOOTH_Q",
+        "METHOD", "LO", "HI", "SCALE_FLOOR", "DOT_SCALED",
+    ],
+)
 @triton.jit
 def _attention_kernel(
     q_codes_ptr, q_scales_ptr, q_hp_ptr, q_mean_ptr,
@@ -102,13 +110,14 @@ def _attention_kernel(
     v_codes_ptr, v_scales_ptr, v_hp_ptr,
     global_scales_ptr, mask_ptr, out_ptr,
     mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
-    num_heads, group, q_len, k_len, padded_len, sink_end, tail_start, sm_scale,
+    num_heads, group, q_len, k_len, padded_len, sink_end, tail_start, sm_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SMOOTH_Q: tl.constexpr,
     METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SCALE_FLOOR: tl.constexpr, DOT_SCALED: tl.constexpr,
 ):  # fmt: skip
+    # Element offsets in int64: batch x heads x seq x head_dim passes 2**31 at realistic sizes (8 x 32 x 8192 x 128).
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh = tl.program_id(1).to(tl.int64)
     batch = pid_bh // num_heads
     head = pid_bh % num_heads
     kv_bh = batch * (num_heads // group) + head // group
@@ -230,6 +239,7 @@ def nvfp4_attention_triton(
         *(mask.stride() if mask is not None else (0, 0, 0, 0)),
         num_heads, num_heads // kv_heads, q_len, k_len, padded_len, sink_end, tail_start,
         1.0 / math.sqrt(head_dim) if scale is None else float(scale),
+        triton.next_power_of_2(q_len), triton.next_power_of_2(k_len),
         HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_N=TILE,
         IS_CAUSAL=is_causal, HAS_MASK=mask is not None, SMOOTH_Q=prep.q_mean is not None,
         METHOD=recipe.method, LO=recipe.window[0], HI=recipe.window[1], SCALE_FLOOR=P_SCALE_FLOOR,

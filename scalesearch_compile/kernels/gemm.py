@@ -12,15 +12,13 @@ so it equals quantize-then-GEMM bit for bit.
 Paths: on compute capability 10.x / 12.x, W4A4 uses ``tl.dot_scaled(..., "e2m1", ...)`` with E4M3 scales;
 elsewhere (Hopper, Ampere, the interpreter) tiles are dequantized in registers and fed to ``tl.dot``.
 Decode shapes (M <= 16) split K across programs; their float32 partial sums are added by torch (in a fixed
-order, so the result is deterministic).
+order, so the result is deterministic). An activation block holding NaN or Inf (scale code 127) makes its
+row's outputs NaN, on every path (module ``search``); the other rows are unaffected.
 
-Layouts (torchao's, unswizzled): W qdata uint8 ``(N, K // 2)`` (element 2i in the low nibble), scale codes
-``(N, K // 16)`` uint8 or float8_e4m3fn, per-tensor scale float32 (one element) or None; an NVFP4 activation
-is the same with M rows, its global scale one element or one per row; a float activation ``(..., K)``.
+Layouts: the weight is a validated :class:`~scalesearch_compile.layout.NVFP4Weight`; an NVFP4 activation is
+:class:`~scalesearch_compile.layout.NVFP4Blocks` with M rows, its global scale one element or one per row; a
+float activation ``(..., K)``.
 """
-
-from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import triton
@@ -36,20 +34,19 @@ from scalesearch_compile.kernels._nvfp4 import (
     unpack_nibbles,
 )
 from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton
+from scalesearch_compile.layout import NVFP4Blocks, NVFP4Weight
 from scalesearch_compile.search import (
-    BLOCK_SIZE,
-    DEFAULT_WINDOW,
+    DEFAULT_SCALES,
     SUPPORTED_DTYPES,
-    NVFP4Blocks,
     PerTensorScale,
-    check_method,
-    check_window,
-    checked_amax,
-    resolve_per_tensor_scale,
+    QuantizeRequest,
+    ScaleChoice,
+    check_dtype_and_shape,
 )
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 DECODE_MAX_M = 16
+NO_SEARCH = ScaleChoice("amax", (0, 0))  # the scale-choice constexprs of launches that quantize nothing
 
 # Tile shapes from Triton's Hopper matmul tutorial (128x128 / 128x64 / 64x128 with 4-8 warps, 3-4 stages),
 # with BLOCK_K 64-128 (whole 16-element scale blocks; dot_scaled wants K >= 64) and BLOCK_M 16 for decode;
@@ -85,7 +82,14 @@ def _load_nvfp4_tile(qdata_ptr, scale_ptr, rows, row_ok, k0, K, ROWS: tl.constex
     return packed, scales
 
 
-@triton.autotune(configs=_CONFIGS, key=["M_BUCKET", "N", "K", "A_MODE", "DOT_SCALED", "SPLIT_K"])
+# Every constexpr the configs do not set is in the key: each changes the generated code.
+@triton.autotune(
+    configs=_CONFIGS,
+    key=[
+        "M_BUCKET", "N", "K", "A_MODE", "METHOD", "LO", "HI", "HAS_A_PTS", "HAS_W_PTS", "HAS_BIAS",
+        "DOT_DTYPE", "INPUT_PRECISION", "DOT_SCALED", "SPLIT_K",
+    ],
+)  # fmt: skip
 @triton.jit
 def _nvfp4_gemm_kernel(
     a_ptr,
@@ -148,6 +152,7 @@ def _nvfp4_gemm_kernel(
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
     first_tile = tl.program_id(1) * tiles_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int32)  # dot_scaled: rows with a NaN scale code (see below)
     for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, k_tiles)):
         k0 = tile * BLOCK_K
         w_packed, w_scales = _load_nvfp4_tile(w_ptr, w_scale_ptr, cols, col_ok, k0, K, BLOCK_N, BLOCK_K)
@@ -167,6 +172,9 @@ def _nvfp4_gemm_kernel(
                 else:
                     a = dequantize_tile(a_codes, a_scales, BLOCK_M, BLOCK_K)
         if DOT_SCALED:
+            # The dequantizing path turns scale code 127 into NaN itself; here the rows are marked instead of
+            # relying on how the block-scaled MMA treats a NaN scale.
+            nan_rows = tl.maximum(nan_rows, tl.max((a_scales.to(tl.int32) == 127).to(tl.int32), axis=1))
             acc = tl.dot_scaled(
                 a_packed,
                 a_scales.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
@@ -180,6 +188,8 @@ def _nvfp4_gemm_kernel(
             w = dequantize_tile(unpack_nibbles(w_packed, BLOCK_N, BLOCK_K), w_scales, BLOCK_N, BLOCK_K)
             acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
 
+    if DOT_SCALED:
+        acc = tl.where(nan_rows[:, None] > 0, float("nan"), acc)
     if A_MODE != "float":
         acc = acc * a_pts
     if HAS_W_PTS:
@@ -194,7 +204,7 @@ def _use_dot_scaled(requested: bool | None, device: torch.device) -> bool:
     """Whether W4A4 runs on ``tl.dot_scaled``: where it exists (compute capability 10.x / 12.x) unless refused."""
     available = not INTERPRET and torch.cuda.get_device_capability(device)[0] in (10, 12)
     if requested and not available:
-        # The interpreter would run it and silently return garbage (it reads E4M3 scales as E8M0; FACTS.md).
+        # Triton 3.9's interpreter would run it and silently return garbage: it reads E4M3 scales as E8M0.
         raise ValueError("use_dot_scaled=True needs a GPU of compute capability 10.x or 12.x (Blackwell)")
     return available if requested is None else requested
 
@@ -212,49 +222,6 @@ def _split_k(requested: int | None, m: int, n: int, k: int, device: torch.device
     return max(1, min(8, (2 * sms) // triton.cdiv(n, 64), k // 512))
 
 
-class _Weight(NamedTuple):
-    """A validated NVFP4 weight: qdata uint8 (N, K // 2), scale codes uint8 (N, K // 16), 0-d pts, bias (N,)."""
-
-    qdata: torch.Tensor
-    scale_codes: torch.Tensor
-    per_tensor_scale: torch.Tensor | None
-    bias: torch.Tensor | None
-
-
-def _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k: int, device: torch.device) -> _Weight:
-    """Validate torchao's weight layout (and the bias) for inputs with K = ``k`` on ``device``."""
-    for name, t in (("w_qdata", w_qdata), ("w_scale_codes", w_scale_codes)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 2:
-            raise ValueError(f"{name} must be a 2-D tensor, got {getattr(t, 'shape', type(t).__name__)}")
-    n = w_qdata.shape[0]
-    if w_qdata.dtype != torch.uint8 or tuple(w_qdata.shape) != (n, k // 2):
-        raise ValueError(
-            f"w_qdata must be uint8 of shape (N, K // 2) = ({n}, {k // 2}) for inputs with K = {k}, "
-            f"got {w_qdata.dtype} {tuple(w_qdata.shape)}"
-        )
-    if w_scale_codes.dtype not in (torch.uint8, torch.float8_e4m3fn) or tuple(w_scale_codes.shape) != (n, k // 16):
-        raise ValueError(
-            f"w_scale_codes must be uint8 or float8_e4m3fn of shape (N, K // 16) = ({n}, {k // 16}), "
-            f"got {w_scale_codes.dtype} {tuple(w_scale_codes.shape)} (swizzled scales are not supported)"
-        )
-    if w_per_tensor_scale is not None:
-        # Its value is not checked: reading it would synchronize the GPU on every call.
-        if not isinstance(w_per_tensor_scale, torch.Tensor) or w_per_tensor_scale.numel() != 1:
-            raise ValueError("w_per_tensor_scale must be None or a one-element tensor")
-        w_per_tensor_scale = w_per_tensor_scale.detach().float().reshape(())
-    if bias is not None and (
-        not isinstance(bias, torch.Tensor) or not bias.is_floating_point() or tuple(bias.shape) != (n,)
-    ):
-        raise ValueError(
-            f"bias must be None or a floating-point tensor of shape ({n},), got {getattr(bias, 'shape', bias)}"
-        )
-    weight = _Weight(w_qdata.contiguous(), w_scale_codes.contiguous().view(torch.uint8), w_per_tensor_scale, bias)
-    for name, t in zip(("w_qdata", "w_scale_codes", "w_per_tensor_scale", "bias"), weight, strict=True):
-        if t is not None and t.device != device:
-            raise ValueError(f"{name} is on {t.device} but the input is on {device}")
-    return weight
-
-
 def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
     out_dtype = default if out_dtype is None else out_dtype
     if out_dtype not in SUPPORTED_DTYPES:
@@ -262,29 +229,35 @@ def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
     return out_dtype
 
 
+def _check_weight(weight, in_features: int, device: torch.device, bias) -> None:
+    if not isinstance(weight, NVFP4Weight):
+        raise ValueError(f"weight must be an NVFP4Weight, got {type(weight).__name__}")
+    weight.check_operands(in_features, device, bias)
+
+
 def _launch(
     a_mode: str,
     a: torch.Tensor,
-    weight: _Weight,
+    weight: NVFP4Weight,
+    bias: torch.Tensor | None,
     out_dtype: torch.dtype,
     split_k: int,
     *,
     a_scale_codes: torch.Tensor | None = None,
     a_pts: torch.Tensor | None = None,
-    method: str = "amax",
-    window: tuple = (0, 0),
+    scales: ScaleChoice = NO_SEARCH,
     dot_dtype: torch.dtype = torch.float16,
     dot_scaled: bool = False,
 ) -> torch.Tensor:
     """Launch the GEMM kernel on ``a`` ((M, K) floats, or (M, K // 2) codes with ``a_scale_codes``) and finish
     split-K; returns (M, N) in ``out_dtype``."""
-    m, n, k = a.shape[0], weight.qdata.shape[0], weight.qdata.shape[1] * 2
+    m, n, k = a.shape[0], weight.out_features, weight.in_features
     if split_k == 1:
         out = torch.empty((m, n), dtype=out_dtype, device=a.device)
     else:
         out = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
     if INTERPRET and dot_dtype == torch.bfloat16:
-        dot_dtype = torch.float32  # the interpreter's bf16 dot is wrong (FACTS.md); bf16 -> fp32 is exact
+        dot_dtype = torch.float32  # Triton 3.9's interpreter computes bf16 dots wrongly; bf16 -> fp32 is exact
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
@@ -298,10 +271,10 @@ def _launch(
         a,
         pointer(a_scale_codes),
         pointer(None if a_pts is None else a_pts.reshape(-1).contiguous()),
-        weight.qdata,
-        weight.scale_codes,
+        weight.qdata.contiguous(),
+        weight.scale_codes.contiguous(),
         pointer(weight.per_tensor_scale),
-        pointer(weight.bias),
+        pointer(bias),
         out,
         m,
         n,
@@ -309,12 +282,12 @@ def _launch(
         triton.next_power_of_2(m),
         0 if a_pts is None or a_pts.numel() == 1 else 1,
         A_MODE=a_mode,
-        METHOD=method,
-        LO=window[0],
-        HI=window[1],
+        METHOD=scales.method,
+        LO=scales.window[0],
+        HI=scales.window[1],
         HAS_A_PTS=a_pts is not None,
         HAS_W_PTS=weight.per_tensor_scale is not None,
-        HAS_BIAS=weight.bias is not None,
+        HAS_BIAS=bias is not None,
         DOT_DTYPE=_TL_DTYPES[dot_dtype],
         INPUT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",  # tf32 is the default, unused for 16 bits
         DOT_SCALED=dot_scaled,
@@ -324,19 +297,20 @@ def _launch(
     if split_k == 1:
         return out
     out = out.sum(0)
-    return (out if weight.bias is None else out + weight.bias.float()).to(out_dtype)
+    return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
-def _launch_w4a4(a: NVFP4Blocks, weight: _Weight, out_dtype: torch.dtype, split_k: int, dot_scaled: bool):
+def _launch_w4a4(a: NVFP4Blocks, weight: NVFP4Weight, bias, out_dtype: torch.dtype, split_k: int, dot_scaled: bool):
     """The GEMM of quantized activation blocks; returns (M, N)."""
-    k = weight.qdata.shape[1] * 2
+    k = weight.in_features
     return _launch(
         "nvfp4",
         a.qdata.reshape(-1, k // 2).contiguous(),
         weight,
+        bias,
         out_dtype,
         split_k,
-        a_scale_codes=a.scale_codes.reshape(-1, k // BLOCK_SIZE).contiguous(),
+        a_scale_codes=a.scale_codes.reshape(-1, k // 16).contiguous(),
         a_pts=a.per_tensor_scale,
         dot_scaled=dot_scaled,
     )
@@ -344,28 +318,24 @@ def _launch_w4a4(a: NVFP4Blocks, weight: _Weight, out_dtype: torch.dtype, split_
 
 def nvfp4_gemm_triton(
     a: NVFP4Blocks,
-    w_qdata: torch.Tensor,
-    w_scale_codes: torch.Tensor,
-    w_per_tensor_scale: torch.Tensor | None,
+    weight: NVFP4Weight,
     bias: torch.Tensor | None = None,
     *,
     out_dtype: torch.dtype = torch.float32,
     split_k: int | None = None,
     use_dot_scaled: bool | None = None,
 ) -> torch.Tensor:
-    """W4A4 GEMM of an already quantized activation: ``a.dequantize() @ W_dequantized^T (+ bias)``, (..., N).
-
-    ``split_k`` and ``use_dot_scaled`` as in :func:`nvfp4_linear_triton`.
-    """
+    """W4A4 GEMM of an already quantized activation: ``a.dequantize() @ weight.dequantize()^T (+ bias)``,
+    ``(..., N)``. ``split_k`` and ``use_dot_scaled`` as in :func:`nvfp4_linear_triton`."""
     if not isinstance(a, NVFP4Blocks):
         raise ValueError(f"a must be NVFP4Blocks (from quantize_nvfp4_triton), got {type(a).__name__}")
     check_kernel_device(a.qdata, "a.qdata")
-    k = a.qdata.shape[-1] * 2
-    weight = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, a.qdata.device)
-    m, n = a.qdata.numel() * 2 // k, weight.qdata.shape[0]
+    _check_weight(weight, a.qdata.shape[-1] * 2, a.qdata.device, bias)
+    m, n, k = a.qdata.numel() // weight.qdata.shape[1], weight.out_features, weight.in_features
     out = _launch_w4a4(
         a,
         weight,
+        bias,
         _check_out_dtype(out_dtype, torch.float32),
         _split_k(split_k, m, n, k, a.qdata.device),
         _use_dot_scaled(use_dot_scaled, a.qdata.device),
@@ -375,62 +345,50 @@ def nvfp4_gemm_triton(
 
 def nvfp4_linear_triton(
     x: torch.Tensor,
-    w_qdata: torch.Tensor,
-    w_scale_codes: torch.Tensor,
-    w_per_tensor_scale: torch.Tensor | None,
+    weight: NVFP4Weight,
     bias: torch.Tensor | None = None,
+    act: ScaleChoice | None = DEFAULT_SCALES,
     *,
-    act: str | None = "nvfp4",
-    method: str = "search",
-    window: Sequence[int] = DEFAULT_WINDOW,
     act_per_tensor_scale: PerTensorScale = True,
     out_dtype: torch.dtype | None = None,
     fuse_act_quant: bool | None = None,
     split_k: int | None = None,
     use_dot_scaled: bool | None = None,
 ) -> torch.Tensor:
-    """``x @ W^T (+ bias)`` with an NVFP4 weight in torchao's layout; returns ``(..., N)`` in ``out_dtype``.
+    """``x @ W^T (+ bias)`` with an NVFP4 weight; returns ``(..., N)`` in ``out_dtype`` (default x's dtype).
 
-    ``act="nvfp4"`` (W4A4): x is quantized with ``method`` / ``window`` / ``act_per_tensor_scale`` (as
-    ``quantize_blocks``), inside the GEMM prologue when ``fuse_act_quant`` (default: M <= 16, where it saves a
-    launch and the activation round trip) or by ``quantize_nvfp4_triton`` first; both give the same bits.
-    ``act=None`` (W4A16): x (float32 / bfloat16 / float16) is multiplied as is. ``split_k`` (default: more
-    than 1 only for M <= 16) splits the reduction across programs. ``out_dtype`` defaults to x's dtype.
-    ``use_dot_scaled``: None picks ``tl.dot_scaled`` for W4A4 where the GPU has it; False forces dequantize.
+    ``act`` a :class:`ScaleChoice` (W4A4): x is quantized with those block scales and ``act_per_tensor_scale``
+    (as ``quantize_blocks``, at run time: NaN/Inf are not checked, they make their row's outputs NaN), inside
+    the GEMM prologue when ``fuse_act_quant`` (default: M <= 16, where it saves a launch and the activation
+    round trip) or by ``quantize_nvfp4_triton`` first; both give the same bits. ``act=None`` (W4A16): x
+    (float32 / bfloat16 / float16) is multiplied as is. ``split_k`` (default: more than 1 only for M <= 16)
+    splits the reduction across programs. ``use_dot_scaled``: None picks ``tl.dot_scaled`` for W4A4 where the
+    GPU has it; False forces dequantize. Reads nothing on the host.
     """
-    if act not in ("nvfp4", None):
-        raise ValueError(f"act must be 'nvfp4' (W4A4) or None (weight-only W4A16), got {act!r}")
-    if not isinstance(x, torch.Tensor) or x.dtype not in SUPPORTED_DTYPES or x.dim() == 0:
-        raise ValueError(
-            f"x must be a float32, bfloat16 or float16 tensor with at least one dimension, got "
-            f"{getattr(x, 'dtype', type(x).__name__)}"
-        )
+    if act is not None and not isinstance(act, ScaleChoice):
+        raise ValueError(f"act must be a ScaleChoice (W4A4) or None (weight-only W4A16), got {act!r}")
+    check_dtype_and_shape(x, "x")
+    _check_weight(weight, x.shape[-1], x.device, bias)
     check_kernel_device(x, "x")
-    k = x.shape[-1]
-    if k == 0 or k % BLOCK_SIZE:
-        raise ValueError(
-            f"x's last dimension (K = {k}) must be a positive multiple of {BLOCK_SIZE}, got shape {tuple(x.shape)}"
-        )
-    weight = _check_weight(w_qdata, w_scale_codes, w_per_tensor_scale, bias, k, x.device)
     out_dtype = _check_out_dtype(out_dtype, x.dtype)
-    m, n = x.numel() // k, weight.qdata.shape[0]
+    k = x.shape[-1]
+    m, n = x.numel() // k, weight.out_features
     split = _split_k(split_k, m, n, k, x.device)
     if act is not None:
-        check_method(method)
-        window = check_window(window)
         dot_scaled = _use_dot_scaled(use_dot_scaled, x.device)
     if m == 0:
         return torch.empty((*x.shape[:-1], n), dtype=out_dtype, device=x.device)
 
     rows = x.reshape(m, k).contiguous()
     if act is None:
-        out = _launch("float", rows, weight, out_dtype, split, dot_dtype=x.dtype)
-    elif m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant:
-        a_pts = resolve_per_tensor_scale(x, checked_amax(x), act_per_tensor_scale)
-        out = _launch(
-            "quantize", rows, weight, out_dtype, split, a_pts=a_pts, method=method, window=window, dot_scaled=dot_scaled
-        )
+        out = _launch("float", rows, weight, bias, out_dtype, split, dot_dtype=x.dtype)
     else:
-        a = quantize_nvfp4_triton(rows, method, window=window, per_tensor_scale=act_per_tensor_scale)
-        out = _launch_w4a4(a, weight, out_dtype, split, dot_scaled)
+        request = QuantizeRequest.of(rows, act, per_tensor_scale=act_per_tensor_scale, check_finite=False)
+        if m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant:
+            pts = request.per_tensor_scale
+            out = _launch(
+                "quantize", rows, weight, bias, out_dtype, split, a_pts=pts, scales=act, dot_scaled=dot_scaled
+            )
+        else:
+            out = _launch_w4a4(quantize_nvfp4_triton(request), weight, bias, out_dtype, split, dot_scaled)
     return out.view(*x.shape[:-1], n)

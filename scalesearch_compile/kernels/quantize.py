@@ -1,33 +1,22 @@
 """Fused NVFP4 quantization with scale search: block amax, every candidate scale, best kept, codes packed.
 
-Numerics: bit for bit ``search.quantize_blocks(x, method, window=..., per_tensor_scale=..., importance=...)``
-on qdata, scale codes and offsets, for methods "amax", "four_over_six", "search" and "exhaustive" (the exact
-formulas are in search.py's docstring; the tile arithmetic is in ``_nvfp4.quantize_tile``). The global scale
-comes from the first reduction, ``checked_amax`` (torch's amax; a maximum is exact in any order), or is given.
+Numerics: bit for bit ``search.quantize_reference(request)`` on qdata, scale codes and offsets, for methods
+"amax", "four_over_six", "search" and "exhaustive" (the exact formulas are in search.py's docstring; the tile
+arithmetic is in ``_nvfp4.quantize_tile``). The request carries the global scale, resolved by torch (an amax
+is exact in any order, and the division is IEEE on every device).
 
 Layouts: reads x ``(..., K)`` (float32, bfloat16 or float16, K a multiple of 16) as ``(M, K)`` rows; writes
 qdata uint8 ``(M, K // 2)`` (element 2i in the low nibble), E4M3 scale codes uint8 ``(M, K // 16)`` and the
 chosen offsets int16 ``(M, K // 16)`` (chosen code minus amax code), torchao's unswizzled layout.
 """
 
-from collections.abc import Sequence
-
 import torch
 import triton
 import triton.language as tl
 
 from scalesearch_compile.kernels._nvfp4 import autotune_configs, check_kernel_device, pack_nibbles, quantize_tile
-from scalesearch_compile.search import (
-    BLOCK_SIZE,
-    DEFAULT_WINDOW,
-    NVFP4Blocks,
-    PerTensorScale,
-    check_importance,
-    check_method,
-    check_window,
-    checked_amax,
-    resolve_per_tensor_scale,
-)
+from scalesearch_compile.layout import BLOCK_SIZE, NVFP4Blocks
+from scalesearch_compile.search import QuantizeRequest
 
 # Rows x columns per program. GPU candidates: tiles of 512-4096 values (4 warps, 4-32 values a thread) that keep
 # the 9-candidate search in registers; not yet timed on a GPU. The interpreter runs one tile shape, the
@@ -40,7 +29,7 @@ GPU_CONFIGS = [
 _CONFIGS = autotune_configs(GPU_CONFIGS, triton.Config({"BLOCK_M": 32, "BLOCK_K": 128}, num_warps=4))
 
 
-@triton.autotune(configs=_CONFIGS, key=["K", "METHOD", "HAS_PTS", "HAS_WEIGHTS"])
+@triton.autotune(configs=_CONFIGS, key=["K", "HAS_PTS", "HAS_WEIGHTS", "METHOD", "LO", "HI"])
 @triton.jit
 def _quantize_kernel(
     x_ptr,
@@ -93,28 +82,14 @@ def _quantize_kernel(
     tl.store(offset_ptr + block_offsets, (scale_codes - first_codes).to(tl.int16), block_mask)
 
 
-def quantize_nvfp4_triton(
-    x: torch.Tensor,
-    method: str = "search",
-    *,
-    window: Sequence[int] = DEFAULT_WINDOW,
-    per_tensor_scale: PerTensorScale = True,
-    importance: torch.Tensor | None = None,
-) -> NVFP4Blocks:
-    """Quantize ``x`` (..., K) to NVFP4 in one Triton pass; same result as ``search.quantize_blocks``.
+def quantize_nvfp4_triton(request: QuantizeRequest) -> NVFP4Blocks:
+    """Quantize ``request.x`` (..., K) to NVFP4 in one Triton pass; bit for bit ``search.quantize_reference``.
 
-    ``per_tensor_scale``: True (torchao's ``amax / (448 * 6)``), "row", a one-element or ``(..., 1)`` tensor,
-    or None (single-level scales). ``importance``: optional (K,) non-negative weights of each input channel's
-    squared error in the block error. Raises ValueError for an unknown method, a bad window, an input that
-    cannot be quantized (dtype, K not a multiple of 16, empty, NaN/Inf) or a tensor a kernel cannot read.
+    Reads nothing on the host (the request was validated, and its global scale resolved, by
+    :meth:`QuantizeRequest.of`). Raises ValueError for a tensor a kernel cannot read.
     """
-    check_method(method)
-    low, high = check_window(window)
-    amax = checked_amax(x)
+    x, pts, weights = request.x, request.per_tensor_scale, request.importance
     check_kernel_device(x, "input")
-    pts = resolve_per_tensor_scale(x, amax, per_tensor_scale)
-    weights = check_importance(importance, x)
-
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()
     m = rows.shape[0]
@@ -124,6 +99,7 @@ def quantize_nvfp4_triton(
     # rows: a placeholder pointer for an absent optional tensor, never read
     pts_arg = rows if pts is None else pts.reshape(-1).contiguous()
     pts_stride = 0 if pts is None or pts.dim() == 0 else 1
+    low, high = request.scales.window
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))
@@ -143,7 +119,7 @@ def quantize_nvfp4_triton(
         pts_stride,
         HAS_PTS=pts is not None,
         HAS_WEIGHTS=weights is not None,
-        METHOD=method,
+        METHOD=request.scales.method,
         LO=low,
         HI=high,
         enable_fp_fusion=False,

@@ -1,17 +1,17 @@
 """Custom op ``scalesearch::nvfp4_attention``: NVFP4 attention (ScaleSearchAttention) behind SDPA's contract.
 
-One implementation for every device: ``impl="reference"`` runs :func:`nvfp4_attention_reference` (pure torch),
-``impl="triton"`` the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``), ``impl="auto"`` the kernel on
-CUDA and the reference elsewhere. The recipe travels as plain arguments because a custom op's schema takes no
-dataclasses. Backward is a straight-through estimate: the gradient of float ``scaled_dot_product_attention``
-at the unquantized inputs (so a model compiled with the backend runs with grad mode on, and can be fine-tuned
-through NVFP4 attention as quantization-aware training does); masks get no gradient.
+``impl`` chooses :func:`nvfp4_attention_reference` (pure torch) or the Triton kernel (CUDA, or CPU under
+``TRITON_INTERPRET=1``) as :mod:`scalesearch_compile.ops.dispatch` decides. The recipe travels as plain
+arguments (:func:`recipe_args`) because a custom op's schema takes no dataclasses. Backward is a
+straight-through estimate: the gradient of float ``scaled_dot_product_attention`` at the unquantized inputs (so
+a model compiled with the backend runs with grad mode on, and can be fine-tuned through NVFP4 attention as
+quantization-aware training does); masks get no gradient.
 """
 
 import torch
 
 from scalesearch_compile.attention import DEFAULT_RECIPE, AttentionRecipe, check_inputs, nvfp4_attention_reference
-from scalesearch_compile.ops.quantize import IMPLS
+from scalesearch_compile.ops.dispatch import check_impl, kernel
 
 
 @torch.library.custom_op("scalesearch::nvfp4_attention", mutates_args=())
@@ -40,11 +40,16 @@ def nvfp4_attention_op(
         hadamard=hadamard,
         sink_tiles=sink_tiles,
     )
-    if impl == "triton" or (impl == "auto" and q.device.type == "cuda"):
-        from scalesearch_compile.kernels.attention import nvfp4_attention_triton
+    attend = kernel("attention", impl, q.device) or nvfp4_attention_reference
+    return attend(q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe)
 
-        return nvfp4_attention_triton(q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe)
-    return nvfp4_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe)
+
+def recipe_args(recipe: AttentionRecipe) -> tuple:
+    """``recipe`` as the op's arguments: (method, window_low, window_high, smooth_k, smooth_q, hadamard,
+    sink_tiles)."""
+    if not isinstance(recipe, AttentionRecipe):
+        raise ValueError(f"recipe must be an AttentionRecipe, got {type(recipe).__name__}")
+    return (recipe.method, *recipe.window, recipe.smooth_k, recipe.smooth_q, recipe.hadamard, recipe.sink_tiles)
 
 
 @nvfp4_attention_op.register_fake
@@ -86,14 +91,8 @@ def nvfp4_attention(
     Raises ValueError for unsupported inputs (e.g. a head_dim outside ``HEAD_DIMS``), so a caller can fall back
     to SDPA. ``impl``: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton".
     """
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}")
-    if not isinstance(recipe, AttentionRecipe):
-        raise ValueError(f"recipe must be an AttentionRecipe, got {type(recipe).__name__}")
+    check_impl(impl)
+    args = recipe_args(recipe)
     check_inputs(q, k, v, attn_mask, is_causal, enable_gqa)
     scale = None if scale is None else float(scale)
-    low, high = recipe.window
-    return nvfp4_attention_op(
-        q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe.method, low, high,
-        recipe.smooth_k, recipe.smooth_q, recipe.hadamard, recipe.sink_tiles, impl,
-    )  # fmt: skip
+    return nvfp4_attention_op(q, k, v, attn_mask, is_causal, scale, enable_gqa, *args, impl)

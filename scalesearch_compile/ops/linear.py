@@ -6,94 +6,62 @@ tolerance): with ``w_hat = e2m1(w_code) * e4m3(w_scale)`` (per-tensor scale left
     W4A16 (act_method None): out = (x @ w_hat.T) * pts_w + bias
     W4A4:                    out = (x_hat @ w_hat.T) * (pts_x * pts_w) + bias
 
-where ``x_hat`` is x quantized per 16 values along K by ``quantize_blocks(x, act_method, window=act_window)``
-with the dynamic per-tensor scale ``pts_x = amax(x) / (448 * 6)``, also left out of ``x_hat``. Everything
-runs in float32 (fp32 accumulation, as the tensor cores' block-scaled MMA followed by the global scales) and
-the result is cast to x's dtype. A missing per-tensor scale counts as 1.0. Backward is straight-through:
-``grad_x = grad @ (w_hat * pts_w)``, ``grad_bias = grad`` summed over rows; the weight bytes get no gradient.
+where ``x_hat`` is x quantized per 16 values along K with the block scales ``ScaleChoice(act_method,
+act_window)`` picks and the dynamic per-tensor scale ``pts_x = amax(x) / (448 * 6)`` (over x's finite
+values), also left out of ``x_hat``. Everything runs in float32 (fp32 accumulation, as the tensor cores'
+block-scaled MMA followed by the global scales) and the result is cast to x's dtype. A missing per-tensor scale
+counts as 1.0. Nothing is read on the host (no GPU synchronisation): an activation row holding NaN or Inf gets
+NaN outputs, as in a float matmul, and leaves the other rows as they would be without it. Backward is
+straight-through: ``grad_x = grad @ (w_hat * pts_w)``, ``grad_bias = grad`` summed over rows; the weight bytes
+get no gradient.
 
-Layouts: x ``(..., K)`` float32/bfloat16/float16; ``weight_qdata`` uint8 ``(N, K // 2)``;
-``weight_scale`` uint8 ``(N, K // 16)``, float8_e4m3fn bit patterns (see ``ops.quantize``);
-``weight_per_tensor_scale`` float32 0-d or None; bias ``(N,)`` or None; output ``(..., N)`` in x's dtype.
+Arguments: x ``(..., K)`` float32/bfloat16/float16; the weight as an
+:class:`~scalesearch_compile.layout.NVFP4Weight`'s three tensors; bias ``(N,)`` or None; output ``(..., N)``
+in x's dtype.
 """
 
 import torch
 
-from scalesearch_compile.formats import e2m1_value_table, unpack_nibbles
-from scalesearch_compile.ops.quantize import IMPLS, select_impl
-from scalesearch_compile.search import BLOCK_SIZE, check_dtype_and_shape, check_method, check_window, quantize_blocks
+from scalesearch_compile.layout import NVFP4Weight
+from scalesearch_compile.ops.dispatch import check_impl, kernel
+from scalesearch_compile.search import QuantizeRequest, ScaleChoice, check_dtype_and_shape, quantize_reference
 from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor
 
 aten = torch.ops.aten
 
 
-def _byte_value_bits() -> list:
-    """For each byte 0..255, the float32 values of its two E2M1 codes (low nibble first) as the 8 bytes of one
-    int64, so that a single gather decodes both nibbles."""
-    codes = unpack_nibbles(torch.arange(256, dtype=torch.uint8))
-    return e2m1_value_table()[codes.long()].view(torch.int64).tolist()
+def op_arguments(weight: NVFP4Weight, act: ScaleChoice | None) -> tuple:
+    """``(weight_qdata, weight_scale, weight_per_tensor_scale)`` and ``(act_method, act_window)`` as the op
+    takes them, for a weight and its activation scale choice (None: weight only)."""
+    act_args = (None, []) if act is None else (act.method, list(act.window))
+    return (weight.qdata, weight.scale_codes, weight.per_tensor_scale), act_args
 
 
-# Python ints, not a cached tensor: the table is rebuilt per call (256 values) so that it is a fresh constant
-# when AOTAutograd traces the op's backward with fake tensors.
-_BYTE_VALUE_BITS = _byte_value_bits()
-
-
-def dequantize_unscaled(qdata: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
-    """float32 ``e2m1(code) * e4m3(scale)`` of (rows, K // 2) codes and (rows, K // 16) uint8 E4M3 scale codes,
-    shape (rows, K); exact in float32 (a product of at most 2 and 4 significant bits).
-
-    One 8-byte gather per byte of codes: 2-4x faster on the 2-core CI machine than unpacking the nibbles and
-    gathering each (1536 x 384 weight: 13-25 ms against 47-82 ms, under varying load).
-    """
-    table = torch.tensor(_BYTE_VALUE_BITS, dtype=torch.int64, device=qdata.device)
-    values = table[qdata.long()].view(torch.float32).view(*scale_codes.shape, BLOCK_SIZE)
-    return (values * scale_codes.view(torch.float8_e4m3fn).float().unsqueeze(-1)).flatten(-2)
-
-
-def _check_linear_args(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl):
+def _checked_arguments(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl):
+    """The op's arguments as (NVFP4Weight, activation ScaleChoice or None), after checking all of them."""
     check_dtype_and_shape(x, "linear input")
-    if weight_qdata.dtype != torch.uint8 or weight_qdata.dim() != 2:
-        raise ValueError(
-            f"weight_qdata must be 2-D uint8 (out_features, in_features // 2), got {weight_qdata.dim()}-D "
-            f"{weight_qdata.dtype}"
-        )
-    n, k = weight_qdata.shape[0], weight_qdata.shape[1] * 2
-    if x.shape[-1] != k:
-        raise ValueError(f"linear input has {x.shape[-1]} features but the NVFP4 weight has in_features {k}")
-    if weight_scale.dtype != torch.uint8 or tuple(weight_scale.shape) != (n, k // BLOCK_SIZE):
-        raise ValueError(
-            f"weight_scale must be uint8 E4M3 codes of shape ({n}, {k // BLOCK_SIZE}), "
-            f"got {weight_scale.dtype} of shape {tuple(weight_scale.shape)}"
-        )
-    if weight_per_tensor_scale is not None and (
-        weight_per_tensor_scale.dim() != 0 or weight_per_tensor_scale.dtype != torch.float32
-    ):
-        raise ValueError("weight_per_tensor_scale must be a 0-d float32 tensor or None")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if act_method is not None:
-        check_method(act_method)
-        check_window(act_window)
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {', '.join(IMPLS)}")
+    weight = NVFP4Weight(weight_qdata, weight_scale, weight_per_tensor_scale)
+    weight.check_operands(x.shape[-1], x.device, bias)
+    check_impl(impl)
+    return weight, None if act_method is None else ScaleChoice(act_method, act_window)
 
 
-def _reference_linear(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window):
+def reference_linear(x: torch.Tensor, weight: NVFP4Weight, bias: torch.Tensor | None, act: ScaleChoice | None):
+    """The module docstring's numerics in PyTorch: ``x @ W^T (+ bias)``, activations quantized per ``act``."""
     rows = x.reshape(-1, x.shape[-1])
     scale = torch.ones((), dtype=torch.float32, device=x.device)
-    if weight_per_tensor_scale is not None:
-        scale = scale * weight_per_tensor_scale
-    if act_method is None or rows.shape[0] == 0:
+    if weight.per_tensor_scale is not None:
+        scale = scale * weight.per_tensor_scale
+    if act is None or rows.shape[0] == 0:
         x_hat = rows.float()
     else:
-        blocks = quantize_blocks(rows, act_method, window=act_window, per_tensor_scale=True)
-        x_hat = dequantize_unscaled(blocks.qdata, blocks.scale_codes)
+        blocks = quantize_reference(QuantizeRequest.of(rows, act, check_finite=False))
+        x_hat = blocks.unscaled()
         scale = scale * blocks.per_tensor_scale
-    out = (x_hat @ dequantize_unscaled(weight_qdata, weight_scale).t()) * scale
+    out = (x_hat @ weight.unscaled().t()) * scale
     if bias is not None:
         out = out + bias.float()
-    return out.to(x.dtype).view(*x.shape[:-1], weight_qdata.shape[0])
+    return out.to(x.dtype).view(*x.shape[:-1], weight.out_features)
 
 
 @torch.library.custom_op("scalesearch::nvfp4_linear", mutates_args=())
@@ -107,19 +75,17 @@ def _linear_op(
     act_window: list[int],
     impl: str,
 ) -> torch.Tensor:
-    args = (x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window)
-    _check_linear_args(*args, impl)
-    launcher = select_impl(impl, x.device, "gemm", "nvfp4_linear_triton")
-    if launcher is None:
-        return _reference_linear(*args)
-    act = {"act": None} if act_method is None else {"act": "nvfp4", "method": act_method, "window": act_window}
-    return launcher(*args[:5], **act)
+    args = (x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
+    weight, act = _checked_arguments(*args)
+    linear = kernel("linear", impl, x.device) or reference_linear
+    return linear(x, weight, bias, act)
 
 
 @_linear_op.register_fake
 def _linear_fake(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl):
-    _check_linear_args(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
-    return x.new_empty((*x.shape[:-1], weight_qdata.shape[0]))
+    args = (x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
+    weight, _ = _checked_arguments(*args)
+    return x.new_empty((*x.shape[:-1], weight.out_features))
 
 
 def _setup_context(ctx, inputs, output):
@@ -131,10 +97,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     """Straight-through: ``grad_x = grad @ w_hat`` with the dequantized weight (activation quantization passes the
     gradient unchanged), ``grad_bias = grad`` summed over the leading dimensions; the weight bytes get none."""
-    weight_qdata, weight_scale, weight_per_tensor_scale = ctx.saved_tensors
-    w_hat = dequantize_unscaled(weight_qdata, weight_scale)
-    if weight_per_tensor_scale is not None:
-        w_hat = w_hat * weight_per_tensor_scale
+    w_hat = NVFP4Weight(*ctx.saved_tensors).dequantize()
     grad_x = (grad.float() @ w_hat).to(grad.dtype)
     grad_bias = grad.reshape(-1, grad.shape[-1]).sum(0) if ctx.has_bias else None
     return grad_x, None, None, None, grad_bias, None, None, None
@@ -150,24 +113,13 @@ def nvfp4_linear(
     activation quantization, W4A4 otherwise. ``impl``: "auto" (Triton on CUDA), "reference" or "triton"."""
     if not isinstance(weight, ScaleSearchNVFP4Tensor):
         raise ValueError(f"weight must be a ScaleSearchNVFP4Tensor, got {type(weight).__name__}")
-    if weight.qdata.stride(-2) < weight.qdata.stride(-1):
-        raise ValueError("weight is transposed; pass the (out_features, in_features) weight, as F.linear takes")
-    act = weight.act_quant_kwargs
-    return torch.ops.scalesearch.nvfp4_linear(
-        x,
-        weight.qdata,
-        weight.scale.view(torch.uint8),
-        weight.per_tensor_scale,
-        bias,
-        None if act is None else act.method,
-        [] if act is None else list(act.window),
-        impl,
-    )
+    weight_args, act_args = op_arguments(weight.nvfp4_weight(), weight.act_quant_kwargs)
+    return torch.ops.scalesearch.nvfp4_linear(x, *weight_args, bias, *act_args, impl)
 
 
 def _weight_of_transposed(operand) -> ScaleSearchNVFP4Tensor:
     """The (N, K) weight behind the (K, N) operand that ``F.linear`` passes to mm/addmm after ``aten.t``."""
-    if not isinstance(operand, ScaleSearchNVFP4Tensor) or not operand.qdata.stride(-2) < operand.qdata.stride(-1):
+    if not isinstance(operand, ScaleSearchNVFP4Tensor) or not operand.is_transposed:
         raise NotImplementedError(
             "ScaleSearchNVFP4Tensor supports only x @ weight.t() (what F.linear computes); "
             "dequantize() it for other products"

@@ -17,6 +17,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from scalesearch_compile.attention import HEAD_DIMS, AttentionRecipe, check_inputs
+from scalesearch_compile.ops.attention import recipe_args
 from scalesearch_compile.passes import PassReport, node_location
 
 QKV = ("query", "key", "value")
@@ -103,8 +104,7 @@ def rewrite_attention(gm: torch.fx.GraphModule, recipe: AttentionRecipe, impl: s
         scale = _constant_scale(a["scale"])
         if scale is None and _padded_dim(qk_dim) != qk_dim:
             scale = 1.0 / math.sqrt(qk_dim)  # SDPA's default, of the unpadded head_dim
-        low, high = recipe.window
-        options = (recipe.method, low, high, recipe.smooth_k, recipe.smooth_q, recipe.hadamard, recipe.sink_tiles)
+        options = recipe_args(recipe)
         with gm.graph.inserting_before(node):
             q, k, v = (_pad_head_dim(gm.graph, a[n], dim) for n, dim in zip(QKV, (qk_dim, qk_dim, v_dim), strict=True))
             args = (q, k, v, a["attn_mask"], a["is_causal"], scale, a["enable_gqa"])

@@ -4,29 +4,30 @@ Matches, on the Dynamo graph, ``F.linear(x, W, b)``, ``x @ W.t()`` / ``x @ W.T``
 (weight ``W`` of shape (N, K)) and ``x @ P`` (a parameter ``P`` of shape (K, N), used as ``W = P.t()``), where
 the weight is a graph input holding a 2-D parameter or an already-quantized NVFP4 weight.
 
-- A plain weight is quantized here, once, at compile time, with torchao's two-level scaling and the backend's
-  block-scale method (``quantize_blocks``). The NVFP4 copy is stored on the graph module as constants
-  (qdata uint8 (N, K/2), E4M3 scale codes uint8 (N, K/16), per-tensor scale float32) and the original weight
-  stays in the model: compiling adds about 0.28x the bf16 weights' bytes (0.14x of float32 ones); use
-  ``quantize_`` first to replace the weights instead. The copy is a snapshot: recompile after changing weights.
+- A plain weight is quantized here, once, at compile time, by the backend's :class:`LinearPolicy` (which also
+  decides what is left, and why, exactly as ``quantize_`` does). The NVFP4 copy is stored on the graph module
+  as constants (qdata uint8 (N, K/2), E4M3 scale codes uint8 (N, K/16), per-tensor scale float32) and the
+  original weight stays in the model: compiling adds about 0.28x the bf16 weights' bytes (0.14x of float32
+  ones); use ``quantize_`` first to replace the weights instead. The copy is a snapshot: recompile after
+  changing weights.
 - An already-quantized weight (``ScaleSearchNVFP4Tensor`` from ``quantize_``, or a torchao ``NVFP4Tensor``)
   keeps its own bytes and its recorded activation mode.
-Anything else (K not a multiple of 16, an unsupported dtype, NaN/Inf in a weight, a weight that is not a graph
-input parameter, a skipped module) is left as it was and reported.
+Anything else (a weight the policy leaves, a weight that is not a graph input parameter) is left as it was and
+reported.
 """
 
-import fnmatch
 import operator
 from dataclasses import dataclass
 
 import torch
 import torch.fx
 from torch._dynamo.source import ConstantSource
-from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
 
+from scalesearch_compile.ops.linear import op_arguments
 from scalesearch_compile.passes import PassReport, source_name
-from scalesearch_compile.search import checked_amax, quantize_blocks
-from scalesearch_compile.tensor import NVFP4ActivationKwargs, ScaleSearchNVFP4Tensor
+from scalesearch_compile.policy import LinearPolicy, is_nvfp4
+from scalesearch_compile.search import ScaleChoice
+from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor, nvfp4_weight
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
 MATMUL_TARGETS = (operator.matmul, torch.matmul)
@@ -34,14 +35,10 @@ MATMUL_TARGETS = (operator.matmul, torch.matmul)
 
 @dataclass(frozen=True)
 class LinearRewrite:
-    """Settings of the pass: block-scale ``method`` and ``window`` for weights quantized here, ``activations``
-    ("nvfp4" or None) for them, module-path patterns and (out, in) shapes to ``skip``, and the op's ``impl``."""
+    """Settings of the pass: the :class:`LinearPolicy` for weights (which to quantize, how, which to leave)
+    and the op's ``impl``."""
 
-    method: str
-    window: tuple
-    activations: str | None
-    skip_modules: tuple = ()
-    skip_shapes: tuple = ()
+    policy: LinearPolicy
     impl: str = "auto"
 
 
@@ -76,40 +73,25 @@ def _match(node, values):
     return None
 
 
-def _quantized_parts(weight, transposed: bool, options: LinearRewrite):
-    """``(qdata, scale codes, per-tensor scale, act method, act window)`` for the op, or a reason string."""
-    if isinstance(weight, NVFP4Tensor):
-        if transposed:
+def _weight_and_activations(weight, transposed: bool, path: str, policy: LinearPolicy):
+    """``(NVFP4Weight, activation ScaleChoice or None)`` for the op, or the reason the product is left."""
+    if is_nvfp4(weight) and policy.exclude.match(path) is None:
+        if transposed or (isinstance(weight, ScaleSearchNVFP4Tensor) and weight.is_transposed):
             return "a transposed NVFP4 weight"
+        if isinstance(weight, ScaleSearchNVFP4Tensor):
+            return weight.nvfp4_weight(), weight.act_quant_kwargs
         try:
-            kwargs = None if weight.act_quant_kwargs is None else NVFP4ActivationKwargs(method="amax")
-            weight = ScaleSearchNVFP4Tensor.from_nvfp4_tensor(weight, kwargs)
+            nvfp4 = nvfp4_weight(weight)
         except ValueError as err:
             return str(err)
-    if isinstance(weight, ScaleSearchNVFP4Tensor):
-        if transposed or weight.qdata.stride(-2) < weight.qdata.stride(-1):
-            return "a transposed NVFP4 weight"
-        act = weight.act_quant_kwargs
-        return (
-            weight.qdata,
-            weight.scale.view(torch.uint8),
-            weight.per_tensor_scale,
-            None if act is None else act.method,
-            [] if act is None else list(act.window),
-        )
-    if not isinstance(weight, torch.nn.Parameter) or weight.dim() != 2:
-        return "the weight is not a 2-D parameter"
-    w = weight.detach().t() if transposed else weight.detach()
-    if tuple(w.shape) in options.skip_shapes:
-        return f"shape {tuple(w.shape)} is in skip_shapes"
-    try:
-        checked_amax(w, "weight")
-    except ValueError as err:
-        return str(err)
-    blocks = quantize_blocks(w.contiguous(), options.method, window=options.window)
-    act_window = list(options.window) if options.activations else []
-    act_method = options.method if options.activations else None
-    return blocks.qdata, blocks.scale_codes, blocks.per_tensor_scale, act_method, act_window
+        # torchao's own W4A4 NVFP4Tensor quantizes activations with amax scales
+        return nvfp4, None if weight.act_quant_kwargs is None else ScaleChoice("amax")
+    if not isinstance(weight, torch.nn.Parameter):
+        return "the weight is not a parameter"
+    quantized = policy.quantize(weight.detach().t() if transposed else weight.detach(), path)
+    if isinstance(quantized, str):
+        return quantized
+    return quantized.nvfp4_weight(), quantized.act_quant_kwargs
 
 
 def rewrite_linears(gm: torch.fx.GraphModule, example_inputs, options: LinearRewrite) -> PassReport:
@@ -122,26 +104,21 @@ def rewrite_linears(gm: torch.fx.GraphModule, example_inputs, options: LinearRew
         if matched is None:
             continue
         x, weight_node, transposed, bias = matched
-        name = source_name(weight_node) if weight_node in values else weight_node.name
         if weight_node not in values:
-            report.skipped.append((name, "the weight is computed in the graph, not a parameter"))
+            report.skipped.append((weight_node.name, "the weight is computed in the graph, not a parameter"))
             continue
-        module = name.rsplit(".", 1)[0]
-        if any(fnmatch.fnmatchcase(module, pattern) for pattern in options.skip_modules):
-            report.skipped.append((name, "matches skip_modules"))
-            continue
-        parts = _quantized_parts(values[weight_node], transposed, options)
+        name = source_name(weight_node)
+        parts = _weight_and_activations(values[weight_node], transposed, name.rpartition(".")[0], options.policy)
         if isinstance(parts, str):
             report.skipped.append((name, parts))
             continue
-        qdata, scale_codes, per_tensor_scale, act_method, act_window = parts
+        (qdata, scale_codes, per_tensor_scale), act_args = op_arguments(*parts)
         with gm.graph.inserting_before(node):
             prefix = f"_scalesearch_{len(report.rewritten)}"
             constants = [_constant(gm, f"{prefix}_qdata", qdata), _constant(gm, f"{prefix}_scale", scale_codes)]
             constants.append(None if per_tensor_scale is None else _constant(gm, f"{prefix}_pts", per_tensor_scale))
             new = gm.graph.call_function(
-                torch.ops.scalesearch.nvfp4_linear.default,
-                (x, *constants, bias, act_method, act_window, options.impl),
+                torch.ops.scalesearch.nvfp4_linear.default, (x, *constants, bias, *act_args, options.impl)
             )
         node.replace_all_uses_with(new)
         new.meta.update(node.meta)

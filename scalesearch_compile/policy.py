@@ -1,0 +1,100 @@
+"""Which linear layers become NVFP4, how, and why not: the one decision both front ends make (torchao
+``quantize_`` with ``ScaleSearchConfig``, and the compile backend's linear pass), and the one syntax both use to
+exclude modules.
+
+Module patterns (``ScaleSearchConfig(exclude=...)``, the backend's ``skip_modules=...``) match a module's full
+path, as ``model.named_modules()`` names it (``model.layers.0.self_attn.q_proj``): a shell-style glob
+(``fnmatch``; ``*`` also crosses dots: ``lm_head``, ``*.mlp.*``, ``model.layers.1?.*``), or ``re:`` and a
+regular expression that must match the whole path (``re:.*\\.(q|k)_proj``), the prefix torchao's
+``FqnToConfig`` uses.
+"""
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
+
+from scalesearch_compile.layout import BLOCK_SIZE
+from scalesearch_compile.search import SUPPORTED_DTYPES, NonFiniteError, ScaleChoice
+from scalesearch_compile.tensor import NVFP4ActivationKwargs, ScaleSearchNVFP4Tensor, quantize_weight
+
+REGEX_PREFIX = "re:"
+
+
+@dataclass(frozen=True)
+class ModulePatterns:
+    """Module-path patterns (module docstring), validated: a list or tuple of strings (None: none), regular
+    expressions that compile."""
+
+    patterns: tuple = ()
+
+    def __post_init__(self):
+        patterns = () if self.patterns is None else self.patterns
+        if isinstance(patterns, str) or not isinstance(patterns, list | tuple):
+            raise ValueError(
+                f"module patterns must be a list of strings (['lm_head', '*.mlp.*', 're:...']), got {patterns!r}"
+            )
+        for pattern in patterns:
+            if not isinstance(pattern, str):
+                raise ValueError(f"a module pattern must be a string, got {pattern!r}")
+            if pattern.startswith(REGEX_PREFIX):
+                try:
+                    re.compile(pattern[len(REGEX_PREFIX) :])
+                except re.error as error:
+                    raise ValueError(f"module pattern {pattern!r} is not a regular expression: {error}") from None
+        object.__setattr__(self, "patterns", tuple(patterns))
+
+    def match(self, path: str) -> str | None:
+        """The first pattern that matches module ``path``, or None."""
+        for pattern in self.patterns:
+            if pattern.startswith(REGEX_PREFIX):
+                if re.fullmatch(pattern[len(REGEX_PREFIX) :], path):
+                    return pattern
+            elif fnmatch.fnmatchcase(path, pattern):
+                return pattern
+        return None
+
+
+def is_nvfp4(weight) -> bool:
+    """Whether ``weight`` is already an NVFP4 tensor (torchao's or ours)."""
+    return isinstance(weight, NVFP4Tensor | ScaleSearchNVFP4Tensor)
+
+
+@dataclass(frozen=True)
+class LinearPolicy:
+    """How linear weights are quantized (``scales`` for the weight, ``act_quant_kwargs`` recorded for the
+    activations: None is weight-only) and which are left: modules matching ``exclude``, and ``skip_shapes``
+    ((out_features, in_features) pairs)."""
+
+    scales: ScaleChoice = ScaleChoice()
+    act_quant_kwargs: NVFP4ActivationKwargs | None = None
+    exclude: ModulePatterns = ModulePatterns()
+    skip_shapes: frozenset = field(default_factory=frozenset)
+
+    def quantize(self, weight, path: str, importance: torch.Tensor | None = None) -> ScaleSearchNVFP4Tensor | str:
+        """The NVFP4 weight of the linear layer at module ``path`` (float weight ``(out_features, in_features)``,
+        searched with the optional per-input-channel ``importance``), or why it is left as it is."""
+        pattern = self.exclude.match(path)
+        if pattern is not None:
+            return f"excluded by {pattern!r}"
+        if is_nvfp4(weight):
+            return f"weight already quantized ({type(weight).__name__})"
+        if type(weight) not in (torch.Tensor, torch.nn.Parameter):
+            return f"the weight is a {type(weight).__name__}, not a plain tensor"
+        if weight.dim() != 2:
+            return "the weight is not a 2-D tensor"
+        if weight.device.type == "meta":
+            return "the weight is on the meta device (no values to quantize)"
+        if weight.dtype not in SUPPORTED_DTYPES:
+            return f"weight dtype {weight.dtype}"
+        if weight.shape[1] % BLOCK_SIZE:
+            return f"in_features {weight.shape[1]} not a multiple of {BLOCK_SIZE}"
+        if tuple(weight.shape) in self.skip_shapes:
+            return f"shape {tuple(weight.shape)} is in skip_shapes"
+        try:
+            return quantize_weight(weight, self.scales, importance=importance, act_quant_kwargs=self.act_quant_kwargs)
+        except NonFiniteError:
+            return "NaN or Inf in the weight"
+
