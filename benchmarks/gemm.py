@@ -25,6 +25,7 @@ import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import,
 
 # isort: split
 from scalesearch_compile.kernels.gemm import nvfp4_linear_triton  # noqa: E402
+from scalesearch_compile.layout import NVFP4Weight  # noqa: E402
 from scalesearch_compile.search import quantize_blocks  # noqa: E402
 
 M_VALUES = (1, 16, 128, 2048)
@@ -89,7 +90,7 @@ def check_correctness(device: str) -> None:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
     wq = quantize_blocks(w, "search")
-    w_args = (wq.qdata.to(device), wq.scale_codes.to(device), wq.per_tensor_scale.to(device))
+    weight = NVFP4Weight(wq.qdata.to(device), wq.scale_codes.to(device), wq.per_tensor_scale.to(device))
     w_ref = wq.dequantize().double().T
     cases = {
         "w4a16": (dict(act=None), x.double()),
@@ -97,7 +98,7 @@ def check_correctness(device: str) -> None:
         "w4a4 fused": (dict(fuse_act_quant=True), quantize_blocks(x, "search").dequantize().double()),
     }
     for name, (kwargs, a_ref) in cases.items():
-        out = nvfp4_linear_triton(x.to(device), *w_args, **kwargs).double().cpu()
+        out = nvfp4_linear_triton(x.to(device), weight, **kwargs).double().cpu()
         ref = a_ref @ w_ref
         error = ((out - ref).abs().max() / ref.abs().max()).item()
         print(f"{name:16s} M={m} N={n} K={k}: max error / max |ref| = {error:.2e} ({'ok' if error < 1e-5 else 'FAIL'})")
@@ -117,14 +118,14 @@ def gpu_benchmark() -> None:
     for n, k in NK_SHAPES:
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
         wq = quantize_blocks(w.float().cpu(), "search")
-        w_args = (wq.qdata.cuda(), wq.scale_codes.cuda(), wq.per_tensor_scale.cuda())
+        weight = NVFP4Weight(wq.qdata.cuda(), wq.scale_codes.cuda(), wq.per_tensor_scale.cuda())
         for m in M_VALUES:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             kernels = {
                 "bf16": partial(torch.mm, x, w.T),
-                "w4a16": partial(nvfp4_linear_triton, x, *w_args, act=None),
-                "w4a4 + quantize": partial(nvfp4_linear_triton, x, *w_args, fuse_act_quant=False),
-                "w4a4 fused": partial(nvfp4_linear_triton, x, *w_args, fuse_act_quant=True),
+                "w4a16": partial(nvfp4_linear_triton, x, weight, act=None),
+                "w4a4 + quantize": partial(nvfp4_linear_triton, x, weight, fuse_act_quant=False),
+                "w4a4 fused": partial(nvfp4_linear_triton, x, weight, fuse_act_quant=True),
             }
             if has_fp4_mm:  # torchao's NVFP4 GEMM: cuBLAS block-scaled FP4 with swizzled scales
                 xq = quantize_blocks(x.float().cpu(), "amax")
@@ -132,9 +133,9 @@ def gpu_benchmark() -> None:
                 kernels["w4a4 nvfp4"] = partial(
                     torch._scaled_mm,
                     xq.qdata.cuda().view(fp4),
-                    w_args[0].view(fp4).T,
+                    weight.qdata.view(fp4).T,
                     to_blocked(xq.scale_codes.cuda().view(torch.float8_e4m3fn)),
-                    to_blocked(w_args[1].view(torch.float8_e4m3fn)),
+                    to_blocked(weight.scale_codes.view(torch.float8_e4m3fn)),
                     out_dtype=torch.bfloat16,
                 )
             base = None

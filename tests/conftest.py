@@ -12,3 +12,20 @@ def fresh_dynamo():
     earlier test's inputs."""
     torch._dynamo.reset()
     yield
+
+
+HOST_READS = ("aten::_local_scalar_dense", "aten::item", "aten::is_nonzero", "aten::nonzero", "aten::equal")
+
+
+@pytest.fixture
+def host_reads():
+    """``host_reads(fn)``: the ops ``fn()`` runs that read a tensor's value on the host, each a GPU
+    synchronisation on CUDA (and a failure under CUDA-graph capture). Counted with the profiler, which also
+    sees inside custom ops."""
+
+    def count(fn) -> list[str]:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            fn()
+        return [event.name for event in profile.events() if event.name in HOST_READS]
+
+    return count

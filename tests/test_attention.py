@@ -278,3 +278,26 @@ def test_backward_is_the_straight_through_sdpa_gradient():
     reference = torch.autograd.grad(F.scaled_dot_product_attention(q, k, v, is_causal=True), (q, k, v), upstream)
     for got, want in zip(grads, reference, strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_attention_reads_nothing_on_the_host(host_reads):
+    q, k, v = attention_inputs(seed=3, q_len=80, k_len=150)
+    for recipe in (AttentionRecipe(), NAIVE_RECIPE, AttentionRecipe(smooth_q=True)):
+        assert host_reads(lambda r=recipe: nvfp4_attention(q, k, v, is_causal=True, recipe=r, impl="reference")) == []
+
+
+def test_a_nan_query_reaches_only_its_own_output_row():
+    q, k, v = attention_inputs(seed=4, q_len=70, k_len=140)
+    bad = q.clone()
+    bad[0, 1, 5, 3] = float("nan")
+    clean, out = nvfp4_attention_reference(q, k, v), nvfp4_attention_reference(bad, k, v)
+    assert torch.isnan(out[0, 1, 5]).all()
+    rows = torch.ones(70, dtype=torch.bool)
+    rows[5] = False
+    assert torch.equal(out[0, 1, rows], clean[0, 1, rows]) and torch.equal(out[:, [0, 2, 3]], clean[:, [0, 2, 3]])
+
+
+@pytest.mark.parametrize("field", ["smooth_k", "smooth_q", "hadamard", "sink_tiles"])
+def test_recipe_switches_must_be_booleans(field):
+    with pytest.raises(ValueError, match=f"AttentionRecipe.{field} must be True or False"):
+        AttentionRecipe(**{field: "no"})

@@ -164,7 +164,8 @@ def compile_job(capability, head_dim=64, block_m=64, dot_scaled=False):
     signature.update(out_ptr="*fp32", sm_scale="fp32")
     for name in ("b", "h", "m", "n"):
         signature[f"mask_stride_{name}"] = "i32"
-    for name in ("num_heads", "group", "q_len", "k_len", "padded_len", "sink_end", "tail_start", "Q_BUCKET", "K_BUCKET"):
+    lengths = ("q_len", "k_len", "padded_len", "sink_end", "tail_start", "Q_BUCKET", "K_BUCKET")
+    for name in ("num_heads", "group", *lengths):
         signature[name] = "i32"
     constexprs = dict(
         HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=TILE, IS_CAUSAL=True, HAS_MASK=True,
@@ -178,9 +179,38 @@ def test_compiles_for_hopper_and_blackwell():
     """The GPU builds (no GPU needed; the interpreter accepts code a compiler rejects): Hopper's NVFP4 tiles run
     on wgmma, Blackwell's dot_scaled lowers to the block-scaled NVFP4 MMA, and the only FMAs are those of the two
     float32 high-precision dots (BLOCK_M x TILE x D multiply-adds each over 128 threads), none in the P search."""
-    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu
+    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, int32_pointer_offsets
 
     hopper, blackwell = compile_for_gpu([compile_job(90), compile_job(100, block_m=128, dot_scaled=True)])
+    # 64-bit element offsets: 8 x 32 x 8192 x 128 elements pass 2**31
+    assert int32_pointer_offsets(hopper["ttir"]) == [] and int32_pointer_offsets(blackwell["ttir"]) == []
+    hopper, blackwell = hopper["ptx"], blackwell["ptx"]
     assert "wgmma" in hopper and ".local" not in hopper
     assert hopper.count("fma.rn.f32") == 2 * 64 * TILE * 64 // 128
     assert "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16" in blackwell
+
+
+def test_autotune_key_holds_every_code_changing_constexpr():
+    from scalesearch_compile.kernels._nvfp4 import autotune_key_gaps
+    from scalesearch_compile.kernels.attention import _attention_kernel
+
+    assert autotune_key_gaps(_attention_kernel) == set()
+
+
+def test_sequence_lengths_enter_the_autotune_key_as_powers_of_two(monkeypatch):
+    """A new length (every decode step) reuses its bucket's tuned config instead of benchmarking all again."""
+    from scalesearch_compile.kernels import attention
+
+    assert not {"q_len", "k_len"} & set(attention._attention_kernel.keys)
+    launches = []
+    names = attention._attention_kernel.arg_names  # positional arguments first, constexprs by keyword
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: launches.append(dict(zip(names, args, strict=False)))
+
+    monkeypatch.setattr(attention, "_attention_kernel", Recorder())
+    for q_len, k_len in ((77, 200), (100, 256), (1, 129)):
+        q, k, v = inputs(seed=5, q_len=q_len, k_len=k_len)
+        nvfp4_attention_triton(q, k, v)
+    assert [(a["Q_BUCKET"], a["K_BUCKET"]) for a in launches] == [(128, 256), (128, 256), (1, 256)]

@@ -279,7 +279,7 @@ def test_compiles_for_ampere_hopper_and_blackwell():
     Blackwell's W4A4 lowers to tcgen05 block-scaled MMAs and Hopper's large tiles to wgmma; the fused prologue
     keeps its block errors free of FMA contraction.
     """
-    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu
+    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, int32_pointer_offsets
     from scalesearch_compile.kernels.gemm import GPU_CONFIGS
 
     configs = [
@@ -300,9 +300,18 @@ def test_compiles_for_ampere_hopper_and_blackwell():
         gemm_job(100, "nvfp4", dot_scaled=True, tile=(128, 128, 128, 8)),
         gemm_job(100, "quantize", dot_scaled=True),
     ]
-    ptx = compile_for_gpu(configs + modes)
+    code = compile_for_gpu(configs + modes)
+    assert all(int32_pointer_offsets(c["ttir"]) == [] for c in code)  # 64-bit element offsets
+    ptx = [c["ptx"] for c in code]
     hopper_large = ptx[0]
     assert "wgmma" in hopper_large
     *_, fused_hopper, blackwell, fused_blackwell = ptx
     assert "tcgen05.mma" in blackwell
     assert fused_hopper.count("fma.rn.f32") == 0 and fused_blackwell.count("fma.rn.f32") == 0
+
+
+def test_autotune_key_holds_every_code_changing_constexpr():
+    from scalesearch_compile.kernels._nvfp4 import autotune_key_gaps
+    from scalesearch_compile.kernels.gemm import _nvfp4_gemm_kernel
+
+    assert autotune_key_gaps(_nvfp4_gemm_kernel) == set()

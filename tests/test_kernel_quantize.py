@@ -161,7 +161,7 @@ def test_compiles_for_hopper_and_blackwell_without_fma():
 
     The same build with fusion on (Triton's GPU default) does contract, so the FMA check can fail.
     """
-    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu
+    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, int32_pointer_offsets
 
     jobs = [quantize_job("search", 90, fp_fusion=True)]
     jobs += [
@@ -170,10 +170,12 @@ def test_compiles_for_hopper_and_blackwell_without_fma():
     ]
     jobs.append(quantize_job("search", 100, fp_fusion=False, weighted=True))
     fused, *exact = compile_for_gpu(jobs)
-    assert fused.count("fma.rn.f32") > 0
-    for ptx in exact:
+    assert fused["ptx"].count("fma.rn.f32") > 0
+    for code in exact:
+        ptx = code["ptx"]
         assert ptx.count("fma.rn.f32") == 0
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
+        assert int32_pointer_offsets(code["ttir"]) == []  # 64-bit element offsets
 
 
 @pytest.mark.parametrize("method", ["four_over_six", "search", "exhaustive"])
@@ -184,3 +186,10 @@ def test_importance_weighted_search(method):
     weighted = check(x, method, importance=importance)
     assert (weighted.offsets[:, 0] == 0).all()
     assert not torch.equal(weighted.offsets, quantize_blocks(x, method).offsets)  # the weights change choices
+
+
+def test_autotune_key_holds_every_code_changing_constexpr():
+    from scalesearch_compile.kernels._nvfp4 import autotune_key_gaps
+    from scalesearch_compile.kernels.quantize import _quantize_kernel
+
+    assert autotune_key_gaps(_quantize_kernel) == set()

@@ -230,3 +230,27 @@ def test_bad_input_errors():
         nvfp4_linear(torch.randn(2, 64), torch.randn(48, 64))
     with pytest.raises(ValueError, match="empty search window"):
         nvfp4_quantize(torch.randn(2, 64), window=(3, 1))
+
+
+@pytest.mark.parametrize("act_method", [None, "search", "amax"])
+def test_run_time_ops_read_nothing_on_the_host(act_method, host_reads):
+    weight = _weight(act=None if act_method is None else NVFP4ActivationKwargs(act_method))
+    x, bias = torch.randn(3, 5, 64), torch.randn(48)
+    assert host_reads(lambda: nvfp4_linear(x, weight, bias, impl="reference")) == []
+    assert host_reads(lambda: F.linear(x, weight, bias)) == []
+    assert host_reads(lambda: nvfp4_quantize(x, impl="reference")) == []
+    # the counter does see a host read when there is one
+    assert host_reads(lambda: bool(torch.isfinite(x).all())) != []
+
+
+@pytest.mark.parametrize("act_method", [None, "search"])
+def test_a_nan_activation_reaches_only_its_own_output_row(act_method):
+    weight = _weight(act=None if act_method is None else NVFP4ActivationKwargs(act_method))
+    x = torch.randn(6, 64, generator=torch.Generator().manual_seed(5))
+    bad = x.clone()
+    bad[1, 7], bad[4, 60] = float("nan"), -float("inf")  # not where x has its amax: the global scale stays
+    assert bad[[0, 2, 3, 5]].abs().amax() == x.abs().amax()
+    clean, out = nvfp4_linear(x, weight), nvfp4_linear(bad, weight)
+    assert torch.isnan(out[1]).all() and not torch.isfinite(out[4]).any()
+    rows = [0, 2, 3, 5]
+    assert torch.equal(out[rows], clean[rows])

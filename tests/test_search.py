@@ -8,10 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, nvfp4_quantize, per_tensor_amax_to_scale
 
 import scalesearch_compile.search as search
-from scalesearch_compile.formats import E2M1_VALUES
+from scalesearch_compile.attention import AttentionRecipe, nvfp4_attention_reference, quantize_probabilities
+from scalesearch_compile.formats import E2M1_MAX, E2M1_VALUES, E4M3_MAX
 from scalesearch_compile.search import chosen_offsets, quantize_blocks
 
 
@@ -238,3 +240,48 @@ def test_peak_memory_stays_within_twice_the_input():
 def test_bad_input_names_the_problem(x, kwargs, message):
     with pytest.raises(ValueError, match=message):
         quantize_blocks(x, **kwargs)
+
+
+class CudaScalarDivision(TorchDispatchMode):
+    """CPU emulation of how CUDA divides a tensor by a Python number: a multiplication by the float32
+    reciprocal (PyTorch's BinaryDivTrueKernel.cu), which can differ from a division in the last bit."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.div.Tensor and isinstance(args[1], float | int) and args[0].is_floating_point():
+            reciprocal = torch.tensor(1.0) / torch.tensor(float(args[1]))  # float32, as CUDA's opmath
+            return (args[0].float() * reciprocal).to(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+def test_global_scales_are_the_same_bits_on_cpu_and_cuda():
+    g = torch.Generator().manual_seed(8)
+    amax = torch.rand(4096, generator=g) * torch.exp2(torch.randint(-40, 40, (4096,), generator=g).float())
+
+    def old(a):  # how the global and per-row scales used to be computed
+        return a / (E4M3_MAX * E2M1_MAX)
+
+    with CudaScalarDivision():
+        old_on_cuda, new_on_cuda = old(amax), search.global_scale(amax)
+    assert (old_on_cuda != old(amax)).sum() > 100  # the emulation is real: the old arithmetic differed
+    assert torch.equal(new_on_cuda, search.global_scale(amax))  # the new one does not
+    assert torch.equal(search.global_scale(amax), old(amax))  # and it keeps the CPU's (torchao's) numbers
+
+
+@pytest.mark.parametrize("per_tensor_scale", [True, "row"])
+def test_quantization_is_the_same_bits_under_cuda_division(per_tensor_scale):
+    x = random_tensor(9, 37, 144, 0.0, torch.float32)
+    expected = quantize_blocks(x, "search", per_tensor_scale=per_tensor_scale)
+    with CudaScalarDivision():
+        got = quantize_blocks(x, "search", per_tensor_scale=per_tensor_scale)
+    for field in ("qdata", "scale_codes", "per_tensor_scale", "offsets"):
+        assert torch.equal(getattr(got, field), getattr(expected, field)), field
+
+
+def test_attention_is_the_same_bits_under_cuda_division():
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, 2, 150, 64, generator=g) for _ in range(3))
+    p = torch.exp(-3 * torch.rand(37, 64, generator=g))  # the per-row first level of P
+    expected = nvfp4_attention_reference(q, k, v, is_causal=True), quantize_probabilities(p, AttentionRecipe())
+    with CudaScalarDivision():
+        got = nvfp4_attention_reference(q, k, v, is_causal=True), quantize_probabilities(p, AttentionRecipe())
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])

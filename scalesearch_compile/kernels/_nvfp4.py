@@ -13,8 +13,10 @@ Packed bytes hold element 2i in the low nibble.
 """
 
 import importlib
+import inspect
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tempfile
@@ -256,6 +258,15 @@ def autotune_configs(gpu_configs, interpreter_config):
     return [interpreter_config] if INTERPRET else gpu_configs
 
 
+def autotune_key_gaps(kernel) -> set[str]:
+    """Constexpr parameters of an ``@triton.autotune`` kernel that neither its configs set nor its key holds: a
+    launch changing one would reuse the config tuned for other generated code."""
+    fn = getattr(kernel.fn, "fn", kernel.fn)  # the Python function under the JIT or interpreter wrapper
+    constexprs = {name for name, p in inspect.signature(fn).parameters.items() if p.annotation is tl.constexpr}
+    tuned = {name for config in kernel.configs for name in config.kwargs}
+    return constexprs - tuned - set(kernel.keys)
+
+
 def check_kernel_device(tensor, what: str) -> None:
     """Raise ValueError unless ``tensor`` can be read by a Triton kernel here (CUDA, or any under the interpreter)."""
     if not INTERPRET and tensor.device.type != "cuda":
@@ -264,9 +275,9 @@ def check_kernel_device(tensor, what: str) -> None:
         )
 
 
-def compile_for_gpu(jobs, stage: str = "ptx"):
-    """Code of kernels compiled for NVIDIA targets with no GPU present (Triton's bundled ptxas checks it):
-    ``stage`` "ptx", or "ttir" (Triton IR, where the kernel's own integer arithmetic is still visible).
+def compile_for_gpu(jobs) -> list[dict]:
+    """Code of kernels compiled for NVIDIA targets with no GPU present (Triton's bundled ptxas checks it): per
+    job ``{"ttir": Triton IR, where the kernel's own integer arithmetic is still visible, "ptx": PTX}``.
 
     Each job is ``(module, kernel name, {argument: type} for the non-constexpr arguments, {constexpr: value},
     compute capability, compile options)``. The interpreter cannot compile, so under TRITON_INTERPRET=1 the
@@ -277,7 +288,7 @@ def compile_for_gpu(jobs, stage: str = "ptx"):
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "ptx.pickle")
             with open(path, "wb") as f:
-                pickle.dump((jobs, stage), f)
+                pickle.dump(jobs, f)
             env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
             child = f"from {__name__} import _compile_file; _compile_file({path!r})"
             done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=False)
@@ -294,16 +305,25 @@ def compile_for_gpu(jobs, stage: str = "ptx"):
         fn = getattr(fn, "fn", fn)  # the JIT function under @triton.autotune
         full_signature = {arg: signature.get(arg, "constexpr") for arg in fn.arg_names}
         target = GPUTarget("cuda", capability, 32)
-        results.append(
-            triton.compile(ASTSource(fn, full_signature, constexprs), target=target, options=options).asm[stage]
-        )
+        asm = triton.compile(ASTSource(fn, full_signature, constexprs), target=target, options=options).asm
+        results.append({stage: asm[stage] for stage in ("ttir", "ptx")})
     return results
+
+
+def int32_pointer_offsets(ttir: str) -> list[str]:
+    """The ``tt.addptr`` lines of Triton IR that offset a tensor of pointers by 32-bit integers: offsets that
+    wrap past 2**31 elements (scalar pointers offset by small constants are not listed)."""
+    return [
+        line.strip()
+        for line in ttir.splitlines()
+        if "tt.addptr" in line and re.search(r":\s*tensor<[^>]*!tt\.ptr<[^>]*>>,\s*tensor<[^>]*xi32>", line)
+    ]
 
 
 def _compile_file(path: str) -> None:
     """Child side of :func:`compile_for_gpu`: read the jobs from ``path``, write their code back to it."""
     with open(path, "rb") as f:
-        jobs, stage = pickle.load(f)
-    code = compile_for_gpu(jobs, stage)
+        jobs = pickle.load(f)
+    code = compile_for_gpu(jobs)
     with open(path, "wb") as f:
         pickle.dump(code, f)

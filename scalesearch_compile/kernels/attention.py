@@ -71,8 +71,8 @@ _CONFIGS = autotune_configs(
 def _load_nvfp4(codes_ptr, scales_ptr, rows, row_len, col0, COLS: tl.constexpr):
     """Packed E2M1 codes (uint8 (R, COLS/2)) and E4M3 scale codes (uint8 (R, COLS/16)) of columns
     ``col0 .. col0 + COLS`` of ``rows`` (R,) of a row-major NVFP4 matrix with ``row_len`` elements a row."""
-    packed = tl.load(codes_ptr + rows[:, None] * (row_len // 2) + col0 // 2 + tl.arange(0, COLS // 2)[None, :])
-    scales = tl.load(scales_ptr + rows[:, None] * (row_len // 16) + col0 // 16 + tl.arange(0, COLS // 16)[None, :])
+    packed = tl.load(codes_ptr + (rows[:, None] * (row_len // 2) + col0 // 2 + tl.arange(0, COLS // 2)[None, :]))
+    scales = tl.load(scales_ptr + (rows[:, None] * (row_len // 16) + col0 // 16 + tl.arange(0, COLS // 16)[None, :]))
     return packed, scales
 
 
@@ -130,7 +130,7 @@ def _attention_kernel(
     q_packed, q_scale_codes = _load_nvfp4(q_codes_ptr, q_scales_ptr, q_rows, HEAD_DIM, 0, HEAD_DIM)
     q_unit = _unit_values(q_packed, q_scale_codes, BLOCK_M, HEAD_DIM)
     if SMOOTH_Q:
-        q_mean = tl.load(q_mean_ptr + pid_bh * HEAD_DIM + dims)
+        q_mean = tl.load(q_mean_ptr + (pid_bh * HEAD_DIM + dims))
     q_scale = tl.load(global_scales_ptr)
     k_scale = tl.load(global_scales_ptr + 1)
     v_scale = tl.load(global_scales_ptr + 2)
@@ -146,8 +146,8 @@ def _attention_kernel(
         k_rows = kv_bh * padded_len + cols
         high_precision = (start < sink_end) | (start == tail_start)
         if high_precision:  # at most two tiles a row: reloading Q here keeps it out of registers elsewhere
-            q_hp = tl.load(q_hp_ptr + q_rows[:, None] * HEAD_DIM + dims[None, :])
-            k_hp = tl.load(k_hp_ptr + k_rows[:, None] * HEAD_DIM + dims[None, :])
+            q_hp = tl.load(q_hp_ptr + (q_rows[:, None] * HEAD_DIM + dims[None, :]))
+            k_hp = tl.load(k_hp_ptr + (k_rows[:, None] * HEAD_DIM + dims[None, :]))
             s = tl.dot(q_hp, tl.trans(k_hp), input_precision="ieee")
         else:
             k_packed, k_scale_codes = _load_nvfp4(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
@@ -166,7 +166,7 @@ def _attention_kernel(
         if HAS_MASK:
             mask_offsets = batch * mask_stride_b + head * mask_stride_h + rows[:, None] * mask_stride_m
             valid = row_ok[:, None] & (cols < k_len)[None, :]
-            s += tl.load(mask_ptr + mask_offsets + cols[None, :] * mask_stride_n, mask=valid, other=0.0)
+            s += tl.load(mask_ptr + (mask_offsets + cols[None, :] * mask_stride_n), mask=valid, other=0.0)
         allowed = (cols < k_len)[None, :]
         if IS_CAUSAL:
             allowed = allowed & (cols[None, :] <= rows[:, None])
@@ -178,7 +178,7 @@ def _attention_kernel(
         p = tl.exp(s - safe_max[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if high_precision:
-            v_hp = tl.load(v_hp_ptr + k_rows[:, None] * V_DIM + v_dims[None, :])
+            v_hp = tl.load(v_hp_ptr + (k_rows[:, None] * V_DIM + v_dims[None, :]))
             pv = tl.dot(p, v_hp, input_precision="ieee")
         else:
             p_codes, p_scale_codes, p_scale = _quantize_probabilities(p, METHOD, LO, HI, SCALE_FLOOR)
@@ -197,7 +197,8 @@ def _attention_kernel(
         m_i = new_max
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key has acc == 0: zeros, as SDPA
-    tl.store(out_ptr + (pid_bh * q_len + rows)[:, None] * V_DIM + v_dims[None, :], out, mask=row_ok[:, None])
+    out_offsets = (pid_bh * q_len + rows)[:, None] * V_DIM + v_dims[None, :]
+    tl.store(out_ptr + out_offsets, out, mask=row_ok[:, None])
 
 
 def _use_dot_scaled(device: torch.device) -> bool:

@@ -69,13 +69,13 @@ def _load_nvfp4_tile(qdata_ptr, scale_ptr, rows, row_ok, k0, K, ROWS: tl.constex
     """Packed codes ``[ROWS, BLOCK_K // 2]`` and scale codes ``[ROWS, BLOCK_K // 16]`` at column k0 (0 past K)."""
     bytes_ = k0 // 2 + tl.arange(0, BLOCK_K // 2)
     packed = tl.load(
-        qdata_ptr + rows[:, None] * (K // 2) + bytes_[None, :],
+        qdata_ptr + (rows[:, None] * (K // 2) + bytes_[None, :]),
         mask=row_ok[:, None] & (bytes_ < K // 2)[None, :],
         other=0,
     )
     blocks = k0 // 16 + tl.arange(0, BLOCK_K // 16)
     scales = tl.load(
-        scale_ptr + rows[:, None] * (K // 16) + blocks[None, :],
+        scale_ptr + (rows[:, None] * (K // 16) + blocks[None, :]),
         mask=row_ok[:, None] & (blocks < K // 16)[None, :],
         other=0,
     )
@@ -162,7 +162,8 @@ def _nvfp4_gemm_kernel(
                 a = dequantize_tile(unpack_nibbles(a_packed, BLOCK_M, BLOCK_K), a_scales, BLOCK_M, BLOCK_K)
         else:
             ks = k0 + tl.arange(0, BLOCK_K)
-            a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+            a_offsets = rows[:, None] * K + ks[None, :]
+            a = tl.load(a_ptr + a_offsets, mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
             if A_MODE == "quantize":
                 a_codes, a_scales, _ = quantize_tile(
                     a.to(tl.float32), a_pts, HAS_A_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K

@@ -58,8 +58,8 @@ def _quantize_kernel(
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows = rows.to(tl.int64)
-    cols = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
-    x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
+    cols = (tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)).to(tl.int64)
+    x = tl.load(x_ptr + (rows[:, None] * K + cols[None, :]), mask=row_ok[:, None] & (cols < K)[None, :], other=0.0)
     if HAS_PTS:
         pts = tl.load(pts_ptr + rows * PTS_STRIDE, mask=row_ok, other=1.0)[:, None]
     else:
@@ -74,7 +74,8 @@ def _quantize_kernel(
 
     bytes_ = tl.program_id(1) * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
     byte_mask = row_ok[:, None] & (bytes_ < K // 2)[None, :]
-    tl.store(qdata_ptr + rows[:, None] * (K // 2) + bytes_[None, :], pack_nibbles(codes, BLOCK_M, BLOCK_K), byte_mask)
+    byte_offsets = rows[:, None] * (K // 2) + bytes_[None, :]
+    tl.store(qdata_ptr + byte_offsets, pack_nibbles(codes, BLOCK_M, BLOCK_K), byte_mask)
     blocks = tl.program_id(1) * NUM_BLOCKS + tl.arange(0, NUM_BLOCKS)
     block_mask = row_ok[:, None] & (blocks < K // 16)[None, :]
     block_offsets = rows[:, None] * (K // 16) + blocks[None, :]
