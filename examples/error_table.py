@@ -18,7 +18,7 @@ import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import,
 # isort: split
 import torch  # noqa: E402
 
-from scalesearch_compile import quantize_blocks  # noqa: E402
+from scalesearch_compile import ScaleChoice, quantize_blocks  # noqa: E402
 from scalesearch_demo import load_minilm, markdown_table  # noqa: E402
 
 # (column title, method, window)
@@ -55,10 +55,10 @@ def minilm_linear_weights() -> dict:
 
 def mse(tensors, method: str, window=None) -> float:
     """Mean squared quantization error over one tensor or a list of them (each quantized on its own)."""
-    kwargs = {} if window is None else {"window": window}
+    scales = ScaleChoice(method) if window is None else ScaleChoice(method, window)
     total = count = 0
     for x in [tensors] if isinstance(tensors, torch.Tensor) else tensors:
-        total += (x.double() - quantize_blocks(x, method, **kwargs).dequantize().double()).square().sum().item()
+        total += (x.double() - quantize_blocks(x, scales).dequantize().double()).square().sum().item()
         count += x.numel()
     return total / count
 

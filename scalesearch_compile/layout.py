@@ -47,6 +47,17 @@ class NVFP4Blocks:
     per_tensor_scale: torch.Tensor | None
     offsets: torch.Tensor
 
+    @classmethod
+    def empty(cls, shape: torch.Size, per_tensor_scale: torch.Tensor | None, device) -> "NVFP4Blocks":
+        """Uninitialised, contiguous blocks for a tensor of ``shape`` (..., K), for a quantizer to fill."""
+        lead, k = tuple(shape[:-1]), shape[-1]
+        return cls(
+            torch.empty((*lead, k // 2), dtype=torch.uint8, device=device),
+            torch.empty((*lead, k // BLOCK_SIZE), dtype=torch.uint8, device=device),
+            per_tensor_scale,
+            torch.empty((*lead, k // BLOCK_SIZE), dtype=torch.int16, device=device),
+        )
+
     def block_scales(self) -> torch.Tensor:
         """float32 scale of each block, global scale included: ``pts * e4m3_value(code)``."""
         scales = e4m3_value_table(self.scale_codes.device)[self.scale_codes.long()]

@@ -97,15 +97,13 @@ class ScaleChoice:
             raise ValueError(f"empty search window ({low}, {high}): the low offset must not exceed the high offset")
         object.__setattr__(self, "window", (low, high))
 
-    @classmethod
-    def of(cls, method: "str | ScaleChoice", window: Sequence[int] | None = None) -> "ScaleChoice":
-        """The scale choice a public function was given: a :class:`ScaleChoice` as it is (``window`` must then
-        be None), or a method name with ``window`` (default ``DEFAULT_WINDOW``)."""
+    @staticmethod
+    def of(method: "str | ScaleChoice") -> "ScaleChoice":
+        """A public function's ``method`` argument as a scale choice: a method name (with the default window),
+        or a :class:`ScaleChoice` (an object deriving from it, such as an attention recipe, reduced to it)."""
         if isinstance(method, ScaleChoice):
-            if window is not None:
-                raise ValueError("pass either a ScaleChoice or a method name with a window, not both")
             return ScaleChoice(method.method, method.window)
-        return cls(method, DEFAULT_WINDOW if window is None else window)
+        return ScaleChoice(method)
 
 
 DEFAULT_SCALES = ScaleChoice()
@@ -330,9 +328,8 @@ def quantize_reference(request: QuantizeRequest) -> NVFP4Blocks:
     row_pts = pts.reshape(-1, 1) if pts is not None and pts.dim() else None
     k = x.shape[-1]
     rows = x.reshape(-1, k)
-    qdata = torch.empty((rows.shape[0], k // 2), dtype=torch.uint8, device=x.device)
-    scale_codes = torch.empty((rows.shape[0], k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
-    offsets = torch.empty(scale_codes.shape, dtype=torch.int16, device=x.device)
+    out = NVFP4Blocks.empty(x.shape, pts, x.device)
+    qdata, scale_codes, offsets = (t.view(-1, t.shape[-1]) for t in (out.qdata, out.scale_codes, out.offsets))
     step = max(1, CHUNK_ELEMENTS // k)
     for start in range(0, rows.shape[0], step):
         stop = start + step
@@ -342,33 +339,26 @@ def quantize_reference(request: QuantizeRequest) -> NVFP4Blocks:
             blocks, request.importance, chunk_pts, request.scales, request.finite
         )
         qdata[start:stop] = pack_nibbles(codes.view(-1, k))
-
-    lead = x.shape[:-1]
-    return NVFP4Blocks(
-        qdata.view(*lead, k // 2),
-        scale_codes.view(*lead, k // BLOCK_SIZE),
-        pts,
-        offsets.view(*lead, k // BLOCK_SIZE),
-    )
+    return out
 
 
 def quantize_blocks(
     x: torch.Tensor,
     method: str | ScaleChoice = "search",
     *,
-    window: Sequence[int] | None = None,
     per_tensor_scale: PerTensorScale = True,
     importance: torch.Tensor | None = None,
     check_finite: bool = True,
 ) -> NVFP4Blocks:
     """Quantize ``x`` (..., K) to NVFP4 with the block scales chosen by ``method`` (the PyTorch reference).
 
-    ``method``: a :class:`ScaleChoice`, or a method name with ``window`` (default -2..+6). ``per_tensor_scale``,
-    ``importance`` and ``check_finite`` as :meth:`QuantizeRequest.of`. See the module docstring for the numerics.
+    ``method``: a method name (default window -2..+6) or a :class:`ScaleChoice` (``ScaleChoice("search",
+    (-1, 4))``). ``per_tensor_scale``, ``importance`` and ``check_finite`` as :meth:`QuantizeRequest.of`. See
+    the module docstring for the numerics.
     """
     request = QuantizeRequest.of(
         x,
-        ScaleChoice.of(method, window),
+        ScaleChoice.of(method),
         per_tensor_scale=per_tensor_scale,
         importance=importance,
         check_finite=check_finite,

@@ -10,7 +10,6 @@ Importing this module allow-lists ``ScaleSearchNVFP4Tensor`` and ``NVFP4Activati
 """
 
 import hashlib
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,16 +29,16 @@ def quantize_nvfp4(
     x: torch.Tensor,
     method: str | ScaleChoice = "search",
     *,
-    window: Sequence[int] | None = None,
     per_tensor_scale: PerTensorScale = True,
     importance: torch.Tensor | None = None,
 ) -> NVFP4Tensor:
     """Quantize a 2-D or 3-D float tensor to a torchao ``NVFP4Tensor`` with block scales chosen by ``method``.
 
-    ``method``: "search" (E4M3 codes at ``window`` offsets around amax/6, lowest block error wins; default
-    -2..+6), "amax" (torchao's numbers bit for bit), "four_over_six", "exhaustive" (all 126 codes), or a
-    :class:`ScaleChoice`. ``per_tensor_scale``: True (default) uses torchao's two-level scaling with
-    ``amax / (448 * 6)``; a one-element tensor is used as given; None for single-level scaling.
+    ``method``: "search" (E4M3 codes at -2..+6 offsets around amax/6, lowest block error wins), "amax"
+    (torchao's numbers bit for bit), "four_over_six", "exhaustive" (all 126 codes), or a :class:`ScaleChoice`
+    (another search window: ``ScaleChoice("search", (-1, 4))``). ``per_tensor_scale``: True (default) uses
+    torchao's two-level scaling with ``amax / (448 * 6)``; a one-element tensor is used as given; None for
+    single-level scaling.
     ``importance``: optional per-input-channel weights of shape (K,) for the block error (e.g. the mean of x**2
     of calibration activations), so the search minimises the layer's output error instead of the weight error.
     """
@@ -47,7 +46,7 @@ def quantize_nvfp4(
         raise ValueError(f"NVFP4Tensor holds 2-D or 3-D tensors, got {getattr(x, 'shape', type(x).__name__)}")
     if isinstance(per_tensor_scale, str):
         raise ValueError("NVFP4Tensor holds one global scale: per_tensor_scale must be True, None or a tensor")
-    blocks = quantize_blocks(x, method, window=window, per_tensor_scale=per_tensor_scale, importance=importance)
+    blocks = quantize_blocks(x, method, per_tensor_scale=per_tensor_scale, importance=importance)
     return NVFP4Tensor(
         blocks.qdata,
         blocks.scale_codes.view(torch.float8_e4m3fn),
@@ -198,7 +197,6 @@ def quantize_weight(
     weight: torch.Tensor,
     method: str | ScaleChoice = "search",
     *,
-    window: Sequence[int] | None = None,
     importance: torch.Tensor | None = None,
     act_quant_kwargs: NVFP4ActivationKwargs | None = None,
 ) -> ScaleSearchNVFP4Tensor:
@@ -208,7 +206,7 @@ def quantize_weight(
         raise ValueError(
             f"a linear weight is 2-D (out_features, in_features), got shape {tuple(getattr(weight, 'shape', ()))}"
         )
-    blocks = quantize_blocks(weight, method, window=window, importance=importance)
+    blocks = quantize_blocks(weight, method, importance=importance)
     return ScaleSearchNVFP4Tensor.from_weight(NVFP4Weight.from_blocks(blocks), weight.dtype, act_quant_kwargs)
 
 

@@ -150,7 +150,7 @@ def test_p_quantization_is_bitwise_the_reference(recipe):
     codes, scale_codes, row_scale = (t.cpu() for t in tensors[1:])
 
     expected_scale = torch.where(p.amax(1) / 2688 >= P_SCALE_FLOOR, p.amax(1) / 2688, 1.0)
-    expected = quantize_blocks(p, recipe.method, window=recipe.window, per_tensor_scale=expected_scale[:, None])
+    expected = quantize_blocks(p, recipe, per_tensor_scale=expected_scale[:, None])
     assert torch.equal(row_scale, expected_scale)
     assert torch.equal(scale_codes, expected.scale_codes.int())
     assert torch.equal(codes, torch.stack([expected.qdata & 15, expected.qdata >> 4], -1).flatten(-2).int())

@@ -35,10 +35,10 @@ def assert_same_blocks(got, ref):
         assert torch.equal(got.per_tensor_scale.cpu(), ref.per_tensor_scale)
 
 
-def triton_blocks(x, method, window=None, **kwargs):
-    """The kernel's result for ``quantize_blocks(x, method, window=window, **kwargs)``'s request, on DEVICE."""
+def triton_blocks(x, method, **kwargs):
+    """The kernel's result for ``quantize_blocks(x, method, **kwargs)``'s request, on DEVICE."""
     kwargs = {key: v.to(DEVICE) if isinstance(v, torch.Tensor) else v for key, v in kwargs.items()}
-    return quantize_nvfp4_triton(QuantizeRequest.of(x.to(DEVICE), ScaleChoice.of(method, window), **kwargs))
+    return quantize_nvfp4_triton(QuantizeRequest.of(x.to(DEVICE), ScaleChoice.of(method), **kwargs))
 
 
 def check(x, method, **kwargs):
@@ -96,7 +96,7 @@ def test_exhaustive_small():
 
 @pytest.mark.parametrize("window", [(0, 0), (-4, 2), (3, 5), (-8, -1)])
 def test_windows(window):
-    ref = check(ragged_input(torch.float32, rows=9, k=64), "search", window=window)
+    ref = check(ragged_input(torch.float32, rows=9, k=64), ScaleChoice("search", window))
     chosen = ref.offsets[ref.offsets != 0]
     assert chosen.numel() == 0 or (chosen.min() >= window[0] and chosen.max() <= window[1])
 

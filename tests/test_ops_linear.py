@@ -37,7 +37,7 @@ def _float64_w4a16(x, weight, bias):
 def _float64_w4a4(x, weight, bias):
     kw = weight.act_quant_kwargs
     rows = x.reshape(-1, x.shape[-1])
-    x_hat = quantize_blocks(rows, kw.method, window=kw.window).dequantize().double().view(x.shape)
+    x_hat = quantize_blocks(rows, kw).dequantize().double().view(x.shape)
     return _float64_w4a16(x_hat, weight, bias)
 
 
@@ -85,8 +85,8 @@ def test_unscaled_weight_decodes_every_byte_exactly():
 def test_quantize_op_is_quantize_blocks_bit_for_bit():
     x = torch.randn(4, 6, 64)
     importance = torch.rand(64)
-    qdata, scale_codes, pts = nvfp4_quantize(x, "search", window=(-1, 3), importance=importance)
-    blocks = quantize_blocks(x, "search", window=(-1, 3), importance=importance)
+    qdata, scale_codes, pts = nvfp4_quantize(x, ScaleChoice("search", (-1, 3)), importance=importance)
+    blocks = quantize_blocks(x, ScaleChoice("search", (-1, 3)), importance=importance)
     assert torch.equal(qdata, blocks.qdata) and torch.equal(scale_codes, blocks.scale_codes)
     assert torch.equal(pts, blocks.per_tensor_scale)
 
@@ -229,7 +229,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="must be a ScaleSearchNVFP4Tensor"):
         nvfp4_linear(torch.randn(2, 64), torch.randn(48, 64))
     with pytest.raises(ValueError, match="empty search window"):
-        nvfp4_quantize(torch.randn(2, 64), window=(3, 1))
+        nvfp4_quantize(torch.randn(2, 64), ScaleChoice("search", (3, 1)))
 
 
 @pytest.mark.parametrize("act_method", [None, "search", "amax"])

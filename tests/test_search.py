@@ -14,7 +14,7 @@ from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, nvfp4_quantiz
 import scalesearch_compile.search as search
 from scalesearch_compile.attention import AttentionRecipe, nvfp4_attention_reference, quantize_probabilities
 from scalesearch_compile.formats import E2M1_MAX, E2M1_VALUES, E4M3_MAX
-from scalesearch_compile.search import chosen_offsets, quantize_blocks
+from scalesearch_compile.search import ScaleChoice, chosen_offsets, quantize_blocks
 
 
 def block_errors(x: torch.Tensor, blocks, importance=None) -> torch.Tensor:
@@ -136,10 +136,11 @@ def test_four_over_six_sits_between_amax_and_search(gaussian):
 
 def test_window_controls_the_candidates(gaussian):
     x = gaussian[:64]
-    assert torch.equal(quantize_blocks(x, "search", window=(0, 0)).qdata, quantize_blocks(x, "amax").qdata)
-    offsets = chosen_offsets(x, window=(-1, 3))
+    assert torch.equal(quantize_blocks(x, ScaleChoice("search", (0, 0))).qdata, quantize_blocks(x, "amax").qdata)
+    offsets = chosen_offsets(x, ScaleChoice("search", (-1, 3)))
     assert offsets.min() >= -1 and offsets.max() <= 3
-    assert mse(x, "search", window=(-4, 8)) <= mse(x, "search") <= mse(x, "search", window=(0, 6))
+    wide, narrow = ScaleChoice("search", (-4, 8)), ScaleChoice("search", (0, 6))
+    assert mse(x, wide) <= mse(x, "search") <= mse(x, narrow)
 
 
 def test_chosen_offsets_are_two_peaked(gaussian):
@@ -228,8 +229,6 @@ def test_peak_memory_stays_within_twice_the_input():
         (torch.ones(2, 16, dtype=torch.float64), {}, "unsupported dtype torch.float64"),
         (torch.ones(0, 16), {}, "empty"),
         (torch.ones(2, 16), {"method": "mse"}, "unknown method 'mse'"),
-        (torch.ones(2, 16), {"window": (3, 1)}, "empty search window"),
-        (torch.ones(2, 16), {"window": 5}, "pair of integer"),
         (torch.ones(2, 16), {"importance": torch.ones(8)}, "one weight per input channel"),
         (torch.ones(2, 16), {"importance": -torch.ones(16)}, "non-negative"),
         (torch.ones(2, 16), {"per_tensor_scale": torch.tensor(0.0)}, "positive and finite"),
@@ -240,6 +239,32 @@ def test_peak_memory_stays_within_twice_the_input():
 def test_bad_input_names_the_problem(x, kwargs, message):
     with pytest.raises(ValueError, match=message):
         quantize_blocks(x, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "method,window,message",
+    [
+        ("mse", (-2, 6), "unknown method 'mse'"),
+        (None, (-2, 6), "unknown method None"),
+        ("search", (3, 1), "empty search window"),
+        ("search", 5, "pair of integer"),
+        ("search", "ab", "pair of integer"),
+        ("search", (-1.5, 2), "pair of integer"),
+        ("search", (True, 2), "pair of integer"),
+        ("search", (1, 2, 3), "pair of integer"),
+    ],
+)
+def test_scale_choice_is_validated_once(method, window, message):
+    with pytest.raises(ValueError, match=message):
+        ScaleChoice(method, window)
+
+
+def test_scale_choice_normalises_and_reduces():
+    assert ScaleChoice("search", [-1, 3]).window == (-1, 3)  # JSON gives lists back
+    assert ScaleChoice.of("amax") == ScaleChoice("amax", (-2, 6))
+    recipe = AttentionRecipe(method="four_over_six", window=(0, 2), hadamard=False)
+    assert ScaleChoice.of(recipe) == ScaleChoice("four_over_six", (0, 2))  # an option object reduced to its choice
+    assert type(ScaleChoice.of(recipe)) is ScaleChoice
 
 
 class CudaScalarDivision(TorchDispatchMode):

@@ -30,8 +30,8 @@ def test_quantize_nvfp4_amax_is_torchao_bit_for_bit():
 
 def test_weight_layout_and_dequantize():
     w = torch.randn(48, 64, dtype=torch.bfloat16)
-    q = quantize_weight(w, "search", window=(-1, 4), act_quant_kwargs=NVFP4ActivationKwargs())
-    blocks = quantize_blocks(w, "search", window=(-1, 4))
+    q = quantize_weight(w, ScaleChoice("search", (-1, 4)), act_quant_kwargs=NVFP4ActivationKwargs())
+    blocks = quantize_blocks(w, ScaleChoice("search", (-1, 4)))
     assert (q.shape, q.dtype) == ((48, 64), torch.bfloat16)
     assert q.qdata.shape == (48, 32) and q.scale.shape == (48, 4) and q.scale.dtype == torch.float8_e4m3fn
     assert torch.equal(q.qdata, blocks.qdata) and torch.equal(q.scale.view(torch.uint8), blocks.scale_codes)

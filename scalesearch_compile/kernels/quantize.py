@@ -10,12 +10,11 @@ qdata uint8 ``(M, K // 2)`` (element 2i in the low nibble), E4M3 scale codes uin
 chosen offsets int16 ``(M, K // 16)`` (chosen code minus amax code), torchao's unswizzled layout.
 """
 
-import torch
 import triton
 import triton.language as tl
 
 from scalesearch_compile.kernels._nvfp4 import autotune_configs, check_kernel_device, pack_nibbles, quantize_tile
-from scalesearch_compile.layout import BLOCK_SIZE, NVFP4Blocks
+from scalesearch_compile.layout import NVFP4Blocks
 from scalesearch_compile.search import QuantizeRequest
 
 # Rows x columns per program. GPU candidates: tiles of 512-4096 values (4 warps, 4-32 values a thread) that keep
@@ -94,9 +93,7 @@ def quantize_nvfp4_triton(request: QuantizeRequest) -> NVFP4Blocks:
     k = x.shape[-1]
     rows = x.reshape(-1, k).contiguous()
     m = rows.shape[0]
-    qdata = torch.empty((m, k // 2), dtype=torch.uint8, device=x.device)
-    scale_codes = torch.empty((m, k // BLOCK_SIZE), dtype=torch.uint8, device=x.device)
-    offsets = torch.empty((m, k // BLOCK_SIZE), dtype=torch.int16, device=x.device)
+    out = NVFP4Blocks.empty(x.shape, pts, x.device)
     # rows: a placeholder pointer for an absent optional tensor, never read
     pts_arg = rows if pts is None else pts.reshape(-1).contiguous()
     pts_stride = 0 if pts is None or pts.dim() == 0 else 1
@@ -112,9 +109,9 @@ def quantize_nvfp4_triton(request: QuantizeRequest) -> NVFP4Blocks:
         rows,
         pts_arg,
         rows if weights is None else weights.reshape(-1),
-        qdata,
-        scale_codes,
-        offsets,
+        out.qdata,
+        out.scale_codes,
+        out.offsets,
         m,
         k,
         pts_stride,
@@ -125,10 +122,4 @@ def quantize_nvfp4_triton(request: QuantizeRequest) -> NVFP4Blocks:
         HI=high,
         enable_fp_fusion=False,
     )
-    lead = x.shape[:-1]
-    return NVFP4Blocks(
-        qdata.view(*lead, k // 2),
-        scale_codes.view(*lead, k // BLOCK_SIZE),
-        pts,
-        offsets.view(*lead, k // BLOCK_SIZE),
-    )
+    return out

@@ -8,8 +8,6 @@ in the low nibble); ``scale_codes`` uint8 ``(..., K // 16)``, the float8_e4m3fn 
 bits (multiplying and dividing by 1.0 is exact), so the op always returns three tensors.
 """
 
-from collections.abc import Sequence
-
 import torch
 
 from scalesearch_compile.layout import BLOCK_SIZE
@@ -57,18 +55,17 @@ def nvfp4_quantize(
     x: torch.Tensor,
     method: str | ScaleChoice = "search",
     *,
-    window: Sequence[int] | None = None,
     per_tensor_scale: bool = True,
     importance: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize ``x`` (..., K) through ``scalesearch::quantize_nvfp4``: (qdata, scale codes, per-tensor scale).
 
-    ``method``/``window``/``importance`` as :func:`quantize_blocks`; ``per_tensor_scale`` True for torchao's
+    ``method`` and ``importance`` as :func:`quantize_blocks`; ``per_tensor_scale`` True for torchao's
     ``amax / (448 * 6)``, False for single-level scaling (returned as 1.0). ``impl``: "auto" (Triton on CUDA,
     reference elsewhere), "reference" or "triton".
     """
-    scales = ScaleChoice.of(method, window)
+    scales = ScaleChoice.of(method)
     return torch.ops.scalesearch.quantize_nvfp4(
         x, scales.method, list(scales.window), bool(per_tensor_scale), importance, check_impl(impl)
     )
