@@ -50,11 +50,10 @@ class BackendOptions(ScaleChoice):
         super().__post_init__()
         set_ = object.__setattr__
         activation_kwargs(self.activations, self)  # validates
-        for name in ("attention", "inductor"):
-            value = getattr(self, name)
-            if not isinstance(value, bool) and not (name == "attention" and isinstance(value, AttentionRecipe)):
-                allowed = "True, False or an AttentionRecipe" if name == "attention" else "True or False"
-                raise ValueError(f"{name} must be {allowed}, got {value!r}")
+        if not isinstance(self.attention, bool | AttentionRecipe):
+            raise ValueError(f"attention must be True, False or an AttentionRecipe, got {self.attention!r}")
+        if not isinstance(self.inductor, bool):
+            raise ValueError(f"inductor must be True or False, got {self.inductor!r}")
         check_impl(self.impl)
         try:
             set_(self, "skip_modules", ModulePatterns(self.skip_modules).patterns)

@@ -158,9 +158,7 @@ def _visits(module: torch.nn.Module, filter_fn, path: str = "") -> list[tuple[to
     ]
 
 
-def quantize_model(
-    model: torch.nn.Module, config: ScaleSearchConfig | None = None, filter_fn=None
-) -> QuantizeSummary:
+def quantize_model(model: torch.nn.Module, config: ScaleSearchConfig | None = None, filter_fn=None) -> QuantizeSummary:
     """``quantize_(model, config, filter_fn)`` with module names: the same modules quantized the same way, plus
     ``config.exclude`` applied, a progress bar (``config.progress``, for more than one module) and one summary
     line logged at INFO on the ``scalesearch_compile`` logger. ``filter_fn(module, path)`` defaults to

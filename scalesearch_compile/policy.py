@@ -97,4 +97,3 @@ class LinearPolicy:
             return quantize_weight(weight, self.scales, importance=importance, act_quant_kwargs=self.act_quant_kwargs)
         except NonFiniteError:
             return "NaN or Inf in the weight"
-

@@ -36,7 +36,6 @@ Memory: the input is processed in chunks of about ``CHUNK_ELEMENTS`` values, so 
 by a few float32 copies of one chunk whatever the tensor size.
 """
 
-
 import math
 import numbers
 from collections.abc import Sequence
@@ -201,7 +200,6 @@ class QuantizeRequest:
             _check_importance(importance, x, check_finite),
             check_finite,
         )
-
 
 
 def _resolve_per_tensor_scale(x, per_tensor_scale: PerTensorScale, amax: torch.Tensor | None, check_values: bool):

@@ -102,7 +102,7 @@ def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.co
         "Q_BUCKET", "K_BUCKET", "HEAD_DIM", "V_DIM", "BLOCK_N", "IS_CAUSAL", "HAS_MASK", "SMOOTH_Q",
         "METHOD", "LO", "HI", "SCALE_FLOOR", "DOT_SCALED",
     ],
-)
+)  # fmt: skip
 @triton.jit
 def _attention_kernel(
     q_codes_ptr, q_scales_ptr, q_hp_ptr, q_mean_ptr,
