@@ -4,8 +4,8 @@ Not part of the installed package. Importing it sets up the process the way the 
 change its own process; the library never does): torchao is imported with its two CPU-only-machine notices
 and its pytree deprecation warnings silenced, and the Hugging Face hub is kept offline.
 
-- :func:`tiny_model`: a randomly initialised Llama, Qwen2 or BERT built from a config (head_dim 64, so its
-  attention is inside the NVFP4 attention op's contract), in eval mode, with SDPA attention.
+- :func:`tiny_model`: a randomly initialised Llama, Qwen2, GPT-2 or BERT built from a config (head_dim 64, so
+  its attention is inside the NVFP4 attention op's contract), in eval mode, with SDPA attention.
 - :func:`compile_and_time`: compile a model with a backend and time its first call and its steady state;
   :func:`markdown_table` prints the scripts' results.
 - :func:`load_minilm`: the real all-MiniLM-L6-v2 encoder (22.7M parameters) shipped by the PyPI package
@@ -62,10 +62,13 @@ _TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_at
 
 
 def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
-    """A random ``"llama"`` / ``"qwen2"`` causal LM (2 query heads, 1 KV head: GQA) or ``"bert"`` encoder."""
+    """A random ``"llama"`` / ``"qwen2"`` causal LM (2 query heads, 1 KV head: GQA), ``"gpt2"`` causal LM
+    (transformers' ``Conv1D`` projections, lm_head tied to the embedding) or ``"bert"`` encoder."""
     from transformers import (
         BertConfig,
         BertModel,
+        GPT2Config,
+        GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
         Qwen2Config,
@@ -75,6 +78,11 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     models = {
         "llama": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=256, num_key_value_heads=1)),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(vocab_size=256, num_key_value_heads=1)),
+        "gpt2": (
+            GPT2Config,
+            GPT2LMHeadModel,
+            dict(vocab_size=256, n_positions=128, n_inner=256, bos_token_id=0, eos_token_id=0),
+        ),
         "bert": (BertConfig, BertModel, dict(vocab_size=256)),
     }
     if name not in models:

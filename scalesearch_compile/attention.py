@@ -18,8 +18,8 @@ time: nothing is read on the host, and NaN/Inf become NaN blocks that reach only
    ``s = (q~ @ k~^T) * scale + mask``; ``m' = max(m, rowmax(s))``; ``p = exp(s - m')``;
    ``l = l * exp(m - m') + rowsum(p)`` (rowsum of the unquantized p); ``acc = acc * exp(m - m') + p~ @ v~``;
    output ``acc / l``. In an NVFP4 tile ``q~ = deq(q) + mu``, ``k~``, ``v~`` are the dequantized tiles and
-   ``p~`` is p quantized along the keys with a per-row first-level scale ``rowmax(p) / (448 * 6)`` (1.0 where
-   that is below ``P_SCALE_FLOOR``: such rows quantize to zero rather than overflow ``1 / scale``) and
+   ``p~`` is p quantized along the keys with a per-row first-level scale ``max(rowmax(p) / (448 * 6), 2**-126)``
+   (``search.global_scale``) and
    ``recipe.method`` E4M3 block scales. With ``sink_tiles``, the first KV tile and the trailing partial tile
    (when Sk is not a multiple of ``TILE``) are high-precision tiles: the prepared float32 q, k, v and p,
    nothing quantized.
@@ -41,7 +41,6 @@ from scalesearch_compile.search import (
 
 TILE = 64  # keys per KV tile (and queries per tile in the kernel); a multiple of the NVFP4 block (16)
 HEAD_DIMS = (64, 128)
-P_SCALE_FLOOR = 2.0**-96  # smallest first-level P scale kept; below it 1 / scale / block scale may overflow
 
 
 @dataclass(frozen=True)
@@ -200,8 +199,8 @@ def high_precision_tiles(k_len: int, recipe: AttentionRecipe) -> set:
 
 def quantize_probabilities(p: torch.Tensor, recipe: AttentionRecipe) -> torch.Tensor:
     """NVFP4 round trip of probabilities ``p`` (..., TILE) >= 0 along the last dim, two-level with a per-row
-    first level ``rowmax / (448 * 6)`` (1.0 below ``P_SCALE_FLOOR``)."""
-    row_scale = global_scale(p.amax(dim=-1, keepdim=True), smallest=P_SCALE_FLOOR)
+    first level ``search.global_scale(rowmax)``."""
+    row_scale = global_scale(p.amax(dim=-1, keepdim=True))
     request = QuantizeRequest.of(p, ScaleChoice.of(recipe), per_tensor_scale=row_scale, check_finite=False)
     return quantize_reference(request).dequantize()
 

@@ -10,14 +10,17 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-# Name of the non-persistent buffer :func:`calibrate` attaches to each nn.Linear; ScaleSearchConfig's
+from scalesearch_compile.policy import is_linear_layer
+
+# Name of the non-persistent buffer :func:`calibrate` attaches to each linear layer; ScaleSearchConfig's
 # quantize_ handler consumes (removes) it.
 IMPORTANCE_BUFFER = "scalesearch_importance"
 
 
 @torch.no_grad()
 def calibrate(model: torch.nn.Module, batches: Iterable) -> dict[str, torch.Tensor]:
-    """Run ``batches`` through ``model`` and attach to every ``nn.Linear`` the float32 mean of x**2 over all
+    """Run ``batches`` through ``model`` and attach to every linear layer (``nn.Linear`` and transformers'
+    ``Conv1D``, :func:`~scalesearch_compile.policy.is_linear_layer`) the float32 mean of x**2 over all
     of its input rows, shape (in_features,), as buffer ``scalesearch_importance``; return them by module name.
 
     A batch that is a Mapping is passed as keyword arguments, a tuple or list as positional arguments, anything
@@ -34,7 +37,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable) -> dict[str, torch.Tens
 
         return hook
 
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    linears = {name: m for name, m in model.named_modules() if is_linear_layer(m)}
     handles = [m.register_forward_pre_hook(observe(name)) for name, m in linears.items()]
     try:
         for batch in batches:
@@ -48,7 +51,7 @@ def calibrate(model: torch.nn.Module, batches: Iterable) -> dict[str, torch.Tens
         for handle in handles:
             handle.remove()
     if not counts:
-        raise ValueError("calibration saw no input to any nn.Linear; pass at least one batch")
+        raise ValueError("calibration saw no input to any linear layer; pass at least one batch")
     importance = {name: sums[name] / counts[name] for name in counts}
     for name, value in importance.items():
         linears[name].register_buffer(IMPORTANCE_BUFFER, value, persistent=False)

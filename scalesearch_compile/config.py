@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 import scalesearch_compile.ops.linear  # noqa: F401  (routes F.linear on the weights made here to the ops)
 from scalesearch_compile.calibration import IMPORTANCE_BUFFER
-from scalesearch_compile.policy import LinearPolicy, ModulePatterns
+from scalesearch_compile.policy import LinearPolicy, ModulePatterns, is_linear_layer, stores_weight_transposed
 from scalesearch_compile.search import DEFAULT_WINDOW, ScaleChoice
 from scalesearch_compile.tensor import activation_kwargs
 
@@ -78,16 +78,20 @@ def _linear_extra_repr(self):
 
 
 def _quantize_module(module: torch.nn.Module, policy: LinearPolicy, path: str) -> str | None:
-    """Replace an ``nn.Linear``'s weight by its NVFP4 weight in place (searched with the importance weights that
-    :func:`scalesearch_compile.calibrate` attached, which it consumes); None, or why the module is left."""
-    if not isinstance(module, torch.nn.Linear):
-        return f"not an nn.Linear ({type(module).__name__})"
-    quantized = policy.quantize(module.weight, path, module._buffers.get(IMPORTANCE_BUFFER))
+    """Replace a linear layer's weight by its NVFP4 weight in place (searched with the importance weights that
+    :func:`scalesearch_compile.calibrate` attached, which it consumes); None, or why the module is left. A
+    ``Conv1D``'s weight, stored (in, out), is quantized as its transpose and stored as the transposed view."""
+    if not is_linear_layer(module):
+        return f"not a linear layer ({type(module).__name__})"
+    transposed = stores_weight_transposed(module)
+    weight = module.weight.t() if transposed else module.weight
+    quantized = policy.quantize(weight, path, module._buffers.get(IMPORTANCE_BUFFER))
     if isinstance(quantized, str):
         return quantized
     module._buffers.pop(IMPORTANCE_BUFFER, None)
-    module.weight = torch.nn.Parameter(quantized, requires_grad=False)
-    module.extra_repr = types.MethodType(_linear_extra_repr, module)
+    module.weight = torch.nn.Parameter(quantized.t() if transposed else quantized, requires_grad=False)
+    if isinstance(module, torch.nn.Linear):
+        module.extra_repr = types.MethodType(_linear_extra_repr, module)
     return None
 
 
@@ -104,7 +108,7 @@ def _quantize_handler(module: torch.nn.Module, config: ScaleSearchConfig) -> tor
     reason = _quantize_module(module, config.policy(), "")
     if reason is None:
         logger.debug("scalesearch quantize_: %r to NVFP4 (%s)", module, _settings(config))
-    elif isinstance(module, torch.nn.Linear):
+    elif is_linear_layer(module):
         logger.info("scalesearch quantize_: left %r as it was: %s", module, reason)
     return module
 
@@ -142,10 +146,6 @@ class QuantizeSummary:
         return line
 
 
-def _is_linear(module: torch.nn.Module, path: str) -> bool:
-    return isinstance(module, torch.nn.Linear)
-
-
 def _visits(module: torch.nn.Module, filter_fn, path: str = "") -> list[tuple[torch.nn.Module, str]]:
     """(module, path) of each module ``quantize_(module, config, filter_fn)`` hands its handler, in its order:
     a module the filter selects is not searched further."""
@@ -162,14 +162,15 @@ def quantize_model(model: torch.nn.Module, config: ScaleSearchConfig | None = No
     """``quantize_(model, config, filter_fn)`` with module names: the same modules quantized the same way, plus
     ``config.exclude`` applied, a progress bar (``config.progress``, for more than one module) and one summary
     line logged at INFO on the ``scalesearch_compile`` logger. ``filter_fn(module, path)`` defaults to
-    selecting every ``nn.Linear``. Returns the :class:`QuantizeSummary`."""
+    :func:`~scalesearch_compile.policy.is_linear_layer` (``nn.Linear`` and transformers' ``Conv1D``). Returns
+    the :class:`QuantizeSummary`."""
     config = ScaleSearchConfig() if config is None else config
     if not isinstance(config, ScaleSearchConfig):
         raise ValueError(f"config must be a ScaleSearchConfig, got {type(config).__name__}")
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     policy = config.policy()
-    visits = _visits(model, filter_fn or _is_linear)
+    visits = _visits(model, filter_fn or is_linear_layer)
     summary = QuantizeSummary(config)
     quiet = not config.progress or len(visits) < 2
     for module, path in tqdm(visits, desc="scalesearch quantize_", unit="layer", disable=quiet):

@@ -11,6 +11,7 @@ regular expression that must match the whole path (``re:.*\\.(q|k)_proj``), the 
 
 import fnmatch
 import re
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,19 @@ class ModulePatterns:
         return None
 
 
+def is_linear_layer(module: torch.nn.Module, path: str = "") -> bool:
+    """Whether ``module`` is a linear layer: an ``nn.Linear``, or transformers' ``Conv1D`` (the GPT-2 family's,
+    whose weight is stored transposed, (in_features, out_features)). A ``filter_fn`` for torchao's
+    ``quantize_`` (whose default selects ``nn.Linear`` only)."""
+    return isinstance(module, torch.nn.Linear) or stores_weight_transposed(module)
+
+
+def stores_weight_transposed(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (looked up only if transformers has loaded it)."""
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
 def is_nvfp4(weight) -> bool:
     """Whether ``weight`` is already an NVFP4 tensor (torchao's or ours)."""
     return isinstance(weight, NVFP4Tensor | ScaleSearchNVFP4Tensor)
@@ -76,6 +90,18 @@ class LinearPolicy:
     def quantize(self, weight, path: str, importance: torch.Tensor | None = None) -> ScaleSearchNVFP4Tensor | str:
         """The NVFP4 weight of the linear layer at module ``path`` (float weight ``(out_features, in_features)``,
         searched with the optional per-input-channel ``importance``), or why it is left as it is."""
+        reason = self.reason(weight, path)
+        if reason is not None:
+            return reason
+        try:
+            return quantize_weight(weight, self.scales, importance=importance, act_quant_kwargs=self.act_quant_kwargs)
+        except NonFiniteError:
+            return "NaN or Inf in the weight"
+
+    def reason(self, weight, path: str) -> str | None:
+        """Why the linear layer at module ``path`` with float weight ``(out_features, in_features)`` is left as it
+        is, from what can be known without reading the values (:meth:`quantize` also checks for NaN/Inf), or
+        None."""
         pattern = self.exclude.match(path)
         if pattern is not None:
             return f"excluded by {pattern!r}"
@@ -93,7 +119,4 @@ class LinearPolicy:
             return f"in_features {weight.shape[1]} not a multiple of {BLOCK_SIZE}"
         if tuple(weight.shape) in self.skip_shapes:
             return f"shape {tuple(weight.shape)} is in skip_shapes"
-        try:
-            return quantize_weight(weight, self.scales, importance=importance, act_quant_kwargs=self.act_quant_kwargs)
-        except NonFiniteError:
-            return "NaN or Inf in the weight"
+        return None

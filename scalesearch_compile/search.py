@@ -2,12 +2,18 @@
 
 Numerics (the reference every kernel must match bit for bit):
 - Input is cast to float32 and split into blocks of 16 along the last dimension.
-- Global scale (optional): ``pts = amax(|x|) / (448 * 6)`` as torchao's ``per_tensor_amax_to_scale``, over the
-  finite values of x; a zero or underflowing ``pts`` is replaced by 1.0 so an all-zero tensor quantizes to
-  zeros, not NaN. Every scale here is an IEEE division by a tensor (:func:`global_scale`), never by a Python
-  number: CUDA computes ``tensor / python_float`` as a multiplication by the reciprocal, which differs in the
-  last bit for some values, while a division by a tensor is correctly rounded on every device and in the
-  Triton kernels (``div_rn``).
+- Global scale (optional): ``pts = max(amax(|x|) / (448 * 6), 2**-126)``, torchao's
+  ``per_tensor_amax_to_scale`` over the finite values of x, kept at least the smallest normal float32 so it
+  never underflows (so below amax = 2688 * 2**-126, about 3.2e-35, it is no longer torchao's value: accuracy
+  wins over agreement there). Every scale is an IEEE division by a tensor (:func:`global_scale`), never by a
+  Python number: CUDA computes ``tensor / python_float`` as a multiplication by the reciprocal, which differs
+  in the last bit for some values, while a division by a tensor is correctly rounded on every device and in the
+  Triton kernels (``div_rn``). Single-level scaling computes as ``pts = 1``.
+- Normalisation: every formula below runs on ``x * 2**-e`` and ``pts * 2**-e``, with ``e`` the exponent of
+  ``pts`` plus 12 (per tensor, or per row), so ``pts`` becomes about ``2**-12`` and x at most about 1. Scaling
+  by a power of two is exact, so in the float32 range where nothing under- or overflows this changes no bit;
+  it keeps the multipliers and the block errors inside float32 for every input whose global scale is normal,
+  so quantizing ``x`` and ``x * 2**j`` gives the same codes (and the global scale times ``2**j``).
 - amax code ``c0 = e4m3(clamp(amax_block / 6 / pts, 2**-6, 448))`` (without a global scale, ``pts`` is
   left out of every formula), exactly torchao's ``nvfp4_quantize``.
 - A candidate code ``c`` (1..126) quantizes the block as ``q = e2m1(clamp(x * ((1 / pts) / s), -6, 6))``
@@ -59,10 +65,14 @@ from scalesearch_compile.layout import BLOCK_SIZE, NVFP4Blocks
 
 METHODS = ("amax", "search", "four_over_six", "exhaustive")
 DEFAULT_WINDOW = (-2, 6)
+MAX_OFFSET = 125  # E4M3 codes 1..126: no candidate further from any amax code can be valid
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # 2**18 values a chunk: peak extra memory for a 4096x4096 bf16 input measured at 0.76x the input (2.4x with
 # 2**20), at the same speed.
 CHUNK_ELEMENTS = 1 << 18
+
+GLOBAL_SCALE_MIN = 2.0**-126  # the smallest normal float32: global scales never underflow
+NORMALISED_EXPONENT = 12  # global scales are normalised to [2**-12, 2**-11): x to at most about 1
 
 PerTensorScale = bool | str | None | torch.Tensor
 
@@ -94,6 +104,11 @@ class ScaleChoice:
         low, high = (int(v) for v in window)
         if low > high:
             raise ValueError(f"empty search window ({low}, {high}): the low offset must not exceed the high offset")
+        if low < -MAX_OFFSET or high > MAX_OFFSET:
+            raise ValueError(
+                f"window ({low}, {high}) reaches past -{MAX_OFFSET}..{MAX_OFFSET}: no valid E4M3 scale code "
+                f"(1..126) lies that far from an amax code"
+            )
         object.__setattr__(self, "window", (low, high))
 
     @staticmethod
@@ -144,12 +159,26 @@ def finite_amax(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     return (magnitudes.amax() if dim is None else magnitudes.amax(dim=dim, keepdim=True)).float()
 
 
-def global_scale(amax: torch.Tensor, smallest: float = 2.0**-149) -> torch.Tensor:
-    """First-level scale ``amax / (448 * 6)`` (float32), 1.0 where it is below ``smallest`` (default: where it
-    is zero). An IEEE division by a tensor, so CPU, CUDA and the Triton kernels compute the same bits."""
+def global_scale(amax: torch.Tensor) -> torch.Tensor:
+    """First-level scale ``max(amax / (448 * 6), 2**-126)`` (float32): an IEEE division by a tensor, so CPU, CUDA
+    and the Triton kernels compute the same bits, kept a normal number."""
     amax = amax.float()
-    scale = amax / torch.full_like(amax, E4M3_MAX * E2M1_MAX)
-    return torch.where(scale >= smallest, scale, torch.ones_like(scale))
+    return (amax / torch.full_like(amax, E4M3_MAX * E2M1_MAX)).clamp_min(GLOBAL_SCALE_MIN)
+
+
+def normaliser(pts: torch.Tensor) -> torch.Tensor:
+    """``2**-e`` for float32 global scales ``pts`` (module docstring): ``e`` is the exponent of ``pts`` plus 12,
+    clamped to -114..126, read from the bits (an exact power of two on every device)."""
+    exponent = ((pts.view(torch.int32) >> 23) & 0xFF) - 127
+    e = (exponent + NORMALISED_EXPONENT).clamp(-114, 126)
+    return ((127 - e) << 23).view(torch.float32)
+
+
+def power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
+    """A power of two ``2**e`` (float32 0-d) such that ``x / 2**e`` has its largest finite magnitude about 1:
+    dividing by it is exact, and a float matmul of ``x / 2**e`` cannot overflow where the scaled-back result does
+    not. Reads nothing on the host."""
+    return normaliser(global_scale(finite_amax(x))).reciprocal()
 
 
 @dataclass(frozen=True)
@@ -159,7 +188,7 @@ class QuantizeRequest:
     ``x``: ``(..., K)`` float32/bfloat16/float16, K a multiple of 16, not empty. ``scales``: the
     :class:`ScaleChoice`. ``per_tensor_scale``: the resolved float32 global scale, 0-d or per row ``(..., 1)``,
     or None (single-level). ``importance``: float32 ``(K // 16, 16)`` weights of each input channel's squared
-    error, or None. ``finite``: x was checked to hold no NaN or Inf (so it needs no sanitising).
+    error (scaled by a power of two to a maximum of about 1), or None. ``finite``: x was checked to hold no NaN or Inf (so it needs no sanitising).
     """
 
     x: torch.Tensor
@@ -191,6 +220,8 @@ class QuantizeRequest:
         check_dtype_and_shape(x)
         if x.numel() == 0:
             raise ValueError(f"input is empty (shape {tuple(x.shape)}); there is nothing to quantize")
+        if check_finite and x.device.type == "meta":
+            raise ValueError("input is on the meta device: it has no values to quantize")
         x = x.detach()
         amax = checked_amax(x) if check_finite else None
         return cls(
@@ -217,26 +248,38 @@ def _resolve_per_tensor_scale(x, per_tensor_scale: PerTensorScale, amax: torch.T
         raise ValueError(
             f"per_tensor_scale must be True, None, 'row', a one-element tensor or a tensor of shape {row_shape}"
         )
-    scale = per_tensor_scale.detach().float().to(x.device)
+    scale = _values_for(per_tensor_scale, x, "per_tensor_scale")
     scale = scale.reshape(()) if scale.numel() == 1 and scale.dim() < 2 else scale.reshape(row_shape)
     if check_values and not (torch.isfinite(scale).all() and (scale > 0).all()):
         raise ValueError("per_tensor_scale must be positive and finite")
     return scale
 
 
+def _values_for(t: torch.Tensor, x: torch.Tensor, what: str) -> torch.Tensor:
+    """``t`` (a given global scale or importance) as float32 on x's device; ValueError for a dtype that is not
+    a real float, or for a meta tensor when x has values."""
+    if not t.is_floating_point():
+        raise ValueError(f"{what} must be a real floating-point tensor, got dtype {t.dtype}")
+    if t.device.type == "meta" and x.device.type != "meta":
+        raise ValueError(f"{what} is on the meta device: it has no values")
+    return t.detach().float().to(x.device)
+
+
 def _check_importance(importance: torch.Tensor | None, x: torch.Tensor, check_values: bool):
     """Validated per-input-channel importance as float32 ``(K // 16, 16)``, or None."""
     if importance is None:
         return None
-    if not isinstance(importance, torch.Tensor) or importance.shape != (x.shape[-1],):
+    if not isinstance(importance, torch.Tensor):
+        raise ValueError(f"importance must be a tensor of shape ({x.shape[-1]},), got {type(importance).__name__}")
+    if importance.shape != (x.shape[-1],):
         raise ValueError(
-            f"importance must have one weight per input channel, shape ({x.shape[-1]},), "
-            f"got {tuple(getattr(importance, 'shape', ()))}"
+            f"importance must have one weight per input channel, shape ({x.shape[-1]},), got {tuple(importance.shape)}"
         )
-    importance = importance.detach().float().to(x.device)
+    importance = _values_for(importance, x, "importance")
     if check_values and (not torch.isfinite(importance).all() or (importance < 0).any()):
         raise ValueError("importance weights must be finite and non-negative")
-    return importance.view(-1, BLOCK_SIZE)
+    # scaled by a power of two to a maximum of about 1: the same choices, and weighted errors that cannot overflow
+    return (importance / power_of_two_scale(importance)).view(-1, BLOCK_SIZE)
 
 
 def _pairwise_block_sum(values: torch.Tensor) -> torch.Tensor:
@@ -246,19 +289,15 @@ def _pairwise_block_sum(values: torch.Tensor) -> torch.Tensor:
     return values[..., 0]
 
 
-def _amax_code(block_amax: torch.Tensor, divisor: float, pts: torch.Tensor | None) -> torch.Tensor:
+def _amax_code(block_amax: torch.Tensor, divisor: float, pts: torch.Tensor) -> torch.Tensor:
     # IEEE divisions by tensors (module docstring), as the Triton kernel's div_rn.
-    scale = block_amax / torch.full_like(block_amax, divisor)
-    if pts is not None:
-        scale = scale / pts
+    scale = block_amax / torch.full_like(block_amax, divisor) / pts
     return e4m3_encode(scale.clamp(E4M3_MIN_NORMAL, E4M3_MAX)).to(torch.int32)
 
 
 def _scale_factors(code, pts, scale_table):
     """Per-block (quantize multiplier, dequantize scale) of E4M3 ``code``: ((1 / pts) / s, pts * s)."""
     scale = scale_table[code.clamp(1, E4M3_MAX_CODE).long()]
-    if pts is None:
-        return scale.reciprocal(), scale
     return pts.reciprocal() / scale, pts * scale
 
 
@@ -291,11 +330,15 @@ def _candidate_codes(scales: ScaleChoice, block_amax, amax_code, pts):
 
 
 def _quantize_chunk(blocks, weights, pts, scales: ScaleChoice, finite: bool):
-    """Select scales for float32 ``blocks`` (rows, K//16, 16); return (E2M1 codes, E4M3 codes, offsets)."""
+    """Select scales for float32 ``blocks`` (rows, K//16, 16) with global scale ``pts`` (0-d or (rows, 1); None
+    is 1); return (E2M1 codes, E4M3 codes, offsets)."""
     if not finite:
         is_finite = torch.isfinite(blocks)
         non_finite_block = ~is_finite.all(dim=-1)
         blocks = torch.where(is_finite, blocks, 0.0)
+    pts = torch.ones((), device=blocks.device) if pts is None else pts
+    norm = normaliser(pts)
+    blocks, pts = blocks * norm.unsqueeze(-1), pts * norm
     scale_table = e4m3_value_table(blocks.device)
     magnitudes = blocks.abs()
     block_amax = magnitudes.amax(dim=-1)

@@ -13,7 +13,6 @@ import triton.language as tl  # noqa: E402
 
 from scalesearch_compile.attention import (  # noqa: E402
     NAIVE_RECIPE,
-    P_SCALE_FLOOR,
     TILE,
     AttentionRecipe,
     nvfp4_attention_reference,
@@ -112,11 +111,11 @@ def test_kernel_rejects_bad_inputs():
 @triton.jit
 def _quantize_probabilities_kernel(
     p_ptr, codes_ptr, scale_codes_ptr, row_scale_ptr,
-    R: tl.constexpr, N: tl.constexpr, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, FLOOR: tl.constexpr,
+    R: tl.constexpr, N: tl.constexpr, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr,
 ):  # fmt: skip
     rows = tl.arange(0, R)
     p = tl.load(p_ptr + rows[:, None] * N + tl.arange(0, N)[None, :])
-    codes, scale_codes, row_scale = _quantize_probabilities(p, METHOD, LO, HI, FLOOR)
+    codes, scale_codes, row_scale = _quantize_probabilities(p, METHOD, LO, HI)
     tl.store(codes_ptr + rows[:, None] * N + tl.arange(0, N)[None, :], codes)
     tl.store(scale_codes_ptr + rows[:, None] * (N // 16) + tl.arange(0, N // 16)[None, :], scale_codes)
     tl.store(row_scale_ptr + rows, row_scale)
@@ -145,11 +144,11 @@ def test_p_quantization_is_bitwise_the_reference(recipe):
     row_scale = torch.empty(16)
     tensors = [t.to(DEVICE) for t in (p, codes, scale_codes, row_scale)]
     _quantize_probabilities_kernel[(1,)](
-        *tensors, 16, TILE, recipe.method, *recipe.window, P_SCALE_FLOOR, enable_fp_fusion=False
+        *tensors, 16, TILE, recipe.method, *recipe.window, enable_fp_fusion=False
     )
     codes, scale_codes, row_scale = (t.cpu() for t in tensors[1:])
 
-    expected_scale = torch.where(p.amax(1) / 2688 >= P_SCALE_FLOOR, p.amax(1) / 2688, 1.0)
+    expected_scale = (p.amax(1) / 2688).clamp_min(2.0**-126)  # never below the smallest normal float32
     expected = quantize_blocks(p, recipe, per_tensor_scale=expected_scale[:, None])
     assert torch.equal(row_scale, expected_scale)
     assert torch.equal(scale_codes, expected.scale_codes.int())
@@ -169,7 +168,7 @@ def compile_job(capability, head_dim=64, block_m=64, dot_scaled=False):
         signature[name] = "i32"
     constexprs = dict(
         HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=TILE, IS_CAUSAL=True, HAS_MASK=True,
-        SMOOTH_Q=True, METHOD="search", LO=-2, HI=6, SCALE_FLOOR=P_SCALE_FLOOR, DOT_SCALED=dot_scaled,
+        SMOOTH_Q=True, METHOD="search", LO=-2, HI=6, DOT_SCALED=dot_scaled,
     )  # fmt: skip
     options = {"num_warps": 4, "enable_fp_fusion": False}
     return ("scalesearch_compile.kernels.attention", "_attention_kernel", signature, constexprs, capability, options)

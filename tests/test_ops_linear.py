@@ -137,9 +137,11 @@ def test_backward_is_straight_through(act_method):
 @pytest.mark.parametrize(
     "args",
     [
-        (torch.randn(4, 64), "search", [-2, 6], True, None, "auto"),
-        (torch.randn(2, 3, 32, dtype=torch.bfloat16), "amax", [0, 0], False, None, "reference"),
-        (torch.randn(4, 64), "exhaustive", [0, 0], True, torch.rand(64), "auto"),
+        (torch.randn(4, 64), "search", [-2, 6], "tensor", None, None, "auto"),
+        (torch.randn(2, 3, 32, dtype=torch.bfloat16), "amax", [0, 0], "none", None, None, "reference"),
+        (torch.randn(4, 64), "exhaustive", [0, 0], "tensor", None, torch.rand(64), "auto"),
+        (torch.randn(2, 3, 32), "search", [-1, 3], "row", None, None, "reference"),
+        (torch.randn(4, 64), "four_over_six", [0, 0], "given", torch.tensor(0.01), None, "auto"),
     ],
 )
 def test_opcheck_quantize(args):
@@ -152,8 +154,11 @@ def test_f_linear_and_matmul_route_to_the_op():
     assert torch.equal(F.linear(x, weight, bias), expected)
     assert torch.equal(x @ weight.t(), nvfp4_linear(x, weight))
     assert torch.equal(torch.matmul(x, weight.T), nvfp4_linear(x, weight))
+    # x @ W (what autograd computes for the input's gradient): the dequantized weight, straight through
+    y = torch.randn(4, 48)
+    torch.testing.assert_close(torch.mm(y, weight), y @ weight.nvfp4_weight().dequantize(), rtol=0, atol=0)
     with pytest.raises(NotImplementedError, match="F.linear"):
-        torch.mm(torch.randn(4, 48), weight)
+        torch.mm(weight.t(), torch.randn(48, 4))  # the weight on the left: not a linear layer
 
 
 def test_triton_impl_without_kernels_is_a_clear_error(monkeypatch):

@@ -31,6 +31,8 @@ E4M3_MAX = tl.constexpr(448.0)
 E4M3_MIN_NORMAL = tl.constexpr(2.0**-6)
 E4M3_MAX_CODE = tl.constexpr(126)
 E4M3_NAN_CODE = tl.constexpr(127)
+NORMALISED_EXPONENT = tl.constexpr(12)  # search.NORMALISED_EXPONENT
+GLOBAL_SCALE_MIN = tl.constexpr(2.0**-126)  # search.GLOBAL_SCALE_MIN
 
 
 @triton.jit
@@ -89,24 +91,27 @@ def e4m3_value(code):
 
 
 @triton.jit
-def amax_code(block_amax, pts, DIVISOR: tl.constexpr, HAS_PTS: tl.constexpr):
+def normaliser(pts):
+    """``2**-e`` with ``e`` the exponent of float32 ``pts > 0`` plus 12, clamped to -114..126, from the bits
+    (``search.normaliser``)."""
+    exponent = ((pts.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    e = tl.minimum(tl.maximum(exponent + NORMALISED_EXPONENT, -114), 126)
+    return ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def amax_code(block_amax, pts, DIVISOR: tl.constexpr):
     """E4M3 code of ``clamp(block_amax / DIVISOR / pts, 2**-6, 448)`` (``search._amax_code``)."""
-    scale = tl.math.div_rn(block_amax, DIVISOR)
-    if HAS_PTS:
-        scale = tl.math.div_rn(scale, pts)
+    scale = tl.math.div_rn(tl.math.div_rn(block_amax, DIVISOR), pts)
     return e4m3_encode(tl.minimum(tl.maximum(scale, E4M3_MIN_NORMAL), E4M3_MAX))
 
 
 @triton.jit
-def scale_factors(code, pts, HAS_PTS: tl.constexpr):
-    """(quantize multiplier, dequantize scale) of E4M3 ``code`` clamped to 1..126: ``((1 / pts) / s, pts * s)``.
-
-    Without a global scale: ``(1 / s, s)`` (``search._scale_factors``).
-    """
+def scale_factors(code, pts):
+    """(quantize multiplier, dequantize scale) of E4M3 ``code`` clamped to 1..126: ``((1 / pts) / s, pts * s)``
+    (``search._scale_factors``)."""
     scale = e4m3_value(tl.minimum(tl.maximum(code, 1), E4M3_MAX_CODE))
-    if HAS_PTS:
-        return tl.math.div_rn(tl.math.div_rn(1.0, pts), scale), pts * scale
-    return tl.math.div_rn(1.0, scale), scale
+    return tl.math.div_rn(tl.math.div_rn(1.0, pts), scale), pts * scale
 
 
 @triton.jit
@@ -131,7 +136,6 @@ def block_error(
     code,
     pts,
     weights,
-    HAS_PTS: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     ROWS: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
@@ -142,7 +146,7 @@ def block_error(
     1..126 here; the caller discards invalid ones); ``weights``: ``[1, NUM_BLOCKS, 16]`` per-channel
     importance w (read only if HAS_WEIGHTS, else w = 1).
     """
-    multiplier, dequant_scale = scale_factors(code, pts, HAS_PTS)
+    multiplier, dequant_scale = scale_factors(code, pts)
     y = e2m1_round(mag * multiplier[:, :, None]) * dequant_scale[:, :, None]
     diff = mag - y
     err = diff * diff
@@ -173,41 +177,46 @@ def quantize_tile(
 ):
     """Quantize a float32 tile ``[ROWS, BLOCK_K]`` to NVFP4 exactly as ``search.quantize_reference``.
 
-    ``pts``: float32 ``[ROWS, 1]`` global scale (ignored unless HAS_PTS); ``weights``: float32 ``[1, BLOCK_K //
-    16, 16]`` importance of the tile's input channels (ignored unless HAS_WEIGHTS). METHOD: "amax", "four_over_six",
-    "search" (code offsets LO..HI around the amax code) or "exhaustive". The amax code is evaluated first and
-    candidates follow in the reference's order, so ties resolve the same way. NaN and Inf are quantized as
-    zeros and their block gets the NaN scale code 127 (as its amax code, so its offset is 0).
+    ``pts``: float32 ``[ROWS, 1]`` global scale (1 unless HAS_PTS); x and pts are normalised by
+    :func:`normaliser` first, as the reference. ``weights``: float32 ``[1, BLOCK_K // 16, 16]`` importance of
+    the tile's input channels (ignored unless HAS_WEIGHTS). METHOD: "amax", "four_over_six", "search" (code
+    offsets LO..HI around the amax code) or "exhaustive". The amax code is evaluated first and candidates follow
+    in the reference's order, so ties resolve the same way. NaN and Inf are quantized as zeros and their block
+    gets the NaN scale code 127 (as its amax code, so its offset is 0).
     Returns ``(codes [ROWS, BLOCK_K] int32 E2M1, scale codes [ROWS, BLOCK_K // 16] int32, amax codes)``.
     """
     NUM_BLOCKS: tl.constexpr = BLOCK_K // NVFP4_BLOCK
     x = tl.reshape(x, (ROWS, NUM_BLOCKS, NVFP4_BLOCK))
     finite = (x.to(tl.int32, bitcast=True) & 0x7F800000) != 0x7F800000  # exponent all ones: NaN or Inf
     non_finite_block = tl.max(tl.where(finite, 0, 1), axis=2) > 0
-    x = tl.where(finite, x, 0.0)
+    if not HAS_PTS:
+        pts = tl.full((ROWS, 1), 1.0, tl.float32)
+    norm = normaliser(pts)
+    x = tl.where(finite, x, 0.0) * norm[:, :, None]
+    pts = pts * norm
     mag = tl.abs(x)
     block_amax = tl.max(mag, axis=2)
-    first_code = amax_code(block_amax, pts, E2M1_MAX, HAS_PTS)
+    first_code = amax_code(block_amax, pts, E2M1_MAX)
     best_code = first_code
     if METHOD != "amax":
-        best_err = block_error(mag, first_code, pts, weights, HAS_PTS, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+        best_err = block_error(mag, first_code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
         if METHOD == "four_over_six":
-            code = amax_code(block_amax, pts, 4.0, HAS_PTS)
-            err = block_error(mag, code, pts, weights, HAS_PTS, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+            code = amax_code(block_amax, pts, 4.0)
+            err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
             best_code, best_err = _keep_better(best_code, best_err, code, err)
         if METHOD == "search":
             for offset in tl.static_range(LO, HI + 1):
                 if offset != 0:
                     code = first_code + offset
-                    err = block_error(mag, code, pts, weights, HAS_PTS, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+                    err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
                     best_code, best_err = _keep_better(best_code, best_err, code, err)
         if METHOD == "exhaustive":
             for candidate in range(1, E4M3_MAX_CODE + 1):
                 code = tl.full((ROWS, NUM_BLOCKS), candidate, tl.int32)
-                err = block_error(mag, code, pts, weights, HAS_PTS, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+                err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
                 best_code, best_err = _keep_better(best_code, best_err, code, err)
 
-    multiplier, _ = scale_factors(best_code, pts, HAS_PTS)
+    multiplier, _ = scale_factors(best_code, pts)
     magnitude = e2m1_round(mag * multiplier[:, :, None])
     # |x * m| == |x| * m exactly, and the code keeps the sign bit of x (-0.0 gives code 8, as the reference).
     sign = (x.to(tl.int32, bitcast=True) >> 28) & 8

@@ -39,7 +39,6 @@ import triton.language as tl
 
 from scalesearch_compile.attention import (
     DEFAULT_RECIPE,
-    P_SCALE_FLOOR,
     TILE,
     AttentionRecipe,
     additive_mask,
@@ -47,6 +46,7 @@ from scalesearch_compile.attention import (
     prepare,
 )
 from scalesearch_compile.kernels._nvfp4 import (
+    GLOBAL_SCALE_MIN,
     INTERPRET,
     autotune_configs,
     check_kernel_device,
@@ -83,13 +83,12 @@ def _unit_values(packed, scale_codes, R: tl.constexpr, COLS: tl.constexpr):
 
 
 @triton.jit
-def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SCALE_FLOOR: tl.constexpr):
+def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
     """NVFP4 P tile (R, N) >= 0 along N: (E2M1 codes int32 (R, N), E4M3 codes int32 (R, N/16), row scale (R,)),
-    two-level with the per-row first level ``rowmax / (448 * 6)`` (``attention.quantize_probabilities``)."""
+    two-level with the per-row first level ``max(rowmax / (448 * 6), 2**-126)`` (``search.global_scale``)."""
     R: tl.constexpr = p.shape[0]
     N: tl.constexpr = p.shape[1]
-    row_scale = tl.math.div_rn(tl.max(p, 1), 2688.0)
-    row_scale = tl.where(row_scale >= SCALE_FLOOR, row_scale, 1.0)
+    row_scale = tl.maximum(tl.math.div_rn(tl.max(p, 1), 2688.0), GLOBAL_SCALE_MIN)
     codes, scale_codes, _ = quantize_tile(p, row_scale[:, None], True, METHOD, LO, HI, R, N)
     return codes, scale_codes, row_scale
 
@@ -100,7 +99,7 @@ def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.co
     _CONFIGS,
     key=[
         "Q_BUCKET", "K_BUCKET", "HEAD_DIM", "V_DIM", "BLOCK_N", "IS_CAUSAL", "HAS_MASK", "SMOOTH_Q",
-        "METHOD", "LO", "HI", "SCALE_FLOOR", "DOT_SCALED",
+        "METHOD", "LO", "HI", "DOT_SCALED",
     ],
 )  # fmt: skip
 @triton.jit
@@ -113,7 +112,7 @@ def _attention_kernel(
     num_heads, group, q_len, k_len, padded_len, sink_end, tail_start, sm_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SMOOTH_Q: tl.constexpr,
-    METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, SCALE_FLOOR: tl.constexpr, DOT_SCALED: tl.constexpr,
+    METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DOT_SCALED: tl.constexpr,
 ):  # fmt: skip
     # Element offsets in int64: batch x heads x seq x head_dim passes 2**31 at realistic sizes (8 x 32 x 8192 x 128).
     pid_m = tl.program_id(0)
@@ -181,7 +180,7 @@ def _attention_kernel(
             v_hp = tl.load(v_hp_ptr + (k_rows[:, None] * V_DIM + v_dims[None, :]))
             pv = tl.dot(p, v_hp, input_precision="ieee")
         else:
-            p_codes, p_scale_codes, p_scale = _quantize_probabilities(p, METHOD, LO, HI, SCALE_FLOOR)
+            p_codes, p_scale_codes, p_scale = _quantize_probabilities(p, METHOD, LO, HI)
             v_rows = kv_bh * V_DIM + v_dims
             v_packed, v_scale_codes = _load_nvfp4(v_codes_ptr, v_scales_ptr, v_rows, padded_len, start, BLOCK_N)
             if DOT_SCALED:
@@ -243,7 +242,7 @@ def nvfp4_attention_triton(
         triton.next_power_of_2(q_len), triton.next_power_of_2(k_len),
         HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_N=TILE,
         IS_CAUSAL=is_causal, HAS_MASK=mask is not None, SMOOTH_Q=prep.q_mean is not None,
-        METHOD=recipe.method, LO=recipe.window[0], HI=recipe.window[1], SCALE_FLOOR=P_SCALE_FLOOR,
+        METHOD=recipe.method, LO=recipe.window[0], HI=recipe.window[1],
         DOT_SCALED=_use_dot_scaled(q.device), enable_fp_fusion=False,
     )  # fmt: skip
     return out.to(q.dtype)

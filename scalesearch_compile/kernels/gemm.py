@@ -42,6 +42,7 @@ from scalesearch_compile.search import (
     QuantizeRequest,
     ScaleChoice,
     check_dtype_and_shape,
+    power_of_two_scale,
 )
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
@@ -125,7 +126,10 @@ def _nvfp4_gemm_kernel(
 
     A_MODE "nvfp4": ``a_ptr``/``a_scale_ptr`` are packed codes and scale codes; "float": ``a_ptr`` is the
     activation, dotted in DOT_DTYPE (W4A16); "quantize": ``a_ptr`` is the activation, quantized per tile with
-    METHOD / LO..HI (the fused prologue). ``a_pts_ptr``: one global scale (A_PTS_STRIDE 0) or one per row (1).
+    METHOD / LO..HI (the fused prologue). ``a_pts_ptr``: one global scale (A_PTS_STRIDE 0) or one per row (1);
+    in "float" mode a power of two the activation is divided by before the dot (exact), so that the dot cannot
+    overflow where the result does not. The accumulator is multiplied by the weight's global scale, then by
+    the activation's.
     SPLIT_K > 1 stores float32 partial sums ``out[split, M, N]`` without bias; otherwise the finished tile.
     """
     tl.static_assert(not (DOT_SCALED and A_MODE == "float"), "dot_scaled needs an NVFP4 activation")
@@ -147,6 +151,7 @@ def _nvfp4_gemm_kernel(
         a_pts = tl.load(a_pts_ptr + rows * A_PTS_STRIDE, mask=row_ok, other=1.0)[:, None]
     else:
         a_pts = tl.full((BLOCK_M, 1), 1.0, tl.float32)
+    a_norm = tl.math.div_rn(1.0, a_pts)  # "float" mode: a power of two, so exact
 
     k_tiles = tl.cdiv(K, BLOCK_K)
     tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
@@ -164,6 +169,8 @@ def _nvfp4_gemm_kernel(
             ks = k0 + tl.arange(0, BLOCK_K)
             a_offsets = rows[:, None] * K + ks[None, :]
             a = tl.load(a_ptr + a_offsets, mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
+            if A_MODE == "float" and HAS_A_PTS:
+                a = (a.to(tl.float32) * a_norm).to(a.dtype)
             if A_MODE == "quantize":
                 a_codes, a_scales, _ = quantize_tile(
                     a.to(tl.float32), a_pts, HAS_A_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
@@ -191,10 +198,10 @@ def _nvfp4_gemm_kernel(
 
     if DOT_SCALED:
         acc = tl.where(nan_rows[:, None] > 0, float("nan"), acc)
-    if A_MODE != "float":
-        acc = acc * a_pts
     if HAS_W_PTS:
         acc = acc * tl.load(w_pts_ptr)
+    if HAS_A_PTS:
+        acc = acc * a_pts
     if HAS_BIAS and SPLIT_K == 1:
         acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     out_offsets = tl.program_id(1).to(tl.int64) * M * N + rows[:, None] * N + cols[None, :]
@@ -381,8 +388,9 @@ def nvfp4_linear_triton(
         return torch.empty((*x.shape[:-1], n), dtype=out_dtype, device=x.device)
 
     rows = x.reshape(m, k).contiguous()
-    if act is None:
-        out = _launch("float", rows, weight, bias, out_dtype, split, dot_dtype=x.dtype)
+    if act is None:  # float16 cannot overflow the dot; scaling it down could lose its subnormals
+        x_scale = None if x.dtype == torch.float16 else power_of_two_scale(rows)
+        out = _launch("float", rows, weight, bias, out_dtype, split, a_pts=x_scale, dot_dtype=x.dtype)
     else:
         request = QuantizeRequest.of(rows, act, per_tensor_scale=act_per_tensor_scale, check_finite=False)
         if m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant:

@@ -3,17 +3,18 @@
 Numerics of the reference (the Triton GEMM ``kernels.gemm.nvfp4_linear_triton`` must agree within a stated
 tolerance): with ``w_hat = e2m1(w_code) * e4m3(w_scale)`` (per-tensor scale left out, exact in float32),
 
-    W4A16 (act_method None): out = (x @ w_hat.T) * pts_w + bias
-    W4A4:                    out = (x_hat @ w_hat.T) * (pts_x * pts_w) + bias
+    W4A16 (act_method None): out = ((x / 2**e) @ w_hat.T) * pts_w * 2**e + bias
+    W4A4:                    out = (x_hat @ w_hat.T) * pts_w * pts_x + bias
 
 where ``x_hat`` is x quantized per 16 values along K with the block scales ``ScaleChoice(act_method,
 act_window)`` picks and the dynamic per-tensor scale ``pts_x = amax(x) / (448 * 6)`` (over x's finite
-values), also left out of ``x_hat``. Everything runs in float32 (fp32 accumulation, as the tensor cores'
-block-scaled MMA followed by the global scales) and the result is cast to x's dtype. A missing per-tensor scale
-counts as 1.0. Nothing is read on the host (no GPU synchronisation): an activation row holding NaN or Inf gets
-NaN outputs, as in a float matmul, and leaves the other rows as they would be without it. Backward is
-straight-through: ``grad_x = grad @ (w_hat * pts_w)``, ``grad_bias = grad`` summed over rows; the weight bytes
-get no gradient.
+values), also left out of ``x_hat``; ``2**e`` is ``search.power_of_two_scale(x)`` (dividing by it is exact and
+keeps ``x @ w_hat`` from overflowing where the output does not). Everything runs in float32 (fp32
+accumulation, as the tensor cores' block-scaled MMA followed by the global scales) and the result is cast to
+x's dtype. A missing per-tensor scale counts as 1.0. Nothing is read on the host (no GPU synchronisation): an
+activation row holding NaN or Inf gets NaN outputs, as in a float matmul, and leaves the other rows as they
+would be without it. Backward is straight-through: ``grad_x = grad @ (w_hat * pts_w)``, ``grad_bias = grad``
+summed over rows; the weight bytes get no gradient.
 
 Arguments: x ``(..., K)`` float32/bfloat16/float16; the weight as an
 :class:`~scalesearch_compile.layout.NVFP4Weight`'s three tensors; bias ``(N,)`` or None; output ``(..., N)``
@@ -24,17 +25,21 @@ import torch
 
 from scalesearch_compile.layout import NVFP4Weight
 from scalesearch_compile.ops.dispatch import check_impl, kernel
-from scalesearch_compile.search import QuantizeRequest, ScaleChoice, check_dtype_and_shape, quantize_reference
+from scalesearch_compile.search import (
+    QuantizeRequest,
+    ScaleChoice,
+    check_dtype_and_shape,
+    power_of_two_scale,
+    quantize_reference,
+)
 from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor
 
 aten = torch.ops.aten
 
 
-def op_arguments(weight: NVFP4Weight, act: ScaleChoice | None) -> tuple:
-    """``(weight_qdata, weight_scale, weight_per_tensor_scale)`` and ``(act_method, act_window)`` as the op
-    takes them, for a weight and its activation scale choice (None: weight only)."""
-    act_args = (None, []) if act is None else (act.method, list(act.window))
-    return (weight.qdata, weight.scale_codes, weight.per_tensor_scale), act_args
+def activation_arguments(act: ScaleChoice | None) -> tuple:
+    """``(act_method, act_window)`` as the linear ops take an activation scale choice (None: weight only)."""
+    return (None, []) if act is None else (act.method, list(act.window))
 
 
 def _checked_arguments(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl):
@@ -48,17 +53,19 @@ def _checked_arguments(x, weight_qdata, weight_scale, weight_per_tensor_scale, b
 
 def reference_linear(x: torch.Tensor, weight: NVFP4Weight, bias: torch.Tensor | None, act: ScaleChoice | None):
     """The module docstring's numerics in PyTorch: ``x @ W^T (+ bias)``, activations quantized per ``act``."""
-    rows = x.reshape(-1, x.shape[-1])
-    scale = torch.ones((), dtype=torch.float32, device=x.device)
-    if weight.per_tensor_scale is not None:
-        scale = scale * weight.per_tensor_scale
-    if act is None or rows.shape[0] == 0:
-        x_hat = rows.float()
+    rows = x.reshape(-1, x.shape[-1]).float()
+    if rows.shape[0] == 0:
+        return x.new_empty((*x.shape[:-1], weight.out_features))
+    if act is None:
+        x_scale = power_of_two_scale(rows)
+        x_hat = rows / x_scale
     else:
         blocks = quantize_reference(QuantizeRequest.of(rows, act, check_finite=False))
-        x_hat = blocks.unscaled()
-        scale = scale * blocks.per_tensor_scale
-    out = (x_hat @ weight.unscaled().t()) * scale
+        x_hat, x_scale = blocks.unscaled(), blocks.per_tensor_scale
+    out = x_hat @ weight.unscaled().t()
+    if weight.per_tensor_scale is not None:
+        out = out * weight.per_tensor_scale
+    out = out * x_scale
     if bias is not None:
         out = out + bias.float()
     return out.to(x.dtype).view(*x.shape[:-1], weight.out_features)
@@ -113,29 +120,34 @@ def nvfp4_linear(
     activation quantization, W4A4 otherwise. ``impl``: "auto" (Triton on CUDA), "reference" or "triton"."""
     if not isinstance(weight, ScaleSearchNVFP4Tensor):
         raise ValueError(f"weight must be a ScaleSearchNVFP4Tensor, got {type(weight).__name__}")
-    weight_args, act_args = op_arguments(weight.nvfp4_weight(), weight.act_quant_kwargs)
-    return torch.ops.scalesearch.nvfp4_linear(x, *weight_args, bias, *act_args, impl)
+    w = weight.nvfp4_weight()
+    act_args = activation_arguments(weight.act_quant_kwargs)
+    return torch.ops.scalesearch.nvfp4_linear(x, w.qdata, w.scale_codes, w.per_tensor_scale, bias, *act_args, impl)
 
 
-def _weight_of_transposed(operand) -> ScaleSearchNVFP4Tensor:
-    """The (N, K) weight behind the (K, N) operand that ``F.linear`` passes to mm/addmm after ``aten.t``."""
-    if not isinstance(operand, ScaleSearchNVFP4Tensor) or not operand.is_transposed:
+def _product(x, operand, bias=None) -> torch.Tensor:
+    """``x @ operand (+ bias)`` for an NVFP4 weight operand: ``x @ W.t()`` (``F.linear``, and transformers'
+    ``Conv1D`` whose weight is stored transposed) runs the NVFP4 linear; ``x @ W`` is what autograd computes
+    for the input's gradient, ``grad @ W``: the product with the dequantized weight (straight through)."""
+    if isinstance(x, ScaleSearchNVFP4Tensor) or not isinstance(operand, ScaleSearchNVFP4Tensor):
         raise NotImplementedError(
-            "ScaleSearchNVFP4Tensor supports only x @ weight.t() (what F.linear computes); "
+            "ScaleSearchNVFP4Tensor supports x @ weight.t() (what F.linear computes) and x @ weight; "
             "dequantize() it for other products"
         )
-    return operand.t()
+    if operand.is_transposed:
+        return nvfp4_linear(x, operand.t(), bias)
+    out = (x.float() @ operand.nvfp4_weight().dequantize()).to(x.dtype)
+    return out if bias is None else out + bias
 
 
 @ScaleSearchNVFP4Tensor.implements([aten.mm.default])
 def _mm(func, types, args, kwargs):
-    x, weight_t = args
-    return nvfp4_linear(x, _weight_of_transposed(weight_t))
+    return _product(*args)
 
 
 @ScaleSearchNVFP4Tensor.implements([aten.addmm.default])
 def _addmm(func, types, args, kwargs):
-    bias, x, weight_t = args[:3]
+    bias, x, operand = args[:3]
     if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1:
         raise NotImplementedError("addmm with beta or alpha other than 1 is not supported on an NVFP4 weight")
-    return nvfp4_linear(x, _weight_of_transposed(weight_t), bias)
+    return _product(x, operand, bias)

@@ -1,18 +1,33 @@
 """Custom op ``scalesearch::quantize_nvfp4``: NVFP4 quantization at run time, reference or Triton.
 
-Numerics: exactly :func:`scalesearch_compile.search.quantize_reference` with a per-tensor scale or none, at
-run time (``check_finite=False``: no value is read on the host; a block holding NaN or Inf gets the NaN scale
-code 127); the Triton kernel matches it bit for bit. Outputs: ``qdata`` uint8 ``(..., K // 2)`` (element 2i
-in the low nibble); ``scale_codes`` uint8 ``(..., K // 16)``, the float8_e4m3fn bit patterns;
-``per_tensor_scale`` float32 0-d. Single-level scaling returns a per-tensor scale of 1.0, which gives the same
-bits (multiplying and dividing by 1.0 is exact), so the op always returns three tensors.
+Numerics: exactly :func:`scalesearch_compile.search.quantize_reference` at run time (``check_finite=False``:
+no value is read on the host; a block holding NaN or Inf gets the NaN scale code 127); the Triton kernel
+matches it bit for bit. Outputs: ``qdata`` uint8 ``(..., K // 2)`` (element 2i in the low nibble);
+``scale_codes`` uint8 ``(..., K // 16)``, the float8_e4m3fn bit patterns; the global scale float32, 0-d or one
+per row ``(..., 1)``. Single-level scaling returns a global scale of 1.0, which gives the same bits
+(multiplying and dividing by 1.0 is exact), so the op always returns three tensors. The schema carries
+``per_tensor_scale`` as a mode ("tensor", "row", "none" or "given") and the given scale.
 """
 
 import torch
 
 from scalesearch_compile.layout import BLOCK_SIZE
 from scalesearch_compile.ops.dispatch import check_impl, kernel
-from scalesearch_compile.search import QuantizeRequest, ScaleChoice, check_dtype_and_shape, quantize_reference
+from scalesearch_compile.search import (
+    PerTensorScale,
+    QuantizeRequest,
+    ScaleChoice,
+    check_dtype_and_shape,
+    quantize_reference,
+)
+
+# per_tensor_scale as the op's schema carries it: a mode, and the scale itself when one is given
+_SCALE_MODES = {True: "tensor", "row": "row", None: "none", False: "none"}
+
+
+def _per_tensor_scale(scale_mode: str, given_scale: torch.Tensor | None):
+    """The ``per_tensor_scale`` argument of :meth:`QuantizeRequest.of` for the op's mode and given scale."""
+    return given_scale if scale_mode == "given" else {"tensor": True, "row": "row", "none": None}[scale_mode]
 
 
 @torch.library.custom_op("scalesearch::quantize_nvfp4", mutates_args=())
@@ -20,14 +35,15 @@ def _quantize_op(
     x: torch.Tensor,
     method: str,
     window: list[int],
-    per_tensor_scale: bool,
+    scale_mode: str,
+    given_scale: torch.Tensor | None,
     importance: torch.Tensor | None,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     request = QuantizeRequest.of(
         x,
         ScaleChoice(method, window),
-        per_tensor_scale=per_tensor_scale,
+        per_tensor_scale=_per_tensor_scale(scale_mode, given_scale),
         importance=importance,
         check_finite=False,
     )
@@ -35,19 +51,22 @@ def _quantize_op(
     pts = blocks.per_tensor_scale
     if pts is None:
         pts = torch.ones((), dtype=torch.float32, device=x.device)
+    elif scale_mode == "given":
+        pts = pts.clone()  # an output may not alias an input
     return blocks.qdata, blocks.scale_codes, pts
 
 
 @_quantize_op.register_fake
-def _quantize_fake(x, method, window, per_tensor_scale, importance, impl):
+def _quantize_fake(x, method, window, scale_mode, given_scale, importance, impl):
     check_dtype_and_shape(x, "input")
     ScaleChoice(method, window)
     check_impl(impl)
     lead, k = x.shape[:-1], x.shape[-1]
+    per_row = scale_mode == "row" or (given_scale is not None and given_scale.numel() != 1)
     return (
         x.new_empty((*lead, k // 2), dtype=torch.uint8),
         x.new_empty((*lead, k // BLOCK_SIZE), dtype=torch.uint8),
-        x.new_empty((), dtype=torch.float32),
+        x.new_empty((*lead, 1) if per_row else (), dtype=torch.float32),
     )
 
 
@@ -55,17 +74,26 @@ def nvfp4_quantize(
     x: torch.Tensor,
     method: str | ScaleChoice = "search",
     *,
-    per_tensor_scale: bool = True,
+    per_tensor_scale: PerTensorScale = True,
     importance: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Quantize ``x`` (..., K) through ``scalesearch::quantize_nvfp4``: (qdata, scale codes, per-tensor scale).
+    """Quantize ``x`` (..., K) through ``scalesearch::quantize_nvfp4``: (qdata, scale codes, global scale).
 
-    ``method`` and ``importance`` as :func:`quantize_blocks`; ``per_tensor_scale`` True for torchao's
-    ``amax / (448 * 6)``, False for single-level scaling (returned as 1.0). ``impl``: "auto" (Triton on CUDA,
-    reference elsewhere), "reference" or "triton".
+    ``method`` and ``importance`` as :func:`quantize_blocks`. ``per_tensor_scale``: True for torchao's
+    ``amax / (448 * 6)``; "row" for one such scale per row (returned ``(..., 1)``); a tensor (one element, or
+    ``(..., 1)``) used as given; None or False for single-level scaling (returned as 1.0). ``impl``: "auto"
+    (Triton on CUDA, reference elsewhere), "reference" or "triton".
     """
     scales = ScaleChoice.of(method)
+    if isinstance(per_tensor_scale, torch.Tensor):
+        mode, given = "given", per_tensor_scale
+    elif isinstance(per_tensor_scale, bool | str | None) and per_tensor_scale in _SCALE_MODES:
+        mode, given = _SCALE_MODES[per_tensor_scale], None
+    else:
+        raise ValueError(
+            f"unknown per_tensor_scale {per_tensor_scale!r}; expected True, None, False, 'row' or a tensor"
+        )
     return torch.ops.scalesearch.quantize_nvfp4(
-        x, scales.method, list(scales.window), bool(per_tensor_scale), importance, check_impl(impl)
+        x, scales.method, list(scales.window), mode, given, importance, check_impl(impl)
     )

@@ -1,8 +1,9 @@
 """FX pass: linear layers -> ``scalesearch::nvfp4_linear``.
 
 Matches, on the Dynamo graph, ``F.linear(x, W, b)``, ``x @ W.t()`` / ``x @ W.T`` / ``torch.matmul(x, W.t())``
-(weight ``W`` of shape (N, K)) and ``x @ P`` (a parameter ``P`` of shape (K, N), used as ``W = P.t()``), where
-the weight is a graph input holding a 2-D parameter or an already-quantized NVFP4 weight.
+/ ``torch.mm`` (weight ``W`` of shape (N, K)), ``x @ P`` and ``torch.addmm(b, x, P)`` (a parameter ``P`` of
+shape (K, N), used as ``W = P.t()``: transformers' ``Conv1D``, the GPT-2 family's linear layer), where the
+weight is a graph input holding a 2-D parameter or an already-quantized NVFP4 weight.
 
 - A plain weight is quantized here, once, at compile time, by the backend's :class:`LinearPolicy` (which also
   decides what is left, and why, exactly as ``quantize_`` does). The NVFP4 copy is stored on the graph module
@@ -12,6 +13,9 @@ the weight is a graph input holding a 2-D parameter or an already-quantized NVFP
   changing weights.
 - An already-quantized weight (``ScaleSearchNVFP4Tensor`` from ``quantize_``, or a torchao ``NVFP4Tensor``)
   keeps its own bytes and its recorded activation mode.
+- A weight that trains (a parameter requiring grad, compiled with grad mode on) becomes
+  ``scalesearch::nvfp4_linear_qat``: quantized from its current value on every call, with straight-through
+  gradients to the input, the weight and the bias (quantization-aware training).
 Anything else (a weight the policy leaves, a weight that is not a graph input parameter) is left as it was and
 reported.
 """
@@ -23,14 +27,15 @@ import torch
 import torch.fx
 from torch._dynamo.source import ConstantSource
 
-from scalesearch_compile.ops.linear import op_arguments
+from scalesearch_compile.ops.linear import activation_arguments
 from scalesearch_compile.passes import PassReport, source_name
 from scalesearch_compile.policy import LinearPolicy, is_nvfp4
 from scalesearch_compile.search import ScaleChoice
 from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor, nvfp4_weight
 
 LINEAR_TARGETS = (torch._C._nn.linear, torch.nn.functional.linear)
-MATMUL_TARGETS = (operator.matmul, torch.matmul)
+MATMUL_TARGETS = (operator.matmul, torch.matmul, torch.mm)
+ADDMM_TARGETS = (torch.addmm,)
 
 
 @dataclass(frozen=True)
@@ -63,20 +68,27 @@ def _match(node, values):
     if node.target in LINEAR_TARGETS:
         bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
         return node.args[0], node.args[1], False, bias
-    if node.target in MATMUL_TARGETS and isinstance(node.args[1], torch.fx.Node):
-        rhs = node.args[1]
-        weight = _transposed_parameter(rhs)
-        if weight is not None and weight in values:
-            return node.args[0], weight, False, None
-        if rhs in values:
-            return node.args[0], rhs, True, None
+    if node.target in MATMUL_TARGETS:
+        bias, (x, rhs) = None, node.args[:2]
+    elif node.target in ADDMM_TARGETS and all(node.kwargs.get(name, 1) == 1 for name in ("beta", "alpha")):
+        bias, x, rhs = node.args[:3]
+    else:
+        return None
+    if not isinstance(rhs, torch.fx.Node):
+        return None
+    weight = _transposed_parameter(rhs)
+    if weight is not None and weight in values:
+        return x, weight, False, bias
+    if rhs in values:
+        return x, rhs, True, bias
     return None
 
 
 def _weight_and_activations(weight, transposed: bool, path: str, policy: LinearPolicy):
     """``(NVFP4Weight, activation ScaleChoice or None)`` for the op, or the reason the product is left."""
     if is_nvfp4(weight) and policy.exclude.match(path) is None:
-        if transposed or (isinstance(weight, ScaleSearchNVFP4Tensor) and weight.is_transposed):
+        weight = weight.t() if transposed else weight  # a (K, N) operand: its transpose is the weight
+        if isinstance(weight, ScaleSearchNVFP4Tensor) and weight.is_transposed:
             return "a transposed NVFP4 weight"
         if isinstance(weight, ScaleSearchNVFP4Tensor):
             return weight.nvfp4_weight(), weight.act_quant_kwargs
@@ -107,19 +119,22 @@ def rewrite_linears(gm: torch.fx.GraphModule, example_inputs, options: LinearRew
         if weight_node not in values:
             report.skipped.append((weight_node.name, "the weight is computed in the graph, not a parameter"))
             continue
-        name = source_name(weight_node)
-        parts = _weight_and_activations(values[weight_node], transposed, name.rpartition(".")[0], options.policy)
+        name, weight = source_name(weight_node), values[weight_node]
+        path, policy, trains = name.rpartition(".")[0], options.policy, _trains(weight)
+        if trains:
+            parts = policy.reason(weight.detach().t() if transposed else weight.detach(), path)
+        else:
+            parts = _weight_and_activations(weight, transposed, path, policy)
         if isinstance(parts, str):
             report.skipped.append((name, parts))
             continue
-        (qdata, scale_codes, per_tensor_scale), act_args = op_arguments(*parts)
         with gm.graph.inserting_before(node):
-            prefix = f"_scalesearch_{len(report.rewritten)}"
-            constants = [_constant(gm, f"{prefix}_qdata", qdata), _constant(gm, f"{prefix}_scale", scale_codes)]
-            constants.append(None if per_tensor_scale is None else _constant(gm, f"{prefix}_pts", per_tensor_scale))
-            new = gm.graph.call_function(
-                torch.ops.scalesearch.nvfp4_linear.default, (x, *constants, bias, *act_args, options.impl)
-            )
+            if trains:
+                target, args = _quantization_aware(x, weight_node, bias, transposed, policy, options.impl)
+                name += " (trains: re-quantized on every call)"
+            else:
+                target, args = _frozen(gm, x, parts, bias, options.impl, f"_scalesearch_{len(report.rewritten)}")
+            new = gm.graph.call_function(target, args)
         node.replace_all_uses_with(new)
         new.meta.update(node.meta)
         gm.graph.erase_node(node)
@@ -127,6 +142,30 @@ def rewrite_linears(gm: torch.fx.GraphModule, example_inputs, options: LinearRew
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return report
+
+
+def _trains(weight) -> bool:
+    """A plain weight that requires grad, compiled with grad mode on: it is quantized on every call, so that
+    training updates reach the NVFP4 weight (Dynamo recompiles when grad mode changes)."""
+    return isinstance(weight, torch.nn.Parameter) and weight.requires_grad and torch.is_grad_enabled()
+
+
+def _quantization_aware(x, weight_node, bias, transposed: bool, policy: LinearPolicy, impl: str):
+    """The target and arguments of ``scalesearch::nvfp4_linear_qat`` on the weight itself."""
+    scales, act_args = policy.scales, activation_arguments(policy.act_quant_kwargs)
+    args = (x, weight_node, bias, transposed, scales.method, list(scales.window), *act_args, impl)
+    return torch.ops.scalesearch.nvfp4_linear_qat.default, args
+
+
+def _frozen(gm: torch.fx.GraphModule, x, parts, bias, impl: str, prefix: str):
+    """The target and arguments of ``scalesearch::nvfp4_linear`` on the NVFP4 weight ``parts``, stored as
+    constants of ``gm`` (inserted where the graph is being built)."""
+    weight, act = parts
+    constants = [_constant(gm, f"{prefix}_qdata", weight.qdata), _constant(gm, f"{prefix}_scale", weight.scale_codes)]
+    pts = weight.per_tensor_scale
+    constants.append(None if pts is None else _constant(gm, f"{prefix}_pts", pts))
+    act_args = activation_arguments(act)
+    return torch.ops.scalesearch.nvfp4_linear.default, (x, *constants, bias, *act_args, impl)
 
 
 def _constant(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> torch.fx.Node:
