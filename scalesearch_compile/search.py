@@ -188,7 +188,8 @@ class QuantizeRequest:
     ``x``: ``(..., K)`` float32/bfloat16/float16, K a multiple of 16, not empty. ``scales``: the
     :class:`ScaleChoice`. ``per_tensor_scale``: the resolved float32 global scale, 0-d or per row ``(..., 1)``,
     or None (single-level). ``importance``: float32 ``(K // 16, 16)`` weights of each input channel's squared
-    error (scaled by a power of two to a maximum of about 1), or None. ``finite``: x was checked to hold no NaN or Inf (so it needs no sanitising).
+    error (scaled by a power of two to a maximum of about 1), or None. ``finite``: x was checked to hold no NaN
+    or Inf (so it needs no sanitising).
     """
 
     x: torch.Tensor

@@ -2,8 +2,15 @@
 
 import pytest
 import torch
+from hypothesis import settings
 
 import scalesearch_demo  # noqa: F401  (first: imports torchao quietly, keeps the hub offline)
+
+# Property tests run the same examples every time ("ci", loaded here); --hypothesis-profile=long (loaded by
+# hypothesis after this file) runs 10,000 examples a test.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("long", max_examples=10_000)
+settings.load_profile("ci")
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,8 @@ from scalesearch_compile.compile_backend import BackendOptions, backend
 from scalesearch_demo import tiny_model
 
 # linear layers and attention calls of the tiny models (2 layers each)
-EXPECTED = {"llama": (15, 2), "qwen2": (15, 2), "bert": (13, 2)}  # bert: 6 a layer and the pooler
+# bert: 6 a layer and the pooler; gpt2: 4 Conv1D (torch.addmm on a (in, out) weight) a layer and lm_head
+EXPECTED = {"llama": (15, 2), "qwen2": (15, 2), "bert": (13, 2), "gpt2": (9, 2)}
 
 
 def inputs(name, batch=2, seq=24):
@@ -118,3 +119,33 @@ def test_bad_options_fail_at_compile_time_through_torch_compile():
     compiled = torch.compile(torch.nn.Linear(16, 16), backend="scalesearch", options={"bogus": 1})
     with pytest.raises(Exception, match="unknown scalesearch backend option"):
         compiled(torch.randn(2, 16))
+
+
+@pytest.mark.parametrize("inductor", [False, True])
+def test_weights_that_train_are_requantized_on_every_call(inductor):
+    """With grad mode on and weights that require grad, the backend quantizes each weight from its current value
+    on every call and passes the gradient straight through to it: SGD steps change the weights and lower the
+    loss (a compile-time snapshot would leave weight.grad None)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    x, y = torch.randn(64, 32), torch.randn(64, 16)
+    compiled_backend = backend(inductor=inductor)
+    compiled = torch.compile(model, backend=compiled_backend)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    before = model[0].weight.detach().clone()
+    losses = []
+    for _ in range(6):
+        loss = torch.nn.functional.mse_loss(compiled(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        assert model[0].weight.grad is not None and model[2].weight.grad.abs().sum() > 0
+        optimizer.step()
+        losses.append(loss.item())
+    assert not torch.equal(model[0].weight, before)
+    assert losses == sorted(losses, reverse=True) and losses[-1] < losses[0], losses
+    (report,) = compiled_backend.reports[0].passes[:1]
+    assert report.rewritten == [f"{i}.weight (trains: re-quantized on every call)" for i in (0, 2)]
+    # the forward is the NVFP4 linear of the weights as they are now
+    with torch.no_grad():
+        frozen = torch.compile(model, backend=backend(inductor=False))(x)
+    torch.testing.assert_close(compiled(x).detach(), frozen, rtol=1e-5, atol=1e-5)

@@ -196,3 +196,21 @@ def test_config_round_trips_through_torchao_json():
 def test_bad_config_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ScaleSearchConfig(**kwargs)
+
+
+def test_concurrent_calls_each_log_their_summary(caplog):
+    """Four quantize_model calls at once: each quantizes its model and logs its own summary line."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models = [torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16 * (i + 1))) for i in range(4)]
+    with caplog.at_level(logging.INFO, logger="scalesearch_compile"), ThreadPoolExecutor(4) as pool:
+        summaries = list(pool.map(lambda m: quantize_model(m, ScaleSearchConfig(progress=False)), models))
+    assert all(len(s.quantized) == 2 for s in summaries)
+    assert all(isinstance(m[1].weight, ScaleSearchNVFP4Tensor) for m in models)
+    lines = [r.getMessage() for r in _records(caplog)]
+    assert len(lines) == 4 and all("2 of 2 layers to NVFP4" in line for line in lines)
+
+
+def test_no_exclude_is_an_empty_list():
+    assert ScaleSearchConfig(exclude=None).exclude == []
+    assert ScaleSearchConfig(exclude=("lm_head",)).exclude == ["lm_head"]

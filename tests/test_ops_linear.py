@@ -259,3 +259,52 @@ def test_a_nan_activation_reaches_only_its_own_output_row(act_method):
     assert torch.isnan(out[1]).all() and not torch.isfinite(out[4]).any()
     rows = [0, 2, 3, 5]
     assert torch.equal(out[rows], clean[rows])
+
+
+@pytest.mark.parametrize("magnitude", [1e-30, 1e35, 1e37])
+def test_w4a16_does_not_overflow_where_the_float_product_does_not(magnitude):
+    weight, bias = _weight(), torch.randn(48)
+    x = torch.randn(5, 64) * magnitude
+    out = nvfp4_linear(x, weight, bias * magnitude)
+    expected = _float64_w4a16(x, weight, bias * magnitude)
+    assert torch.isfinite(expected).all() and torch.isfinite(out).all()
+    assert (out.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+
+
+def test_quantize_op_takes_row_and_given_scales():
+    x = torch.randn(3, 4, 64)
+    given = torch.tensor(0.02)
+    qdata, codes, pts = nvfp4_quantize(x, per_tensor_scale=given)
+    blocks = quantize_blocks(x, per_tensor_scale=given)
+    assert torch.equal(pts, given) and torch.equal(qdata, blocks.qdata) and torch.equal(codes, blocks.scale_codes)
+    qdata, codes, pts = nvfp4_quantize(x, per_tensor_scale="row")
+    rows = quantize_blocks(x, per_tensor_scale="row")
+    assert pts.shape == (3, 4, 1) and torch.equal(pts, rows.per_tensor_scale) and torch.equal(qdata, rows.qdata)
+    for bad, message in ((torch.tensor(0.0), "positive and finite"), ("col", "unknown per_tensor_scale 'col'")):
+        with pytest.raises(ValueError, match=message):
+            nvfp4_quantize(x, per_tensor_scale=bad)
+    with pytest.raises(ValueError, match="importance is on the meta device"):
+        nvfp4_quantize(x, importance=torch.ones(64, device="meta"))
+    with pytest.raises(ValueError, match="bias must be None or a floating-point tensor of shape"):
+        nvfp4_linear(torch.randn(2, 64), _weight(), torch.ones(48, device="meta"))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("activations", [None, "nvfp4"])
+def test_backward_through_a_quantized_linear_reaches_input_and_bias(activations, compiled):
+    """Frozen NVFP4 weights, trainable everything else: the input's gradient goes straight through the
+    dequantized weight (what adapters such as LoRA train through)."""
+    from torchao.quantization import quantize_
+
+    from scalesearch_compile import ScaleSearchConfig
+
+    linear = torch.nn.Linear(64, 48)
+    quantize_(linear, ScaleSearchConfig(activations=activations))
+    layer = torch.compile(linear, fullgraph=True) if compiled else linear
+    x = torch.randn(3, 5, 64, requires_grad=True)
+    upstream = torch.randn(3, 5, 48)
+    (layer(x) * upstream).sum().backward()
+    w_hat = linear.weight.nvfp4_weight().dequantize()
+    torch.testing.assert_close(x.grad, upstream @ w_hat, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(linear.bias.grad, upstream.sum((0, 1)), rtol=1e-5, atol=1e-5)
+    assert not linear.weight.requires_grad

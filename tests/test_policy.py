@@ -94,3 +94,16 @@ def test_quantize_model_and_the_backend_leave_the_same_layers_for_the_same_reaso
         by_reason.setdefault(reason, []).append(name.removesuffix(".weight"))
     assert by_reason == summary.skipped
     assert [name.removesuffix(".weight") for name in report.rewritten] == summary.quantized == ["up", "ragged"]
+
+
+def test_torchao_quantize_with_the_linear_layer_filter_quantizes_conv1d():
+    from torchao.quantization import quantize_
+
+    from scalesearch_compile.policy import is_linear_layer
+    from scalesearch_demo import tiny_model
+
+    model = tiny_model("gpt2")
+    quantize_(model, ScaleSearchConfig(activations=None), filter_fn=is_linear_layer)
+    conv1d = [m for m in model.modules() if type(m).__name__ == "Conv1D"]
+    assert len(conv1d) == 8 and all(isinstance(m.weight, ScaleSearchNVFP4Tensor) for m in conv1d)
+    assert isinstance(model.lm_head.weight, ScaleSearchNVFP4Tensor)

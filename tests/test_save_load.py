@@ -59,3 +59,21 @@ def test_transformers_save_pretrained_round_trip(tmp_path, activations):
     assert loaded.config.quantization_config.quant_type == ScaleSearchConfig(activations=activations)
     _assert_same_bytes(quantized.state_dict(), loaded.state_dict())
     assert torch.equal(loaded(IDS).logits, quantized(IDS).logits)
+
+
+@torch.no_grad()
+def test_quantized_gpt2_conv1d_weights_save_and_load_bit_for_bit():
+    """Conv1D weights are stored as the transposed view of an NVFP4 weight: the view survives a round trip."""
+    from scalesearch_compile import quantize_model
+
+    model = tiny_model("gpt2")
+    quantize_model(model, ScaleSearchConfig(progress=False))
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    _assert_same_bytes(model.state_dict(), state)
+    fresh = tiny_model("gpt2")
+    fresh.load_state_dict(state, assign=True)
+    assert fresh.transformer.h[0].mlp.c_fc.weight.is_transposed
+    assert torch.equal(fresh(IDS).logits, model(IDS).logits)

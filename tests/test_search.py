@@ -15,6 +15,7 @@ import scalesearch_compile.search as search
 from scalesearch_compile.attention import AttentionRecipe, nvfp4_attention_reference, quantize_probabilities
 from scalesearch_compile.formats import E2M1_MAX, E2M1_VALUES, E4M3_MAX
 from scalesearch_compile.search import ScaleChoice, chosen_offsets, quantize_blocks
+from scalesearch_compile.tensor import quantize_nvfp4
 
 
 def block_errors(x: torch.Tensor, blocks, importance=None) -> torch.Tensor:
@@ -310,3 +311,104 @@ def test_attention_is_the_same_bits_under_cuda_division():
     with CudaScalarDivision():
         got = nvfp4_attention_reference(q, k, v, is_causal=True), quantize_probabilities(p, AttentionRecipe())
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+def test_tensors_that_require_grad_quantize():
+    weight = torch.nn.Linear(64, 32).weight  # what a user holds: a parameter that requires grad
+    assert weight.requires_grad
+    blocks = quantize_blocks(weight)
+    assert not blocks.qdata.requires_grad and not blocks.per_tensor_scale.requires_grad
+    assert torch.equal(blocks.qdata, quantize_blocks(weight.detach()).qdata)
+    assert torch.equal(chosen_offsets(weight), blocks.offsets)
+    q = quantize_nvfp4(weight)
+    assert not q.requires_grad and torch.equal(q.qdata, blocks.qdata)
+
+
+def _grid_errors(x, method):
+    """Relative L2 error of the NVFP4 round trip."""
+    deq = quantize_blocks(x, method).dequantize()
+    return ((deq.double() - x.double()).norm() / x.double().norm()).item()
+
+
+@pytest.mark.parametrize("method", ["amax", "search"])
+def test_tiny_and_huge_magnitudes_keep_their_accuracy(method):
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(11))
+    unscaled = _grid_errors(x, method)
+    for j in (-130, -120, -100, 60, 100, 124):  # global scale subnormal (clamped) to near float32's top
+        assert _grid_errors(x * 2.0**j, method) <= 1.05 * unscaled + 1e-3, j
+
+
+@pytest.mark.parametrize("method", search.METHODS)
+@pytest.mark.parametrize("importance", [False, True])
+def test_scaling_by_a_power_of_two_scales_exactly(method, importance):
+    """x and x * 2**j give the same codes wherever the global scale is a normal number (both ways exact)."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 96, generator=g)
+    x = torch.where(x.abs() < 2.0**-10, 2.0**-10, x)  # a bounded range, so every x * 2**j below is exact
+    weights = torch.rand(96, generator=g) * 1e6 if importance else None
+    method = search.ScaleChoice(method) if method != "exhaustive" else method
+    reference = quantize_blocks(x, method, importance=weights)
+    for j in (-110, -80, -40, -7, 9, 40, 80, 120):
+        scaled = quantize_blocks(x * 2.0**j, method, importance=weights)
+        assert torch.equal(scaled.qdata, reference.qdata), j
+        assert torch.equal(scaled.scale_codes, reference.scale_codes), j
+        assert torch.equal(scaled.per_tensor_scale, reference.per_tensor_scale * 2.0**j), j
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=shapes,
+    seed=st.integers(0, 2**16),
+    log2_scale=st.floats(-106, 124),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+)
+def test_amax_matches_torchao_down_to_tiny_magnitudes(shape, seed, log2_scale, dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(*shape, generator=g) * 2.0**log2_scale).to(dtype)
+    block_amax = x.float().abs().unflatten(-1, (-1, 16)).amax(-1)
+    if not (block_amax.max() / 2688.0 >= 2.0**-122 and (block_amax / 6 >= 2.0**-126).all()):
+        return  # torchao's own arithmetic overflows or rounds subnormals there (tests/test_fuzz.py)
+    ours = quantize_blocks(x, "amax")
+    ref = NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(x.abs().amax()))
+    assert torch.equal(ours.qdata, ref.qdata)
+    assert torch.equal(ours.scale_codes, ref.scale.view(torch.uint8))
+    assert torch.equal(ours.per_tensor_scale, ref.per_tensor_scale)
+
+
+def test_the_global_scale_never_underflows():
+    assert search.global_scale(torch.tensor(1e-40)).item() == 2.0**-126
+    assert search.global_scale(torch.tensor(0.0)).item() == 2.0**-126  # an all-zero tensor: zeros, not NaN
+    assert search.global_scale(torch.tensor(2688.0)).item() == 1.0
+    tiny = quantize_blocks(torch.randn(4, 64) * 1e-40)
+    assert tiny.per_tensor_scale.item() == 2.0**-126 and torch.isfinite(tiny.dequantize()).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"importance": [1.0] * 16}, "importance must be a tensor"),
+        ({"importance": torch.ones(16, dtype=torch.int64)}, "real floating-point tensor, got dtype torch.int64"),
+        ({"importance": torch.ones(16, dtype=torch.bool)}, "real floating-point tensor"),
+        ({"importance": torch.ones(16, dtype=torch.complex64)}, "real floating-point tensor"),
+        ({"importance": torch.ones(16, device="meta")}, "importance is on the meta device"),
+        ({"per_tensor_scale": torch.ones((), device="meta")}, "per_tensor_scale is on the meta device"),
+        ({"per_tensor_scale": torch.ones((), dtype=torch.int32)}, "real floating-point tensor"),
+    ],
+)
+def test_bad_importance_and_given_scales(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        quantize_blocks(torch.randn(2, 16), **kwargs)
+
+
+def test_meta_tensors_have_nothing_to_quantize():
+    with pytest.raises(ValueError, match="meta device: it has no values"):
+        quantize_blocks(torch.empty(4, 64, device="meta"))
+    with pytest.raises(ValueError, match="meta device: it has no values"):
+        quantize_nvfp4(torch.empty(4, 64, device="meta"))
+
+
+@pytest.mark.parametrize("window", [(-10**6, 10**6), (-2**40, 2**40), (-126, 0), (0, 126)])
+def test_windows_beyond_any_valid_code_are_refused_at_once(window):
+    with pytest.raises(ValueError, match="reaches past -125..125"):
+        ScaleChoice("search", window)
+    assert ScaleChoice("search", (-125, 125)).window == (-125, 125)

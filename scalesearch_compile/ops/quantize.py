@@ -17,7 +17,6 @@ from scalesearch_compile.search import (
     PerTensorScale,
     QuantizeRequest,
     ScaleChoice,
-    check_dtype_and_shape,
     quantize_reference,
 )
 
@@ -58,8 +57,11 @@ def _quantize_op(
 
 @_quantize_op.register_fake
 def _quantize_fake(x, method, window, scale_mode, given_scale, importance, impl):
-    check_dtype_and_shape(x, "input")
-    ScaleChoice(method, window)
+    # the real op's validation (it reads no value); a meta argument beside real ones also lands here
+    per_tensor_scale = _per_tensor_scale(scale_mode, given_scale)
+    QuantizeRequest.of(
+        x, ScaleChoice(method, window), per_tensor_scale=per_tensor_scale, importance=importance, check_finite=False
+    )
     check_impl(impl)
     lead, k = x.shape[:-1], x.shape[-1]
     per_row = scale_mode == "row" or (given_scale is not None and given_scale.numel() != 1)
@@ -82,12 +84,16 @@ def nvfp4_quantize(
 
     ``method`` and ``importance`` as :func:`quantize_blocks`. ``per_tensor_scale``: True for torchao's
     ``amax / (448 * 6)``; "row" for one such scale per row (returned ``(..., 1)``); a tensor (one element, or
-    ``(..., 1)``) used as given; None or False for single-level scaling (returned as 1.0). ``impl``: "auto"
-    (Triton on CUDA, reference elsewhere), "reference" or "triton".
+    ``(..., 1)``) used as given, after checking that it is positive and finite (one read on the host); None or
+    False for single-level scaling (returned as 1.0). ``impl``: "auto" (Triton on CUDA, reference elsewhere),
+    "reference" or "triton". At run time nothing else is read: NaN/Inf in x give NaN blocks (``search``).
     """
     scales = ScaleChoice.of(method)
     if isinstance(per_tensor_scale, torch.Tensor):
-        mode, given = "given", per_tensor_scale
+        mode, given = "given", per_tensor_scale  # its shape, dtype and device are checked by the op
+        checkable = given.is_floating_point() and given.device.type != "meta"
+        if checkable and not bool(((given > 0) & given.isfinite()).all()):
+            raise ValueError("per_tensor_scale must be positive and finite")
     elif isinstance(per_tensor_scale, bool | str | None) and per_tensor_scale in _SCALE_MODES:
         mode, given = _SCALE_MODES[per_tensor_scale], None
     else:
