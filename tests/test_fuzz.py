@@ -7,7 +7,7 @@ CI runs the default profile (a few hundred tensors over these tests, derandomise
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale
 
@@ -48,6 +48,7 @@ def block_errors(x, blocks, importance):
 @given(case=tensors(), method=st.sampled_from(METHODS), two_level=st.booleans())
 def test_invariants(case, method, two_level):
     x, importance = case
+    event(f"{x.dtype}, amax 1e{int(torch.log10(x.abs().amax().float().clamp_min(1e-45)).floor())}")
     blocks = quantize_blocks(x, method, per_tensor_scale=two_level, importance=importance)
     # no NaN or Inf from finite input, and never the NaN scale code
     assert torch.isfinite(blocks.dequantize()).all()
@@ -77,7 +78,9 @@ def torchao_is_exact(x: torch.Tensor) -> bool:
 def test_amax_is_torchao_wherever_its_arithmetic_is_exact(case):
     x, _ = case
     if not torchao_is_exact(x):
+        event("not compared: torchao's own arithmetic is not exact there")
         return
+    event("compared with torchao")
     ours = quantize_blocks(x, "amax")
     ref = NVFP4Tensor.to_nvfp4(x, per_tensor_scale=per_tensor_amax_to_scale(x.abs().amax()))
     assert torch.equal(ours.qdata, ref.qdata)
@@ -95,7 +98,9 @@ def test_scaling_by_a_power_of_two_is_exact(case, method, shift):
     exact = torch.equal(scaled / 2.0**shift, x) and torch.isfinite(scaled).all()
     scales = torch.stack([x.abs().amax(), scaled.abs().amax()]).float() / 2688.0
     if not exact or (scales < GLOBAL_SCALE_MIN).any():
+        event("not compared: the scaling is not exact, or a global scale is not normal")
         return
+    event("compared")
     a = quantize_blocks(x, method, importance=importance)
     b = quantize_blocks(scaled, method, importance=importance)
     assert torch.equal(a.qdata, b.qdata) and torch.equal(a.scale_codes, b.scale_codes)
