@@ -121,12 +121,13 @@ def rewrite_linears(gm: torch.fx.GraphModule, example_inputs, options: LinearRew
             continue
         name, weight = source_name(weight_node), values[weight_node]
         path, policy, trains = name.rpartition(".")[0], options.policy, _trains(weight)
-        if trains:
-            parts = policy.reason(weight.detach().t() if transposed else weight.detach(), path)
+        if trains:  # only what can be known without values: the weight changes from call to call
+            reason = policy.reason(weight.detach().t() if transposed else weight.detach(), path)
         else:
             parts = _weight_and_activations(weight, transposed, path, policy)
-        if isinstance(parts, str):
-            report.skipped.append((name, parts))
+            reason = parts if isinstance(parts, str) else None
+        if reason is not None:
+            report.skipped.append((name, reason))
             continue
         with gm.graph.inserting_before(node):
             if trains:
