@@ -6,6 +6,7 @@ Importing the package changes no process-wide state: no environment variable, lo
 from scalesearch_compile.calibration import calibrate
 from scalesearch_compile.compile_backend import backend
 from scalesearch_compile.config import ScaleSearchConfig, quantize_model
+from scalesearch_compile.export import export_checkpoint
 from scalesearch_compile.layout import NVFP4Blocks, NVFP4Weight
 from scalesearch_compile.ops.linear import nvfp4_linear
 from scalesearch_compile.ops.quantize import nvfp4_quantize
@@ -23,6 +24,7 @@ __all__ = [
     "backend",
     "calibrate",
     "chosen_offsets",
+    "export_checkpoint",
     "nvfp4_linear",
     "nvfp4_quantize",
     "quantize_blocks",

@@ -36,3 +36,24 @@ def test_mean_square_per_input_channel_over_all_batches_and_forms():
 def test_no_batches_is_an_error():
     with pytest.raises(ValueError, match="saw no input"):
         calibrate(_Pair(), [])
+
+
+def test_padding_is_left_out_and_the_input_amax_is_kept():
+    from scalesearch_compile.calibration import input_statistics
+
+    class Tagged(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(16, 8)
+
+        def forward(self, x, attention_mask=None):
+            return self.proj(x)
+
+    x = torch.randn(2, 5, 16)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    x[0, 3:] = 1000.0  # padding positions: must not count
+    (stats,) = input_statistics(Tagged(), [{"x": x, "attention_mask": mask}]).values()
+    real = x[mask.bool()]
+    assert stats.rows == 8
+    assert torch.allclose(stats.mean_square(), real.square().mean(0))
+    assert stats.amax == real.abs().amax()
