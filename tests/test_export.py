@@ -17,6 +17,8 @@ from scalesearch_compile.search import global_scale
 from scalesearch_demo import tiny_model
 
 pytest.importorskip("compressed_tensors")
+# transformers says the checkpoint's own quantization_config is used beside CompressedTensorsConfig(dequantize=True)
+pytestmark = pytest.mark.filterwarnings("ignore:You passed .quantization_config.:UserWarning")
 
 CALIBRATION = "\n".join(f"sample {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(12))
 
@@ -281,3 +283,18 @@ def test_console_script_is_installed(llama_dir, tmp_path):
     run = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     assert "14 layers NVFP4, 1 dense" in run.stdout
+
+
+def test_fused_groups_by_module_names():
+    from scalesearch_compile.export import _groups
+
+    llama = [f"model.layers.0.{p}" for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
+    llama += [f"model.layers.0.{p}" for p in ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    bert = [f"encoder.layer.3.attention.self.{p}" for p in ("query", "key", "value")]
+    phi3 = ["model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.gate_up_proj"]  # already fused: one layer each
+    groups = _groups(llama + bert + phi3 + ["model.layers.1.self_attn.q_proj"])  # q alone: no group
+    assert groups["model.layers.0.self_attn.k_proj"] == "+".join(llama[:3])
+    assert groups["model.layers.0.mlp.up_proj"] == "model.layers.0.mlp.gate_proj+model.layers.0.mlp.up_proj"
+    assert groups["encoder.layer.3.attention.self.value"] == "+".join(bert)
+    for alone in (*phi3, "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_proj"):
+        assert groups[alone] == alone
