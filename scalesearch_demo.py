@@ -4,8 +4,9 @@ Not part of the installed package. Importing it sets up the process the way the 
 change its own process; the library never does): torchao is imported with its two CPU-only-machine notices
 and its pytree deprecation warnings silenced, and the Hugging Face hub is kept offline.
 
-- :func:`tiny_model`: a randomly initialised Llama, Qwen2, GPT-2 or BERT built from a config (head_dim 64, so
-  its attention is inside the NVFP4 attention op's contract), in eval mode, with SDPA attention.
+- :func:`tiny_model`: a randomly initialised Llama, Qwen2, GPT-2 or BERT, or a mixture of experts (Mixtral,
+  Qwen2-MoE, Qwen3-MoE, DeepSeek-V3), built from a config (head_dim 64, so its attention is inside the NVFP4
+  attention op's contract), in eval mode, with SDPA attention.
 - :func:`compile_and_time`: compile a model with a backend and time its first call and its steady state;
   :func:`markdown_table` prints the scripts' results.
 - :func:`load_minilm`: the real all-MiniLM-L6-v2 encoder (22.7M parameters) shipped by the PyPI package
@@ -63,27 +64,62 @@ _TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_at
 
 def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
     """A random ``"llama"`` / ``"qwen2"`` causal LM (2 query heads, 1 KV head: GQA), ``"gpt2"`` causal LM
-    (transformers' ``Conv1D`` projections, lm_head tied to the embedding) or ``"bert"`` encoder."""
+    (transformers' ``Conv1D`` projections, lm_head tied to the embedding), ``"bert"`` encoder, or a mixture of
+    experts with 4 experts, 2 per token: ``"mixtral"``, ``"qwen2_moe"`` (with a gated shared expert),
+    ``"qwen3_moe"``, ``"deepseek_v3"`` (multi-head latent attention and a shared expert)."""
     from transformers import (
         BertConfig,
         BertModel,
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
         GPT2Config,
         GPT2LMHeadModel,
         LlamaConfig,
         LlamaForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
     )
 
+    gqa = dict(vocab_size=256, num_key_value_heads=1)
+    moe = dict(gqa, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128)
+
     models = {
-        "llama": (LlamaConfig, LlamaForCausalLM, dict(vocab_size=256, num_key_value_heads=1)),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(vocab_size=256, num_key_value_heads=1)),
+        "llama": (LlamaConfig, LlamaForCausalLM, gqa),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM, gqa),
         "gpt2": (
             GPT2Config,
             GPT2LMHeadModel,
             dict(vocab_size=256, n_positions=128, n_inner=256, bos_token_id=0, eos_token_id=0),
         ),
         "bert": (BertConfig, BertModel, dict(vocab_size=256)),
+        "mixtral": (MixtralConfig, MixtralForCausalLM, dict(gqa, num_local_experts=4, num_experts_per_tok=2)),
+        "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM, dict(moe, shared_expert_intermediate_size=256)),
+        "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(moe, head_dim=64)),
+        "deepseek_v3": (
+            DeepseekV3Config,
+            DeepseekV3ForCausalLM,
+            dict(
+                vocab_size=256,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                moe_intermediate_size=128,
+                n_shared_experts=1,
+                first_k_dense_replace=0,
+                n_group=1,
+                topk_group=1,
+                q_lora_rank=None,
+                kv_lora_rank=32,
+                qk_rope_head_dim=32,
+                qk_nope_head_dim=32,
+                v_head_dim=64,
+            ),
+        ),
     }
     if name not in models:
         raise ValueError(f"unknown tiny model {name!r}; expected one of {', '.join(models)}")

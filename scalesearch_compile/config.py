@@ -18,9 +18,16 @@ from torchao.core.config import ALLOWED_AO_MODULES, AOBaseConfig
 from torchao.quantization.transform_module import register_quantize_module_handler
 from tqdm.auto import tqdm
 
-import scalesearch_compile.ops.linear  # noqa: F401  (routes F.linear on the weights made here to the ops)
+import scalesearch_compile.ops  # noqa: F401  (routes the products of the weights made here to the ops)
 from scalesearch_compile.calibration import IMPORTANCE_BUFFER
-from scalesearch_compile.policy import LinearPolicy, ModulePatterns, is_linear_layer, stores_weight_transposed
+from scalesearch_compile.policy import (
+    LinearPolicy,
+    ModulePatterns,
+    experts_weights,
+    is_linear_layer,
+    is_quantizable,
+    stores_weight_transposed,
+)
 from scalesearch_compile.search import DEFAULT_WINDOW, ScaleChoice
 from scalesearch_compile.tensor import activation_kwargs
 
@@ -77,12 +84,19 @@ def _linear_extra_repr(self):
     return f"in_features={self.in_features}, out_features={self.out_features}, weight=ScaleSearchNVFP4Tensor ({act})"
 
 
-def _quantize_module(module: torch.nn.Module, policy: LinearPolicy, path: str) -> str | None:
-    """Replace a linear layer's weight by its NVFP4 weight in place (searched with the importance weights that
-    :func:`scalesearch_compile.calibrate` attached, which it consumes); None, or why the module is left. A
-    ``Conv1D``'s weight, stored (in, out), is quantized as its transpose and stored as the transposed view."""
-    if not is_linear_layer(module):
-        return f"not a linear layer ({type(module).__name__})"
+def _quantize_module(module: torch.nn.Module, policy: LinearPolicy, path: str, names=None) -> str | None:
+    """Quantize a linear layer or a mixture-of-experts experts module in place; None, or why it is left."""
+    if is_linear_layer(module) and names in (None, ["weight"]):
+        return _quantize_linear(module, policy, path)
+    if experts_weights(module):
+        return _quantize_experts(module, policy, path, names or experts_weights(module))
+    return f"not a linear layer or a mixture-of-experts experts module ({type(module).__name__})"
+
+
+def _quantize_linear(module: torch.nn.Module, policy: LinearPolicy, path: str) -> str | None:
+    """Replace a linear layer's weight by its NVFP4 weight (searched with the importance weights that
+    :func:`scalesearch_compile.calibrate` attached, which it consumes). A ``Conv1D``'s weight, stored (in, out),
+    is quantized as its transpose and stored as the transposed view."""
     transposed = stores_weight_transposed(module)
     weight = module.weight.t() if transposed else module.weight
     quantized = policy.quantize(weight, path, module._buffers.get(IMPORTANCE_BUFFER))
@@ -95,9 +109,31 @@ def _quantize_module(module: torch.nn.Module, policy: LinearPolicy, path: str) -
     return None
 
 
+def _quantize_experts(module: torch.nn.Module, policy: LinearPolicy, path: str, names: list) -> str | None:
+    """Replace the experts' weights ``names`` by NVFP4 ones, all or none. Weights stored transposed
+    (``is_transposed``: ``(experts, in, out)``, gpt-oss) are quantized along their input dimension and stored as
+    the transposed view."""
+    unknown = [name for name in names if name not in experts_weights(module)]
+    if unknown:
+        return f"{type(module).__name__} has no experts' weight {unknown[0]!r}"
+    transposed, quantized = bool(module.is_transposed), {}
+    for name in names:
+        weight = module._parameters[name]
+        result = policy.quantize_experts(weight.transpose(-2, -1) if transposed else weight, path)
+        if isinstance(result, str):
+            return f"{name}: {result}"
+        quantized[name] = result.transpose(-2, -1) if transposed else result
+    for name, weight in quantized.items():
+        setattr(module, name, torch.nn.Parameter(weight, requires_grad=False))
+    return None
+
+
 @register_quantize_module_handler(ScaleSearchConfig)
-def _quantize_handler(module: torch.nn.Module, config: ScaleSearchConfig) -> torch.nn.Module:
-    """torchao's handler for one module (module docstring)."""
+def _quantize_handler(
+    module: torch.nn.Module, config: ScaleSearchConfig, *, parameter_name: str | None = None
+) -> torch.nn.Module:
+    """torchao's handler for one module (module docstring); ``parameter_name``: only that parameter (torchao's
+    ``FqnToConfig`` keyed by a parameter's name, which transformers uses for experts' weights)."""
     if config.exclude:
         raise ValueError(
             "ScaleSearchConfig.exclude needs module names, which torchao's quantize_ does not give a config: "
@@ -105,10 +141,11 @@ def _quantize_handler(module: torch.nn.Module, config: ScaleSearchConfig) -> tor
             "and a summary), or leave modules out with quantize_'s filter_fn (with transformers: "
             "TorchAoConfig(modules_to_not_convert=...))"
         )
-    reason = _quantize_module(module, config.policy(), "")
+    names = None if parameter_name is None else [parameter_name]
+    reason = _quantize_module(module, config.policy(), "", names)
     if reason is None:
         logger.debug("scalesearch quantize_: %r to NVFP4 (%s)", module, _settings(config))
-    elif is_linear_layer(module):
+    elif is_quantizable(module):
         logger.info("scalesearch quantize_: left %r as it was: %s", module, reason)
     return module
 
@@ -119,24 +156,39 @@ def _settings(config: ScaleSearchConfig) -> str:
 
 @dataclass
 class QuantizeSummary:
-    """What :func:`quantize_model` did: the paths of the ``quantized`` modules, and the ``skipped`` ones by
-    reason (a module reached twice, shared by two parents, counts twice)."""
+    """What :func:`quantize_model` did: the paths of the ``quantized`` modules, ``experts`` (experts module path
+    -> number of experts) among them, and the ``skipped`` ones by reason (a module reached twice, shared by two
+    parents, counts twice)."""
 
     config: ScaleSearchConfig
     quantized: list = field(default_factory=list)
+    experts: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
 
-    def record(self, path: str, reason: str | None) -> None:
-        if reason is None:
-            self.quantized.append(path)
-        else:
+    def record(self, module: torch.nn.Module, path: str, reason: str | None) -> None:
+        if reason is not None:
             self.skipped.setdefault(reason, []).append(path)
+            return
+        self.quantized.append(path)
+        names = experts_weights(module)
+        if names:
+            self.experts[path] = getattr(module, names[0]).shape[0]
 
     def line(self) -> str:
-        """One line: ``scalesearch quantize_: 7 of 9 layers to NVFP4 (...); skipped 2: <reason>: a, b; ...``."""
+        """One line: ``scalesearch quantize_: 7 of 9 layers to NVFP4 (...); experts: 2 blocks x 4 experts
+        quantized; skipped 2: <reason>: a, b; ...``."""
         skipped = sum(len(paths) for paths in self.skipped.values())
         total = len(self.quantized) + skipped
-        line = f"scalesearch quantize_: {len(self.quantized)} of {total} layers to NVFP4 ({_settings(self.config)})"
+        layers = len(self.quantized) - len(self.experts)
+        line = (
+            f"scalesearch quantize_: {layers} of {total - len(self.experts)} layers to NVFP4 ({_settings(self.config)})"
+        )
+        if self.experts:
+            counts = {}
+            for experts in self.experts.values():
+                counts[experts] = counts.get(experts, 0) + 1
+            blocks = ", ".join(f"{n} block{'s' * (n > 1)} x {e} experts" for e, n in counts.items())
+            line += f"; experts: {blocks} quantized"
         if self.skipped:
             details = "; ".join(
                 f"{reason}: {', '.join(paths[:8])}{', ...' if len(paths) > 8 else ''}"
@@ -162,18 +214,18 @@ def quantize_model(model: torch.nn.Module, config: ScaleSearchConfig | None = No
     """``quantize_(model, config, filter_fn)`` with module names: the same modules quantized the same way, plus
     ``config.exclude`` applied, a progress bar (``config.progress``, for more than one module) and one summary
     line logged at INFO on the ``scalesearch_compile`` logger. ``filter_fn(module, path)`` defaults to
-    :func:`~scalesearch_compile.policy.is_linear_layer` (``nn.Linear`` and transformers' ``Conv1D``). Returns
-    the :class:`QuantizeSummary`."""
+    :func:`~scalesearch_compile.policy.is_quantizable` (``nn.Linear``, transformers' ``Conv1D`` and
+    mixture-of-experts experts modules). Returns the :class:`QuantizeSummary`."""
     config = ScaleSearchConfig() if config is None else config
     if not isinstance(config, ScaleSearchConfig):
         raise ValueError(f"config must be a ScaleSearchConfig, got {type(config).__name__}")
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     policy = config.policy()
-    visits = _visits(model, filter_fn or is_linear_layer)
+    visits = _visits(model, filter_fn or is_quantizable)
     summary = QuantizeSummary(config)
     quiet = not config.progress or len(visits) < 2
     for module, path in tqdm(visits, desc="scalesearch quantize_", unit="layer", disable=quiet):
-        summary.record(path, _quantize_module(module, policy, path))
+        summary.record(module, path, _quantize_module(module, policy, path))
     logger.info(summary.line())
     return summary

@@ -74,13 +74,14 @@ class NVFP4Blocks:
 
 @dataclass(frozen=True)
 class NVFP4Weight:
-    """A linear layer's NVFP4 weight ``(N, K)`` = ``(out_features, in_features)``, validated on construction
-    (shapes, dtypes, orientation and devices only: no value is read, so it also checks fake tensors).
+    """A linear layer's NVFP4 weight ``(N, K)`` = ``(out_features, in_features)``, or the weights of E experts
+    ``(E, N, K)``, validated on construction (shapes, dtypes, orientation and devices only: no value is read, so
+    it also checks fake tensors).
 
-    ``qdata``: uint8 ``(N, K // 2)``, not a transposed view, K a positive multiple of 16. ``scale_codes``:
-    ``(N, K // 16)`` E4M3 codes, given as uint8 or float8_e4m3fn and kept as uint8. ``per_tensor_scale``:
-    None, or a one-element floating-point tensor kept as a float32 0-d tensor (torchao's multiplier
-    ``amax / (448 * 6)``).
+    ``qdata``: uint8 ``(N, K // 2)`` or ``(E, N, K // 2)``, not a transposed view, K a positive multiple of 16.
+    ``scale_codes``: ``(..., N, K // 16)`` E4M3 codes, given as uint8 or float8_e4m3fn and kept as uint8.
+    ``per_tensor_scale``: None, or floating-point global scales (torchao's multiplier ``amax / (448 * 6)``): one
+    for a layer, kept as a float32 0-d tensor; one per expert, kept as float32 ``(E,)``.
     """
 
     qdata: torch.Tensor
@@ -89,35 +90,41 @@ class NVFP4Weight:
 
     def __post_init__(self):
         qdata, scale, pts = self.qdata, self.scale_codes, self.per_tensor_scale
-        if not isinstance(qdata, torch.Tensor) or qdata.dtype != torch.uint8 or qdata.dim() != 2:
+        if not isinstance(qdata, torch.Tensor) or qdata.dtype != torch.uint8 or qdata.dim() not in (2, 3):
             raise ValueError(
-                f"NVFP4 weight qdata must be a 2-D uint8 tensor (out_features, in_features // 2); {_got(qdata)}"
+                "NVFP4 weight qdata must be a 2-D uint8 tensor (out_features, in_features // 2), or 3-D "
+                f"(experts, out_features, in_features // 2); {_got(qdata)}"
             )
         if is_transposed(qdata):
             raise ValueError(
                 "NVFP4 weight qdata is a transposed view; pass the (out_features, in_features // 2) weight, "
                 "as F.linear takes it"
             )
-        n, k = qdata.shape[0], qdata.shape[1] * 2
+        k = qdata.shape[-1] * 2
         if k == 0 or k % BLOCK_SIZE:
             raise ValueError(f"NVFP4 weight in_features must be a positive multiple of {BLOCK_SIZE}, got {k}")
+        expected = (*qdata.shape[:-1], k // BLOCK_SIZE)
         if (
             not isinstance(scale, torch.Tensor)
             or scale.dtype not in (torch.uint8, torch.float8_e4m3fn)
-            or tuple(scale.shape) != (n, k // BLOCK_SIZE)
+            or tuple(scale.shape) != expected
         ):
             raise ValueError(
-                f"NVFP4 weight scales must be E4M3 codes (uint8 or float8_e4m3fn) of shape ({n}, {k // BLOCK_SIZE}), "
-                f"one per 16 values, unswizzled; {_got(scale)}"
+                f"NVFP4 weight scales must be E4M3 codes (uint8 or float8_e4m3fn) of shape {expected}, one per 16 "
+                f"values, unswizzled; {_got(scale)}"
             )
-        if pts is not None and (not isinstance(pts, torch.Tensor) or pts.numel() != 1 or not pts.is_floating_point()):
-            raise ValueError(f"NVFP4 weight per_tensor_scale must be None or a one-element float tensor; {_got(pts)}")
+        scales = 1 if qdata.dim() == 2 else qdata.shape[0]
+        if pts is not None and (
+            not isinstance(pts, torch.Tensor) or pts.numel() != scales or not pts.is_floating_point()
+        ):
+            what = "a one-element float tensor" if scales == 1 else f"a float tensor of {scales} (one per expert)"
+            raise ValueError(f"NVFP4 weight per_tensor_scale must be None or {what}; {_got(pts)}")
         for name, t in (("scale_codes", scale), ("per_tensor_scale", pts)):
             if t is not None and t.device != qdata.device:
                 raise ValueError(f"NVFP4 weight {name} is on {t.device}, qdata on {qdata.device}")
         object.__setattr__(self, "scale_codes", scale.view(torch.uint8))
         if pts is not None:
-            object.__setattr__(self, "per_tensor_scale", pts.detach().float().reshape(()))
+            object.__setattr__(self, "per_tensor_scale", pts.detach().float().reshape(qdata.shape[:-2]))
 
     @classmethod
     def from_blocks(cls, blocks: NVFP4Blocks) -> "NVFP4Weight":
@@ -126,20 +133,31 @@ class NVFP4Weight:
 
     @property
     def out_features(self) -> int:
-        return self.qdata.shape[0]
+        return self.qdata.shape[-2]
 
     @property
     def in_features(self) -> int:
-        return self.qdata.shape[1] * 2
+        return self.qdata.shape[-1] * 2
+
+    @property
+    def num_experts(self) -> int | None:
+        """E for the weights of experts, None for one layer's."""
+        return self.qdata.shape[0] if self.qdata.dim() == 3 else None
+
+    def expert(self, index: int) -> "NVFP4Weight":
+        """Expert ``index``'s 2-D weight (views, no copy)."""
+        pts = None if self.per_tensor_scale is None else self.per_tensor_scale[index]
+        return NVFP4Weight(self.qdata[index], self.scale_codes[index], pts)
 
     def unscaled(self) -> torch.Tensor:
-        """float32 ``e2m1(code) * e4m3(scale code)`` ``(N, K)``, the global scale left out: exact in float32 (a
-        product of 2 and 4 significant bits), so a matmul can apply the global scale to its result."""
+        """float32 ``e2m1(code) * e4m3(scale code)`` ``(..., N, K)``, the global scale left out: exact in float32
+        (a product of 2 and 4 significant bits), so a matmul can apply the global scale to its result."""
         return _dequantize(self.qdata, self.scale_codes, None)
 
     def dequantize(self) -> torch.Tensor:
-        """float32 ``e2m1(code) * (per_tensor_scale * e4m3(scale code))``, shape ``(N, K)``."""
-        return _dequantize(self.qdata, self.scale_codes, self.per_tensor_scale)
+        """float32 ``e2m1(code) * (per_tensor_scale * e4m3(scale code))``, shape ``(..., N, K)``."""
+        pts = self.per_tensor_scale
+        return _dequantize(self.qdata, self.scale_codes, None if pts is None else pts.reshape(*pts.shape, 1, 1))
 
     def check_operands(self, in_features: int, device: torch.device, bias: torch.Tensor | None) -> None:
         """ValueError naming the problem unless ``x @ W^T + bias`` is defined for an input x with

@@ -19,9 +19,17 @@ from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
 
 from scalesearch_compile.layout import BLOCK_SIZE
 from scalesearch_compile.search import SUPPORTED_DTYPES, NonFiniteError, ScaleChoice
-from scalesearch_compile.tensor import NVFP4ActivationKwargs, ScaleSearchNVFP4Tensor, quantize_weight
+from scalesearch_compile.tensor import (
+    NVFP4ActivationKwargs,
+    ScaleSearchNVFP4Experts,
+    ScaleSearchNVFP4Tensor,
+    quantize_experts,
+    quantize_weight,
+)
 
 REGEX_PREFIX = "re:"
+EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")  # transformers' names of experts' 3-D weights
+ROUTER_NAMES = ("gate", "router", "shared_expert_gate")  # routers and shared-expert gates, kept dense (as vLLM)
 
 
 @dataclass(frozen=True)
@@ -71,9 +79,24 @@ def stores_weight_transposed(module: torch.nn.Module) -> bool:
     return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
 
 
+def experts_weights(module: torch.nn.Module) -> list[str]:
+    """The names of the 3-D expert weights of a transformers mixture-of-experts experts module (the modules
+    decorated with ``use_experts_implementation``, which sets ``has_gate`` and ``is_transposed``), else []."""
+    if not (hasattr(module, "has_gate") and hasattr(module, "is_transposed")):
+        return []
+    return [name for name in EXPERT_WEIGHTS if getattr(module._parameters.get(name), "ndim", 0) == 3]
+
+
+def is_quantizable(module: torch.nn.Module, path: str = "") -> bool:
+    """Whether ``quantize_`` with ``ScaleSearchConfig`` can quantize ``module``: a linear layer
+    (:func:`is_linear_layer`) or a mixture-of-experts experts module (:func:`experts_weights`); the ``filter_fn``
+    to pass to torchao's ``quantize_``, whose default selects ``nn.Linear`` only."""
+    return is_linear_layer(module) or bool(experts_weights(module))
+
+
 def is_nvfp4(weight) -> bool:
     """Whether ``weight`` is already an NVFP4 tensor (torchao's or ours)."""
-    return isinstance(weight, NVFP4Tensor | ScaleSearchNVFP4Tensor)
+    return isinstance(weight, NVFP4Tensor | ScaleSearchNVFP4Tensor | ScaleSearchNVFP4Experts)
 
 
 @dataclass(frozen=True)
@@ -98,25 +121,38 @@ class LinearPolicy:
         except NonFiniteError:
             return "NaN or Inf in the weight"
 
-    def reason(self, weight, path: str) -> str | None:
-        """Why the linear layer at module ``path`` with float weight ``(out_features, in_features)`` is left as it
-        is, from what can be known without reading the values (:meth:`quantize` also checks for NaN/Inf), or
-        None."""
+    def quantize_experts(self, weight, path: str) -> ScaleSearchNVFP4Experts | str:
+        """The NVFP4 weights of the experts at module ``path`` (float ``(experts, out_features, in_features)``, a
+        global scale per expert), or why they are left as they are."""
+        reason = self.reason(weight, path, experts=True)
+        if reason is not None:
+            return reason
+        try:
+            return quantize_experts(weight, self.scales, act_quant_kwargs=self.act_quant_kwargs)
+        except NonFiniteError:
+            return "NaN or Inf in the weight"
+
+    def reason(self, weight, path: str, experts: bool = False) -> str | None:
+        """Why the linear layer at module ``path`` with float weight ``(out_features, in_features)`` (``experts``:
+        the experts' weights ``(experts, out_features, in_features)``) is left as it is, from what can be known
+        without reading the values (:meth:`quantize` also checks for NaN/Inf), or None."""
         pattern = self.exclude.match(path)
         if pattern is not None:
             return f"excluded by {pattern!r}"
+        if not experts and path.rpartition(".")[2] in ROUTER_NAMES:
+            return "a mixture-of-experts router or gate (kept in high precision, as vLLM does)"
         if is_nvfp4(weight):
             return f"weight already quantized ({type(weight).__name__})"
         if type(weight) not in (torch.Tensor, torch.nn.Parameter):
             return f"the weight is a {type(weight).__name__}, not a plain tensor"
-        if weight.dim() != 2:
-            return "the weight is not a 2-D tensor"
+        if weight.dim() != (3 if experts else 2):
+            return f"the weight is not a {3 if experts else 2}-D tensor"
         if weight.device.type == "meta":
             return "the weight is on the meta device (no values to quantize)"
         if weight.dtype not in SUPPORTED_DTYPES:
             return f"weight dtype {weight.dtype}"
-        if weight.shape[1] % BLOCK_SIZE:
-            return f"in_features {weight.shape[1]} not a multiple of {BLOCK_SIZE}"
-        if tuple(weight.shape) in self.skip_shapes:
-            return f"shape {tuple(weight.shape)} is in skip_shapes"
+        if weight.shape[-1] % BLOCK_SIZE:
+            return f"in_features {weight.shape[-1]} not a multiple of {BLOCK_SIZE}"
+        if tuple(weight.shape[-2:]) in self.skip_shapes:
+            return f"shape {tuple(weight.shape[-2:])} is in skip_shapes"
         return None

@@ -116,6 +116,8 @@ class ScaleSearchNVFP4Tensor(TorchAOBaseTensor):
         transposed = isinstance(qdata, torch.Tensor) and qdata.dim() == 2 and is_transposed(qdata)
         storage = (qdata.t(), scale.t()) if transposed else (qdata, scale)
         weight = NVFP4Weight(*storage, per_tensor_scale)
+        if weight.num_experts is not None:
+            raise ValueError("a linear layer's NVFP4 weight is 2-D; experts' weights are ScaleSearchNVFP4Experts")
         shape = (weight.in_features, weight.out_features) if transposed else (weight.out_features, weight.in_features)
         self = torch.Tensor._make_wrapper_subclass(
             cls, shape, dtype=orig_dtype, device=qdata.device, requires_grad=False
@@ -210,10 +212,161 @@ def quantize_weight(
     return ScaleSearchNVFP4Tensor.from_weight(NVFP4Weight.from_blocks(blocks), weight.dtype, act_quant_kwargs)
 
 
+class ScaleSearchNVFP4Experts(TorchAOBaseTensor):
+    """The weights of E experts ``(E, N, K)`` (a transformers MoE experts module's ``gate_up_proj`` /
+    ``up_proj`` / ``down_proj``) in NVFP4: ``qdata`` uint8 ``(E, N, K // 2)``, ``scale`` float8_e4m3fn
+    ``(E, N, K // 16)``, ``per_tensor_scale`` float32 ``(E,)``: one global scale per expert, so an expert's gate
+    and up projections, one matrix, share it (as vLLM's fused-MoE layer wants). ``act_quant_kwargs`` as
+    :class:`ScaleSearchNVFP4Tensor`'s.
+
+    The views transformers' experts implementations take are views of the same bytes, never copies:
+    ``w[e]`` (the eager loop) is expert e's :class:`ScaleSearchNVFP4Tensor`; ``w[ids]`` (``batched_mm``) is
+    this class with ``expert_ids`` ``(S,)``, shape ``(S, N, K)``; ``w.transpose(-2, -1)`` (``grouped_mm``) has
+    ``transposed`` set, shape ``(..., K, N)``. ``scalesearch_compile.ops.grouped`` runs their products.
+    """
+
+    tensor_data_names = ["qdata", "scale", "per_tensor_scale"]
+    tensor_attribute_names = ["block_size", "orig_dtype", "transposed"]
+    optional_tensor_data_names = ["expert_ids"]
+    optional_tensor_attribute_names = ["act_quant_kwargs"]
+
+    def __new__(
+        cls, qdata, scale, per_tensor_scale, block_size, orig_dtype, transposed, expert_ids=None, act_quant_kwargs=None
+    ):
+        if block_size != BLOCK_SIZE:
+            raise ValueError(f"NVFP4 block size must be {BLOCK_SIZE}, got {block_size}")
+        if act_quant_kwargs is not None and not isinstance(act_quant_kwargs, NVFP4ActivationKwargs):
+            raise ValueError(f"act_quant_kwargs must be NVFP4ActivationKwargs or None, got {act_quant_kwargs!r}")
+        weight = NVFP4Weight(qdata, scale, per_tensor_scale)
+        if weight.num_experts is None or per_tensor_scale is None:
+            raise ValueError(
+                "experts' NVFP4 weights are 3-D (experts, out_features, in_features // 2) with a global "
+                "scale per expert"
+            )
+        if expert_ids is not None and (expert_ids.dim() != 1 or expert_ids.dtype.is_floating_point):
+            raise ValueError(f"expert_ids must be a 1-D integer tensor, got {expert_ids.dim()}-D {expert_ids.dtype}")
+        lead = weight.num_experts if expert_ids is None else expert_ids.shape[0]
+        n, k = weight.out_features, weight.in_features
+        shape = (lead, k, n) if transposed else (lead, n, k)
+        self = torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=orig_dtype, device=qdata.device, requires_grad=False
+        )
+        self.qdata, self.scale, self.per_tensor_scale = (
+            weight.qdata,
+            scale.view(torch.float8_e4m3fn),
+            weight.per_tensor_scale,
+        )
+        self.block_size, self.orig_dtype, self.transposed = block_size, orig_dtype, bool(transposed)
+        self.expert_ids, self.act_quant_kwargs = expert_ids, act_quant_kwargs
+        return self
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    # Handlers of ops outside aten that may not be loaded when this module is (transformers' grouped_mm
+    # fallback), by qualified name: filled by scalesearch_compile.ops.grouped.
+    EXTERNAL_OPS = {}
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        handler = cls.EXTERNAL_OPS.get(func._schema.name)
+        if handler is not None:
+            return handler(func, args, kwargs or {})
+        return super().__torch_dispatch__(func, types, args, kwargs)
+
+    def _stable_hash_for_caching(self) -> str:
+        """Identity of the metadata (never the values) for AOTAutograd's compile cache."""
+        ids = None if self.expert_ids is None else self.expert_ids.dtype
+        key = (type(self).__name__, tuple(self.qdata.shape), str(self.device), self.orig_dtype, self.transposed, ids)
+        key += (self.act_quant_kwargs,)
+        return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
+
+    @property
+    def num_experts(self) -> int:
+        return self.qdata.shape[0]
+
+    def nvfp4_weight(self) -> NVFP4Weight:
+        """All the experts' validated weights, ``(E, N, K)`` (whatever the view)."""
+        return NVFP4Weight(self.qdata, self.scale, self.per_tensor_scale)
+
+    def view_of(self, *, transposed: bool, expert_ids: torch.Tensor | None) -> "ScaleSearchNVFP4Experts":
+        """The same bytes seen another way."""
+        return ScaleSearchNVFP4Experts(
+            self.qdata,
+            self.scale,
+            self.per_tensor_scale,
+            self.block_size,
+            self.orig_dtype,
+            transposed,
+            expert_ids,
+            self.act_quant_kwargs,
+        )
+
+    def expert(self, index: int) -> ScaleSearchNVFP4Tensor:
+        """Expert ``index``'s weight ``(N, K)`` (transposed, ``(K, N)``, on a transposed view)."""
+        w = self.nvfp4_weight().expert(index)
+        weight = ScaleSearchNVFP4Tensor.from_weight(w, self.orig_dtype, self.act_quant_kwargs)
+        return weight.t() if self.transposed else weight
+
+    def dequantize(self, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense tensor this one stands for, in ``output_dtype`` (default the original dtype)."""
+        weights = self.nvfp4_weight().dequantize()
+        if self.expert_ids is not None:
+            weights = weights[self.expert_ids]
+        if self.transposed:
+            weights = weights.transpose(-2, -1)
+        return weights.to(output_dtype or self.orig_dtype)
+
+
+@ScaleSearchNVFP4Experts.implements([torch.ops.aten.select.int])
+def _select_expert(func, types, args, kwargs):
+    """``w[e]``: expert e's weight (the eager experts loop)."""
+    w, dim, index = args
+    if dim % 3 != 0 or w.expert_ids is not None:
+        raise NotImplementedError("NVFP4 experts' weights support w[expert], w[expert_ids] and w.transpose(-2, -1)")
+    return w.expert(index)
+
+
+@ScaleSearchNVFP4Experts.implements([torch.ops.aten.index.Tensor])
+def _gather_experts(func, types, args, kwargs):
+    """``w[ids]`` with a 1-D integer tensor (``batched_mm``): a view that records ``ids``."""
+    w, indices = args
+    ids = indices[0] if len(indices) == 1 else None
+    if w.expert_ids is not None or ids is None or ids.dim() != 1 or ids.dtype.is_floating_point:
+        raise NotImplementedError("NVFP4 experts' weights support w[expert], w[expert_ids] and w.transpose(-2, -1)")
+    return w.view_of(transposed=w.transposed, expert_ids=ids)
+
+
+@ScaleSearchNVFP4Experts.implements([torch.ops.aten.transpose.int])
+def _transpose_experts(func, types, args, kwargs):
+    """``w.transpose(-2, -1)`` (``grouped_mm``): a view with ``transposed`` flipped."""
+    w, dim0, dim1 = args
+    if {dim0 % 3, dim1 % 3} != {1, 2}:
+        raise NotImplementedError("NVFP4 experts' weights support w[expert], w[expert_ids] and w.transpose(-2, -1)")
+    return w.view_of(transposed=not w.transposed, expert_ids=w.expert_ids)
+
+
+def quantize_experts(
+    weight: torch.Tensor,
+    method: str | ScaleChoice = "search",
+    *,
+    act_quant_kwargs: NVFP4ActivationKwargs | None = None,
+) -> ScaleSearchNVFP4Experts:
+    """Quantize experts' weights ``(E, N, K)``: each expert as a linear weight (``quantize_blocks`` with its own
+    global scale), block scales searched along K (ValueError naming NaN/Inf, a bad shape or dtype)."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
+        raise ValueError(f"experts' weights are 3-D (experts, out, in), got {tuple(getattr(weight, 'shape', ()))}")
+    experts = [NVFP4Weight.from_blocks(quantize_blocks(w, method)) for w in weight]
+    stacked = (
+        torch.stack([getattr(e, name) for e in experts]) for name in ("qdata", "scale_codes", "per_tensor_scale")
+    )
+    return ScaleSearchNVFP4Experts(*stacked, BLOCK_SIZE, weight.dtype, False, act_quant_kwargs=act_quant_kwargs)
+
+
 # transformers saves and reloads torchao tensors through torchao's safetensors helpers, which rebuild only the
 # classes named here; torch.load(weights_only=True) likewise needs the classes allow-listed.
-ALLOWED_CLASSES[ScaleSearchNVFP4Tensor.__name__] = ScaleSearchNVFP4Tensor
-ALLOWED_CLASSES[NVFP4ActivationKwargs.__name__] = NVFP4ActivationKwargs
-if ScaleSearchNVFP4Tensor.__name__ not in ALLOWED_TENSORS_SUBCLASSES:
-    ALLOWED_TENSORS_SUBCLASSES.append(ScaleSearchNVFP4Tensor.__name__)
-torch.serialization.add_safe_globals([ScaleSearchNVFP4Tensor, NVFP4ActivationKwargs])
+for _class in (ScaleSearchNVFP4Tensor, ScaleSearchNVFP4Experts, NVFP4ActivationKwargs):
+    ALLOWED_CLASSES[_class.__name__] = _class
+for _class in (ScaleSearchNVFP4Tensor, ScaleSearchNVFP4Experts):
+    if _class.__name__ not in ALLOWED_TENSORS_SUBCLASSES:
+        ALLOWED_TENSORS_SUBCLASSES.append(_class.__name__)
+torch.serialization.add_safe_globals([ScaleSearchNVFP4Tensor, ScaleSearchNVFP4Experts, NVFP4ActivationKwargs])

@@ -145,7 +145,7 @@ def test_custom_filter_reports_non_linear_modules(caplog):
     with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
         quantize_model(net, ScaleSearchConfig(progress=False), filter_fn=lambda m, name: name in ("0", "1"))
     assert isinstance(net[0].weight, ScaleSearchNVFP4Tensor)
-    assert "not a linear layer (LayerNorm): 1" in caplog.text
+    assert "not a linear layer or a mixture-of-experts experts module (LayerNorm): 1" in caplog.text
 
 
 def test_quantize_model_and_torchao_quantize_give_the_same_bytes():

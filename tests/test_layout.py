@@ -38,7 +38,8 @@ def _bad_layouts():
     qdata, codes, pts = parts()
     return {
         "qdata dtype": ((qdata.view(torch.int8), codes, pts), "qdata must be a 2-D uint8 tensor"),
-        "qdata 3-D": ((qdata[None], codes, pts), "qdata must be a 2-D uint8 tensor"),
+        "qdata 4-D": ((qdata[None, None], codes, pts), "qdata must be a 2-D uint8 tensor"),
+        "experts' scales": ((qdata[None], codes, pts), r"scales must be E4M3 codes .* of shape \(1, 48, 4\)"),
         "K not a multiple of 16": ((qdata[:, :4], codes[:, :1], pts), "positive multiple of 16"),
         "scale shape": ((qdata, codes[:, :3], pts), r"scales must be E4M3 codes .* of shape \(48, 4\)"),
         "scale dtype": ((qdata, codes.float(), pts), r"scales must be E4M3 codes \(uint8 or float8_e4m3fn\)"),

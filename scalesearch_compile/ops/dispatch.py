@@ -19,6 +19,7 @@ IMPLS = ("auto", "reference", "triton")
 KERNELS = {
     "quantize": ("scalesearch_compile.kernels.quantize", "quantize_nvfp4_triton"),
     "linear": ("scalesearch_compile.kernels.gemm", "nvfp4_linear_triton"),
+    "grouped_linear": ("scalesearch_compile.kernels.gemm", "nvfp4_grouped_linear_triton"),
     "attention": ("scalesearch_compile.kernels.attention", "nvfp4_attention_triton"),
 }
 
