@@ -185,3 +185,11 @@ def _got(t) -> str:
     if isinstance(t, torch.Tensor):
         return f"got {t.dim()}-D {t.dtype} of shape {tuple(t.shape)} on {t.device}"
     return f"got {type(t).__name__}"
+
+
+def expert_of_rows(offsets: torch.Tensor, rows: int) -> torch.Tensor:
+    """The expert each row of a grouped input belongs to: rows sorted by expert, ``offsets`` ``(E,)`` the
+    cumulative row counts (as ``torch.nn.functional.grouped_mm`` takes them); int ``(rows,)`` in offsets'
+    dtype, E for the rows past ``offsets[-1]``. Reads nothing on the host."""
+    positions = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
+    return torch.searchsorted(offsets, positions, right=True)

@@ -181,6 +181,17 @@ def power_of_two_scale(x: torch.Tensor) -> torch.Tensor:
     return normaliser(global_scale(finite_amax(x))).reciprocal()
 
 
+def group_scales(rows: torch.Tensor, groups: torch.Tensor, num_groups: int, act: "ScaleChoice | None") -> torch.Tensor:
+    """float32 ``(S, 1)``: the activation scale of each row of ``rows`` ``(S, K)``, one per group (``groups``
+    ``(S,)`` integers in 0..num_groups): the global scale of the group's finite amax when its rows are quantized
+    (``act`` a ScaleChoice), else the :func:`power_of_two_scale` of the group. Reads nothing on the host."""
+    amax = finite_amax(rows, dim=-1).reshape(-1)
+    scales = global_scale(amax.new_zeros(num_groups + 1).scatter_reduce(0, groups.long(), amax, "amax"))
+    if act is None:
+        scales = normaliser(scales).reciprocal()
+    return scales[groups.long()].unsqueeze(-1)
+
+
 @dataclass(frozen=True)
 class QuantizeRequest:
     """A validated quantization, what :func:`quantize_reference` and the Triton quantize kernel take.

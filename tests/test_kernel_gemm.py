@@ -15,7 +15,11 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
-from scalesearch_compile.kernels.gemm import nvfp4_gemm_triton, nvfp4_linear_triton  # noqa: E402
+from scalesearch_compile.kernels.gemm import (  # noqa: E402
+    nvfp4_gemm_triton,
+    nvfp4_grouped_linear_triton,
+    nvfp4_linear_triton,
+)
 from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton  # noqa: E402
 from scalesearch_compile.layout import NVFP4Weight  # noqa: E402
 from scalesearch_compile.search import QuantizeRequest, ScaleChoice, quantize_blocks  # noqa: E402
@@ -243,14 +247,93 @@ def test_gpu_llm_shape_fused_equals_unfused():
     assert relative_error(fused, reference(quantize_blocks(x, "search").dequantize(), w)) < 1e-5
 
 
-def gemm_job(capability, a_mode, dot_scaled=False, dot_dtype="fp16", tile=(16, 64, 64, 1), warps=4, stages=3):
+def make_experts(num_experts, n, k, seed=0):
+    """The NVFP4Weight of ``num_experts`` experts (n, k), each with its own global scale, on DEVICE."""
+    experts = [device_weight(make_weight(n, k, seed=seed + e)) for e in range(num_experts)]
+    return NVFP4Weight(
+        *(torch.stack([getattr(w, f) for w in experts]) for f in ("qdata", "scale_codes", "per_tensor_scale"))
+    )
+
+
+def grouped_reference(x, counts, experts, act):
+    """float64: each expert's rows alone, quantized as one tensor (W4A4) or as they are (W4A16), times that
+    expert's dequantized weight; zero rows past the last group."""
+    out, start = torch.zeros(x.shape[0], experts.out_features, dtype=torch.float64), 0
+    for e, count in enumerate(counts):
+        rows = x[start : start + count].float().cpu()
+        if count:
+            a = rows if act is None else quantize_blocks(rows, act).dequantize()
+            out[start : start + count] = a.double() @ experts.expert(e).dequantize().double().cpu().T
+        start += count
+    return out
+
+
+# counts per expert: empty experts first, in the middle and last; rows past the last expert; one expert per tile
+GROUPS = [[10, 0, 17, 13], [0, 3, 0, 2, 0], [40], [2, 30, 1, 5]]
+
+
+@pytest.mark.parametrize("split_k", [1, 2])
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("act", [None, ScaleChoice()], ids=["w4a16", "w4a4"])
+@pytest.mark.parametrize("counts", GROUPS)
+def test_grouped_matches_each_expert_alone(counts, act, fuse, split_k):
+    experts = make_experts(len(counts), 40, 144)
+    total = sum(counts)
+    x = make_input(total + 3, 144).to(DEVICE)  # 3 rows past the last expert: zero
+    offsets = torch.tensor(counts, device=DEVICE).cumsum(0)
+    out = nvfp4_grouped_linear_triton(x, offsets, experts, act, fuse_act_quant=fuse, split_k=split_k)
+    ref = grouped_reference(x, counts, experts, act)
+    assert out.shape == (total + 3, 40) and out.dtype == x.dtype
+    assert relative_error(out, ref) < 1e-5
+    assert torch.equal(out[total:].cpu(), torch.zeros(3, 40))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("act", [None, ScaleChoice()], ids=["w4a16", "w4a4"])
+def test_grouped_half_inputs_match_the_reference_op(dtype, act):
+    from scalesearch_compile.ops.grouped import reference_grouped_linear
+
+    experts = make_experts(3, 48, 64)
+    x = make_input(20, 64, dtype=dtype).to(DEVICE)
+    offsets = torch.tensor([7, 7, 20], device=DEVICE, dtype=torch.int32)
+    out = nvfp4_grouped_linear_triton(x, offsets, experts, act)
+    ref = reference_grouped_linear(
+        x.cpu(),
+        offsets.cpu(),
+        NVFP4Weight(*(t.cpu() for t in (experts.qdata, experts.scale_codes, experts.per_tensor_scale))),
+        act,
+    )
+    assert out.dtype == dtype
+    assert relative_error(out.float(), ref.double()) < 1e-2  # one rounding to the half output
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda x, o, w: (x, o[:-1], w), r"offsets must be int32/int64 of shape \(4,\)"),
+        (lambda x, o, w: (x, o.float(), w), "offsets must be int32/int64"),
+        (lambda x, o, w: (x[None], o, w), "x must be 2-D"),
+        (lambda x, o, w: (x, o, w.expert(0)), "weight must be the NVFP4Weight of experts"),
+        (lambda x, o, w: (x[:, :32], o, w), "in_features"),
+    ],
+)
+def test_grouped_input_errors(change, message):
+    experts = make_experts(4, 32, 64)
+    x, offsets = make_input(8, 64).to(DEVICE), torch.tensor([2, 4, 6, 8], device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        nvfp4_grouped_linear_triton(*change(x, offsets, experts))
+
+
+def gemm_job(
+    capability, a_mode, dot_scaled=False, dot_dtype="fp16", tile=(16, 64, 64, 1), warps=4, stages=3, grouped=False
+):
     """A compile job for the GEMM kernel; the activation's pointer type follows A_MODE and the dot dtype."""
     import triton.language as tl
 
     a_type = "*u8" if a_mode == "nvfp4" else "*fp32" if dot_dtype == "fp32" else "*bf16"
     signature = {"a_ptr": a_type, "a_scale_ptr": "*u8", "a_pts_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*u8"}
-    signature.update(w_pts_ptr="*fp32", bias_ptr="*bf16", out_ptr="*bf16", M="i32", N="i32", K="i32")
-    signature.update(M_BUCKET="i32", A_PTS_STRIDE="i32")
+    signature.update(w_pts_ptr="*fp32", bias_ptr="*bf16", row_expert_ptr="*i32", out_ptr="*bf16")
+    signature.update(M="i32", N="i32", K="i32", M_BUCKET="i32", A_PTS_STRIDE="i32", NUM_EXPERTS="i32")
     block_m, block_n, block_k, group_m = tile
     constexprs = {
         "A_MODE": a_mode,
@@ -259,11 +342,12 @@ def gemm_job(capability, a_mode, dot_scaled=False, dot_dtype="fp16", tile=(16, 6
         "HI": 6,
         "HAS_A_PTS": a_mode != "float",
         "HAS_W_PTS": True,
-        "HAS_BIAS": True,
+        "HAS_BIAS": not grouped,
         "DOT_DTYPE": getattr(tl, {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dot_dtype]),
         "INPUT_PRECISION": "ieee" if dot_dtype == "fp32" else "tf32",
         "DOT_SCALED": dot_scaled,
         "SPLIT_K": 1,
+        "GROUPED": grouped,
         "BLOCK_M": block_m,
         "BLOCK_N": block_n,
         "BLOCK_K": block_k,
@@ -299,13 +383,17 @@ def test_compiles_for_ampere_hopper_and_blackwell():
         gemm_job(90, "quantize"),
         gemm_job(100, "nvfp4", dot_scaled=True, tile=(128, 128, 128, 8)),
         gemm_job(100, "quantize", dot_scaled=True),
+        gemm_job(90, "nvfp4", grouped=True, tile=(128, 128, 128, 8), warps=8),
+        gemm_job(90, "float", dot_dtype="bf16", grouped=True),
+        gemm_job(100, "nvfp4", dot_scaled=True, grouped=True, tile=(128, 128, 128, 8)),
     ]
     code = compile_for_gpu(configs + modes)
     assert all(int32_pointer_offsets(c["ttir"]) == [] for c in code)  # 64-bit element offsets
     ptx = [c["ptx"] for c in code]
     hopper_large = ptx[0]
     assert "wgmma" in hopper_large
-    *_, fused_hopper, blackwell, fused_blackwell = ptx
+    *_, fused_hopper, blackwell, fused_blackwell, grouped_hopper, _, grouped_blackwell = ptx
+    assert "wgmma" in grouped_hopper and "tcgen05.mma" in grouped_blackwell
     assert "tcgen05.mma" in blackwell
     assert fused_hopper.count("fma.rn.f32") == 0 and fused_blackwell.count("fma.rn.f32") == 0
 

@@ -34,7 +34,7 @@ from scalesearch_compile.kernels._nvfp4 import (
     unpack_nibbles,
 )
 from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton
-from scalesearch_compile.layout import NVFP4Blocks, NVFP4Weight
+from scalesearch_compile.layout import NVFP4Blocks, NVFP4Weight, expert_of_rows
 from scalesearch_compile.search import (
     DEFAULT_SCALES,
     SUPPORTED_DTYPES,
@@ -42,6 +42,7 @@ from scalesearch_compile.search import (
     QuantizeRequest,
     ScaleChoice,
     check_dtype_and_shape,
+    group_scales,
     power_of_two_scale,
 )
 
@@ -83,82 +84,38 @@ def _load_nvfp4_tile(qdata_ptr, scale_ptr, rows, row_ok, k0, K, ROWS: tl.constex
     return packed, scales
 
 
-# Every constexpr the configs do not set is in the key: each changes the generated code.
-@triton.autotune(
-    configs=_CONFIGS,
-    key=[
-        "M_BUCKET", "N", "K", "A_MODE", "METHOD", "LO", "HI", "HAS_A_PTS", "HAS_W_PTS", "HAS_BIAS",
-        "DOT_DTYPE", "INPUT_PRECISION", "DOT_SCALED", "SPLIT_K",
-    ],
-)  # fmt: skip
 @triton.jit
-def _nvfp4_gemm_kernel(
+def _tile_product(
     a_ptr,
     a_scale_ptr,
-    a_pts_ptr,
     w_ptr,
     w_scale_ptr,
-    w_pts_ptr,
-    bias_ptr,
-    out_ptr,
-    M,
-    N,
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    a_pts,
     K,
-    M_BUCKET,  # next power of two of M: only an autotuning key, so decode and prefill keep their own configs
-    A_PTS_STRIDE,
+    first_tile,
+    last_tile,
     A_MODE: tl.constexpr,
     METHOD: tl.constexpr,
     LO: tl.constexpr,
     HI: tl.constexpr,
     HAS_A_PTS: tl.constexpr,
-    HAS_W_PTS: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     DOT_SCALED: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr,
 ):
-    """One ``[BLOCK_M, BLOCK_N]`` output tile over the K tiles of split ``program_id(1)``.
-
-    A_MODE "nvfp4": ``a_ptr``/``a_scale_ptr`` are packed codes and scale codes; "float": ``a_ptr`` is the
-    activation, dotted in DOT_DTYPE (W4A16); "quantize": ``a_ptr`` is the activation, quantized per tile with
-    METHOD / LO..HI (the fused prologue). ``a_pts_ptr``: one global scale (A_PTS_STRIDE 0) or one per row (1);
-    in "float" mode a power of two the activation is divided by before the dot (exact), so that the dot cannot
-    overflow where the result does not. The accumulator is multiplied by the weight's global scale, then by
-    the activation's.
-    SPLIT_K > 1 stores float32 partial sums ``out[split, M, N]`` without bias; otherwise the finished tile.
-    """
-    tl.static_assert(not (DOT_SCALED and A_MODE == "float"), "dot_scaled needs an NVFP4 activation")
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid = tl.program_id(0)
-    group_first_m = (pid // (GROUP_M * num_n)) * GROUP_M
-    group_rows = tl.minimum(num_m - group_first_m, GROUP_M)
-    pid_m = group_first_m + (pid % group_rows)
-    pid_n = (pid % (GROUP_M * num_n)) // group_rows
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < M
-    rows = rows.to(tl.int64)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < N
-    cols = cols.to(tl.int64)
-    if HAS_A_PTS:
-        a_pts = tl.load(a_pts_ptr + rows * A_PTS_STRIDE, mask=row_ok, other=1.0)[:, None]
-    else:
-        a_pts = tl.full((BLOCK_M, 1), 1.0, tl.float32)
+    """float32 ``[BLOCK_M, BLOCK_N]``: the rows ``row_ok`` of A times the weight rows ``cols`` over K tiles
+    ``first_tile`` until ``last_tile``, global scales not applied (the kernel's docstring)."""
     a_norm = tl.math.div_rn(1.0, a_pts)  # "float" mode: a power of two, so exact
-
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
-    first_tile = tl.program_id(1) * tiles_per_split
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int32)  # dot_scaled: rows with a NaN scale code (see below)
-    for tile in range(first_tile, tl.minimum(first_tile + tiles_per_split, k_tiles)):
+    for tile in range(first_tile, last_tile):
         k0 = tile * BLOCK_K
         w_packed, w_scales = _load_nvfp4_tile(w_ptr, w_scale_ptr, cols, col_ok, k0, K, BLOCK_N, BLOCK_K)
         if A_MODE == "nvfp4":
@@ -195,11 +152,111 @@ def _nvfp4_gemm_kernel(
         else:
             w = dequantize_tile(unpack_nibbles(w_packed, BLOCK_N, BLOCK_K), w_scales, BLOCK_N, BLOCK_K)
             acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
-
     if DOT_SCALED:
         acc = tl.where(nan_rows[:, None] > 0, float("nan"), acc)
-    if HAS_W_PTS:
-        acc = acc * tl.load(w_pts_ptr)
+    return acc
+
+
+# Every constexpr the configs do not set is in the key: each changes the generated code.
+@triton.autotune(
+    configs=_CONFIGS,
+    key=[
+        "M_BUCKET", "N", "K", "A_MODE", "METHOD", "LO", "HI", "HAS_A_PTS", "HAS_W_PTS", "HAS_BIAS",
+        "DOT_DTYPE", "INPUT_PRECISION", "DOT_SCALED", "SPLIT_K", "GROUPED",
+    ],
+)  # fmt: skip
+@triton.jit
+def _nvfp4_gemm_kernel(
+    a_ptr,
+    a_scale_ptr,
+    a_pts_ptr,
+    w_ptr,
+    w_scale_ptr,
+    w_pts_ptr,
+    bias_ptr,
+    row_expert_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    M_BUCKET,  # next power of two of M: only an autotuning key, so decode and prefill keep their own configs
+    A_PTS_STRIDE,
+    NUM_EXPERTS,
+    A_MODE: tl.constexpr,
+    METHOD: tl.constexpr,
+    LO: tl.constexpr,
+    HI: tl.constexpr,
+    HAS_A_PTS: tl.constexpr,
+    HAS_W_PTS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    DOT_SCALED: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUPED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """One ``[BLOCK_M, BLOCK_N]`` output tile over the K tiles of split ``program_id(1)``.
+
+    A_MODE "nvfp4": ``a_ptr``/``a_scale_ptr`` are packed codes and scale codes; "float": ``a_ptr`` is the
+    activation, dotted in DOT_DTYPE (W4A16); "quantize": ``a_ptr`` is the activation, quantized per tile with
+    METHOD / LO..HI (the fused prologue). ``a_pts_ptr``: one global scale (A_PTS_STRIDE 0) or one per row (1);
+    in "float" mode a power of two the activation is divided by before the dot (exact), so that the dot cannot
+    overflow where the result does not. The accumulator is multiplied by the weight's global scale, then by
+    the activation's.
+    GROUPED: the weight holds NUM_EXPERTS experts ``(E, N, K)`` with a global scale each, and row r of A is
+    multiplied by expert ``row_expert_ptr[r]`` (rows sorted by expert; E: a zero row). A tile is computed once
+    per expert its rows hold, each time with the other rows masked, so a tile that straddles a boundary costs
+    one extra pass over K.
+    SPLIT_K > 1 stores float32 partial sums ``out[split, M, N]`` without bias; otherwise the finished tile.
+    """
+    tl.static_assert(not (DOT_SCALED and A_MODE == "float"), "dot_scaled needs an NVFP4 activation")
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    group_first_m = (pid // (GROUP_M * num_n)) * GROUP_M
+    group_rows = tl.minimum(num_m - group_first_m, GROUP_M)
+    pid_m = group_first_m + (pid % group_rows)
+    pid_n = (pid % (GROUP_M * num_n)) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows = rows.to(tl.int64)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    cols = cols.to(tl.int64)
+    if HAS_A_PTS:
+        a_pts = tl.load(a_pts_ptr + rows * A_PTS_STRIDE, mask=row_ok, other=1.0)[:, None]
+    else:
+        a_pts = tl.full((BLOCK_M, 1), 1.0, tl.float32)
+
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    first_tile = tl.program_id(1) * tiles_per_split
+    last_tile = tl.minimum(first_tile + tiles_per_split, k_tiles)
+    if GROUPED:
+        experts = tl.load(row_expert_ptr + rows, mask=row_ok, other=NUM_EXPERTS)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for e in range(tl.min(experts), tl.max(tl.where(experts < NUM_EXPERTS, experts, -1)) + 1):
+            mine = experts == e
+            if tl.max(mine.to(tl.int32)) > 0:  # sorted rows: only an expert with no rows at all is skipped
+                w_rows = tl.cast(e, tl.int64) * N
+                part = _tile_product(
+                    a_ptr, a_scale_ptr, w_ptr + w_rows * (K // 2), w_scale_ptr + w_rows * (K // 16), rows, mine,
+                    cols, col_ok, a_pts, K, first_tile, last_tile, A_MODE, METHOD, LO, HI, HAS_A_PTS, DOT_DTYPE,
+                    INPUT_PRECISION, DOT_SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
+                )  # fmt: skip
+                acc = tl.where(mine[:, None], part * tl.load(w_pts_ptr + e), acc)
+    else:
+        acc = _tile_product(
+            a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows, row_ok, cols, col_ok, a_pts, K, first_tile, last_tile,
+            A_MODE, METHOD, LO, HI, HAS_A_PTS, DOT_DTYPE, INPUT_PRECISION, DOT_SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
+        if HAS_W_PTS:
+            acc = acc * tl.load(w_pts_ptr)
     if HAS_A_PTS:
         acc = acc * a_pts
     if HAS_BIAS and SPLIT_K == 1:
@@ -256,9 +313,10 @@ def _launch(
     scales: ScaleChoice = NO_SEARCH,
     dot_dtype: torch.dtype = torch.float16,
     dot_scaled: bool = False,
+    row_experts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Launch the GEMM kernel on ``a`` ((M, K) floats, or (M, K // 2) codes with ``a_scale_codes``) and finish
-    split-K; returns (M, N) in ``out_dtype``."""
+    split-K; returns (M, N) in ``out_dtype``. ``row_experts``: each row's expert, for a weight of experts."""
     m, n, k = a.shape[0], weight.out_features, weight.in_features
     if split_k == 1:
         out = torch.empty((m, n), dtype=out_dtype, device=a.device)
@@ -283,12 +341,14 @@ def _launch(
         weight.scale_codes.contiguous(),
         pointer(weight.per_tensor_scale),
         pointer(bias),
+        pointer(row_experts),
         out,
         m,
         n,
         k,
         triton.next_power_of_2(m),
         0 if a_pts is None or a_pts.numel() == 1 else 1,
+        weight.num_experts or 1,
         A_MODE=a_mode,
         METHOD=scales.method,
         LO=scales.window[0],
@@ -300,6 +360,7 @@ def _launch(
         INPUT_PRECISION="ieee" if dot_dtype == torch.float32 else "tf32",  # tf32 is the default, unused for 16 bits
         DOT_SCALED=dot_scaled,
         SPLIT_K=split_k,
+        GROUPED=row_experts is not None,
         enable_fp_fusion=False,
     )
     if split_k == 1:
@@ -308,7 +369,9 @@ def _launch(
     return (out if bias is None else out + bias.float()).to(out_dtype)
 
 
-def _launch_w4a4(a: NVFP4Blocks, weight: NVFP4Weight, bias, out_dtype: torch.dtype, split_k: int, dot_scaled: bool):
+def _launch_w4a4(
+    a: NVFP4Blocks, weight: NVFP4Weight, bias, out_dtype, split_k: int, dot_scaled: bool, row_experts=None
+):
     """The GEMM of quantized activation blocks; returns (M, N)."""
     k = weight.in_features
     return _launch(
@@ -321,6 +384,7 @@ def _launch_w4a4(a: NVFP4Blocks, weight: NVFP4Weight, bias, out_dtype: torch.dty
         a_scale_codes=a.scale_codes.reshape(-1, k // 16).contiguous(),
         a_pts=a.per_tensor_scale,
         dot_scaled=dot_scaled,
+        row_experts=row_experts,
     )
 
 
@@ -382,22 +446,77 @@ def nvfp4_linear_triton(
     k = x.shape[-1]
     m, n = x.numel() // k, weight.out_features
     split = _split_k(split_k, m, n, k, x.device)
-    if act is not None:
-        dot_scaled = _use_dot_scaled(use_dot_scaled, x.device)
+    dot_scaled = act is not None and _use_dot_scaled(use_dot_scaled, x.device)
     if m == 0:
         return torch.empty((*x.shape[:-1], n), dtype=out_dtype, device=x.device)
 
     rows = x.reshape(m, k).contiguous()
-    if act is None:  # float16 cannot overflow the dot; scaling it down could lose its subnormals
-        x_scale = None if x.dtype == torch.float16 else power_of_two_scale(rows)
-        out = _launch("float", rows, weight, bias, out_dtype, split, a_pts=x_scale, dot_dtype=x.dtype)
-    else:
-        request = QuantizeRequest.of(rows, act, per_tensor_scale=act_per_tensor_scale, check_finite=False)
-        if m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant:
-            pts = request.per_tensor_scale
-            out = _launch(
-                "quantize", rows, weight, bias, out_dtype, split, a_pts=pts, scales=act, dot_scaled=dot_scaled
-            )
-        else:
-            out = _launch_w4a4(quantize_nvfp4_triton(request), weight, bias, out_dtype, split, dot_scaled)
+    act_scale = power_of_two_scale(rows) if act is None else act_per_tensor_scale
+    fuse = m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant
+    out = _linear(rows, weight, bias, act, act_scale, out_dtype, split, fuse, dot_scaled)
     return out.view(*x.shape[:-1], n)
+
+
+def _linear(rows, weight, bias, act, act_scale, out_dtype, split: int, fuse: bool, dot_scaled: bool, row_experts=None):
+    """``rows`` (M, K) times the weight: W4A16 dividing the rows by the power of two ``act_scale`` (act None;
+    None: not scaled), or W4A4 quantizing them with ``act`` and the global scale ``act_scale``, in the GEMM
+    prologue (``fuse``) or by the quantize kernel first."""
+    if act is None:
+        return _launch(
+            "float",
+            rows,
+            weight,
+            bias,
+            out_dtype,
+            split,
+            a_pts=act_scale,
+            dot_dtype=rows.dtype,
+            row_experts=row_experts,
+        )
+    request = QuantizeRequest.of(rows, act, per_tensor_scale=act_scale, check_finite=False)
+    if fuse:
+        pts = request.per_tensor_scale
+        return _launch(
+            "quantize", rows, weight, bias, out_dtype, split, a_pts=pts, scales=act, dot_scaled=dot_scaled,
+            row_experts=row_experts,
+        )  # fmt: skip
+    return _launch_w4a4(quantize_nvfp4_triton(request), weight, bias, out_dtype, split, dot_scaled, row_experts)
+
+
+def nvfp4_grouped_linear_triton(
+    x: torch.Tensor,
+    offsets: torch.Tensor,
+    weight: NVFP4Weight,
+    act: ScaleChoice | None = DEFAULT_SCALES,
+    *,
+    fuse_act_quant: bool | None = None,
+    split_k: int | None = None,
+    use_dot_scaled: bool | None = None,
+) -> torch.Tensor:
+    """The products of a mixture-of-experts layer in one launch: x ``(S, K)`` with its rows sorted by expert,
+    ``offsets`` ``(E,)`` the cumulative row counts, ``weight`` E experts ``(E, N, K)`` with a global scale each;
+    returns ``(S, N)`` in x's dtype, zero past ``offsets[-1]``. Activations are scaled per expert group as in
+    ``scalesearch::nvfp4_grouped_linear`` (module ``ops.grouped``): W4A4 (``act`` a ScaleChoice) quantizes each
+    group with its own dynamic global scale, W4A16 (None) divides it by its own power of two. The other options
+    as in :func:`nvfp4_linear_triton`. Reads nothing on the host."""
+    if act is not None and not isinstance(act, ScaleChoice):
+        raise ValueError(f"act must be a ScaleChoice (W4A4) or None (weight-only W4A16), got {act!r}")
+    check_dtype_and_shape(x, "x")
+    if not isinstance(weight, NVFP4Weight) or weight.num_experts is None or weight.per_tensor_scale is None:
+        raise ValueError("weight must be the NVFP4Weight of experts (E, N, K) with a global scale per expert")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows sorted by expert, in_features), got shape {tuple(x.shape)}")
+    _check_weight(weight, x.shape[-1], x.device, None)
+    check_kernel_device(x, "x")
+    if offsets.dtype not in (torch.int32, torch.int64) or tuple(offsets.shape) != (weight.num_experts,):
+        raise ValueError(f"offsets must be int32/int64 of shape ({weight.num_experts},), got {offsets!r}")
+    (m, k), n = x.shape, weight.out_features
+    split = _split_k(split_k, m, n, k, x.device)
+    dot_scaled = act is not None and _use_dot_scaled(use_dot_scaled, x.device)
+    if m == 0:
+        return x.new_empty((0, n))
+    rows = x.contiguous()
+    experts = expert_of_rows(offsets, m).to(torch.int32)
+    scales = group_scales(rows, experts, weight.num_experts, act)
+    fuse = m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant
+    return _linear(rows, weight, None, act, scales, x.dtype, split, fuse, dot_scaled, experts)

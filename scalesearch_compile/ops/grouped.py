@@ -12,44 +12,26 @@ each expert's rows are ``scalesearch::nvfp4_linear`` of those rows alone with th
 ``ops.linear``): W4A4 quantizes them with the dynamic global scale ``amax / (448 * 6)`` over the expert's rows
 (one per expert, as vLLM's fused-MoE layer keeps one input scale per expert), W4A16 divides them by the power of
 two of that group; so the eager experts loop, ``batched_mm`` and ``grouped_mm`` compute the same numbers.
-Backward is straight-through: ``grad_x = grad @ w_hat[e]`` with the dequantized weights; the weight bytes get
-no gradient. The reference reads ``offsets`` on the host; the Triton kernel reads nothing there.
+Backward is straight-through (``scalesearch::nvfp4_grouped_linear_backward``): ``grad_x = grad @ w_hat[e]``
+with the dequantized weights; the weight bytes get no gradient. The references of both ops read ``offsets`` on
+the host (a GPU synchronisation in the backward); the Triton kernel reads nothing there.
 """
 
 import torch
 
-from scalesearch_compile.layout import NVFP4Weight
+from scalesearch_compile.layout import NVFP4Weight, expert_of_rows
 from scalesearch_compile.ops.dispatch import check_impl, kernel
 from scalesearch_compile.ops.linear import activation_arguments
 from scalesearch_compile.search import (
     QuantizeRequest,
     ScaleChoice,
     check_dtype_and_shape,
-    finite_amax,
-    global_scale,
-    normaliser,
+    group_scales,
     quantize_reference,
 )
 from scalesearch_compile.tensor import ScaleSearchNVFP4Experts
 
 aten = torch.ops.aten
-
-
-def expert_of_rows(offsets: torch.Tensor, rows: int) -> torch.Tensor:
-    """int64 ``(rows,)``: the expert each row of a sorted input belongs to; E for the rows past ``offsets[-1]``."""
-    positions = torch.arange(rows, device=offsets.device, dtype=offsets.dtype)
-    return torch.searchsorted(offsets, positions, right=True)
-
-
-def group_scales(rows: torch.Tensor, ids: torch.Tensor, num_experts: int, act: ScaleChoice | None) -> torch.Tensor:
-    """float32 ``(S, 1)``: each row's activation scale, one per expert group (module docstring): the global scale
-    of the group's finite amax (W4A4), or its power of two (W4A16). Reads nothing on the host."""
-    amax = finite_amax(rows, dim=-1).reshape(-1)
-    groups = amax.new_zeros(num_experts + 1).scatter_reduce(0, ids, amax, "amax")
-    scales = global_scale(groups)
-    if act is None:
-        scales = normaliser(scales).reciprocal()
-    return scales[ids].unsqueeze(-1)
 
 
 def _checked_arguments(x, offsets, weight_qdata, weight_scale, weight_per_tensor_scale, act_method, act_window, impl):
@@ -75,6 +57,15 @@ def _checked_arguments(x, offsets, weight_qdata, weight_scale, weight_per_tensor
     return weight, None if act_method is None else ScaleChoice(act_method, act_window)
 
 
+def _expert_rows(offsets: torch.Tensor):
+    """``(expert, rows slice)`` of each expert with rows (reads ``offsets`` on the host)."""
+    start = 0
+    for e, end in enumerate(offsets.tolist()):
+        if end > start:
+            yield e, slice(start, end)
+        start = max(start, end)
+
+
 def reference_grouped_linear(x: torch.Tensor, offsets: torch.Tensor, weight: NVFP4Weight, act: ScaleChoice | None):
     """The module docstring's numerics in PyTorch (reads ``offsets`` on the host)."""
     rows = x.float()
@@ -88,12 +79,9 @@ def reference_grouped_linear(x: torch.Tensor, offsets: torch.Tensor, weight: NVF
         x_hat = quantize_reference(
             QuantizeRequest.of(rows, act, per_tensor_scale=scales, check_finite=False)
         ).unscaled()
-    w_hat, start = weight.unscaled(), 0
-    for e, end in enumerate(offsets.tolist()):
-        if end > start:
-            product = (x_hat[start:end] @ w_hat[e].t()) * weight.per_tensor_scale[e]
-            out[start:end] = product * scales[start:end]
-        start = max(start, end)
+    w_hat = weight.unscaled()
+    for e, mine in _expert_rows(offsets):
+        out[mine] = (x_hat[mine] @ w_hat[e].t()) * weight.per_tensor_scale[e] * scales[mine]
     return out.to(x.dtype)
 
 
@@ -121,18 +109,35 @@ def _grouped_linear_fake(x, offsets, weight_qdata, weight_scale, weight_per_tens
     return x.new_empty((x.shape[0], weight.out_features))
 
 
+@torch.library.custom_op("scalesearch::nvfp4_grouped_linear_backward", mutates_args=())
+def _grouped_backward_op(
+    grad: torch.Tensor,
+    offsets: torch.Tensor,
+    weight_qdata: torch.Tensor,
+    weight_scale: torch.Tensor,
+    weight_per_tensor_scale: torch.Tensor,
+) -> torch.Tensor:
+    """The input's gradient (module docstring): ``grad @ w_hat[e]`` on each expert's rows, zero past
+    ``offsets[-1]``, float32 products cast to grad's dtype (reads ``offsets`` on the host)."""
+    w_hat = NVFP4Weight(weight_qdata, weight_scale, weight_per_tensor_scale).dequantize()
+    grad_x = grad.new_zeros((grad.shape[0], w_hat.shape[-1]), dtype=torch.float32)
+    for e, mine in _expert_rows(offsets):
+        grad_x[mine] = grad[mine].float() @ w_hat[e]
+    return grad_x.to(grad.dtype)
+
+
+@_grouped_backward_op.register_fake
+def _grouped_backward_fake(grad, offsets, weight_qdata, weight_scale, weight_per_tensor_scale):
+    return grad.new_empty((grad.shape[0], weight_qdata.shape[-1] * 2))
+
+
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(*inputs[1:5])
 
 
 def _backward(ctx, grad):
-    """Straight-through (module docstring): ``grad @ w_hat[e]`` per expert's rows, zero past ``offsets[-1]``."""
-    offsets, *weight = ctx.saved_tensors
-    w_hat = NVFP4Weight(*weight).dequantize()
-    ids = expert_of_rows(offsets, grad.shape[0])
-    grad_x = torch.nn.functional.grouped_mm(grad.float(), w_hat, offs=offsets.int())
-    grad_x = torch.where((ids < w_hat.shape[0]).unsqueeze(-1), grad_x, 0.0)
-    return grad_x.to(grad.dtype), None, None, None, None, None, None, None
+    grad_x = torch.ops.scalesearch.nvfp4_grouped_linear_backward(grad, *ctx.saved_tensors)
+    return grad_x, None, None, None, None, None, None, None
 
 
 _grouped_linear_op.register_autograd(_backward, setup_context=_setup_context)
