@@ -18,6 +18,7 @@ import scalesearch_compile.ops  # noqa: F401  (registers the scalesearch::* ops 
 from scalesearch_compile.attention import AttentionRecipe
 from scalesearch_compile.ops.dispatch import check_impl
 from scalesearch_compile.passes.attention import rewrite_attention
+from scalesearch_compile.passes.experts import rewrite_experts
 from scalesearch_compile.passes.linear import LinearRewrite, rewrite_linears
 from scalesearch_compile.policy import LinearPolicy, ModulePatterns
 from scalesearch_compile.search import ScaleChoice
@@ -113,6 +114,7 @@ class ScaleSearchBackend:
         recipe = o.attention_recipe()
         if recipe is not None:
             reports.append(rewrite_attention(gm, recipe, o.impl))
+        reports.append(rewrite_experts(gm, example_inputs, o.linear_policy(), o.impl))
         self.reports.append(GraphReport(str(gm.meta.get("dynamo_compile_id")), reports))
         for report in reports:
             logger.info("scalesearch backend: %s", report.summary())
@@ -125,7 +127,8 @@ class ScaleSearchBackend:
         return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
 
     def rewritten(self, kind: str) -> int:
-        """How many calls of ``kind`` ("linear" or "attention") the compiled graphs rewrote, in total."""
+        """How many calls of ``kind`` ("linear", "attention" or "experts") the compiled graphs rewrote, in
+        total."""
         latest = {graph.compile_id: graph for graph in self.reports}  # a restarted compilation counts once
         return sum(len(r.rewritten) for graph in latest.values() for r in graph.passes if r.kind == kind)
 

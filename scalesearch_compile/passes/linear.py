@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx
-from torch._dynamo.source import ConstantSource
 
 from scalesearch_compile.ops.linear import activation_arguments
-from scalesearch_compile.passes import PassReport, source_name
+from scalesearch_compile.passes import PassReport, graph_constant, parameter_behind, source_name
 from scalesearch_compile.policy import LinearPolicy, is_nvfp4
 from scalesearch_compile.search import ScaleChoice
 from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor, nvfp4_weight
@@ -58,7 +57,7 @@ def _transposed_parameter(node) -> torch.fx.Node | None:
     return None
 
 
-def _match(node, values):
+def match_linear(node, values):
     """``(x, weight node, weight transposed?, bias)`` if ``node`` is a linear product, else None.
 
     ``transposed`` is True when the graph holds the weight as (K, N) and the linear weight is its transpose.
@@ -112,12 +111,12 @@ def rewrite_linears(gm: torch.fx.GraphModule, example_inputs, options: LinearRew
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = {node: value for node, value in zip(placeholders, example_inputs, strict=True)}
     for node in list(gm.graph.nodes):
-        matched = _match(node, values)
+        matched = match_linear(node, values)
         if matched is None:
             continue
         x, weight_node, transposed, bias = matched
         if weight_node not in values:
-            report.skipped.append((weight_node.name, "the weight is computed in the graph, not a parameter"))
+            report.skipped.append(_computed_weight(weight_node, values))
             continue
         name, weight = source_name(weight_node), values[weight_node]
         path, policy, trains = name.rpartition(".")[0], options.policy, _trains(weight)
@@ -145,6 +144,18 @@ def rewrite_linears(gm: torch.fx.GraphModule, example_inputs, options: LinearRew
     return report
 
 
+def _computed_weight(weight_node, values) -> tuple[str, str]:
+    """(name, reason) of a product whose weight is computed in the graph."""
+    parameter = parameter_behind(weight_node, values)
+    if parameter is not None and values[parameter].dim() == 3:
+        reason = (
+            "one expert's slice of an experts' weight (the eager experts loop, which cannot compile in one graph: "
+            "use experts_implementation 'grouped_mm' or 'batched_mm', or quantize_ the model first)"
+        )
+        return source_name(parameter), reason
+    return weight_node.name, "the weight is computed in the graph, not a parameter"
+
+
 def _trains(weight) -> bool:
     """A plain weight that requires grad, compiled with grad mode on: it is quantized on every call, so that
     training updates reach the NVFP4 weight (Dynamo recompiles when grad mode changes)."""
@@ -162,17 +173,11 @@ def _frozen(gm: torch.fx.GraphModule, x, parts, bias, impl: str, prefix: str):
     """The target and arguments of ``scalesearch::nvfp4_linear`` on the NVFP4 weight ``parts``, stored as
     constants of ``gm`` (inserted where the graph is being built)."""
     weight, act = parts
-    constants = [_constant(gm, f"{prefix}_qdata", weight.qdata), _constant(gm, f"{prefix}_scale", weight.scale_codes)]
+    constants = [
+        graph_constant(gm, f"{prefix}_qdata", weight.qdata),
+        graph_constant(gm, f"{prefix}_scale", weight.scale_codes),
+    ]
     pts = weight.per_tensor_scale
-    constants.append(None if pts is None else _constant(gm, f"{prefix}_pts", pts))
+    constants.append(None if pts is None else graph_constant(gm, f"{prefix}_pts", pts))
     act_args = activation_arguments(act)
     return torch.ops.scalesearch.nvfp4_linear.default, (x, *constants, bias, *act_args, impl)
-
-
-def _constant(gm: torch.fx.GraphModule, name: str, tensor: torch.Tensor) -> torch.fx.Node:
-    """A buffer of the graph module. AOTAutograd lifts buffers to inputs and, on a Dynamo graph, looks up each
-    one's source: give it a constant one (a plain tensor attribute would reach fake tracing as a real tensor)."""
-    gm.register_buffer(name, tensor)
-    if hasattr(gm, "_param_name_to_source"):
-        gm._param_name_to_source = {**gm._param_name_to_source, name: ConstantSource(name)}
-    return gm.graph.get_attr(name)
