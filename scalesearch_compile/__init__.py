@@ -8,10 +8,18 @@ from scalesearch_compile.compile_backend import backend
 from scalesearch_compile.config import ScaleSearchConfig, quantize_model
 from scalesearch_compile.export import export_checkpoint
 from scalesearch_compile.layout import NVFP4Blocks, NVFP4Weight
+from scalesearch_compile.ops.grouped import grouped_linear
 from scalesearch_compile.ops.linear import nvfp4_linear
 from scalesearch_compile.ops.quantize import nvfp4_quantize
+from scalesearch_compile.policy import is_quantizable
 from scalesearch_compile.search import METHODS, ScaleChoice, chosen_offsets, quantize_blocks
-from scalesearch_compile.tensor import NVFP4ActivationKwargs, ScaleSearchNVFP4Tensor, quantize_nvfp4
+from scalesearch_compile.tensor import (
+    NVFP4ActivationKwargs,
+    ScaleSearchNVFP4Experts,
+    ScaleSearchNVFP4Tensor,
+    quantize_experts,
+    quantize_nvfp4,
+)
 
 __all__ = [
     "METHODS",
@@ -20,14 +28,18 @@ __all__ = [
     "NVFP4Weight",
     "ScaleChoice",
     "ScaleSearchConfig",
+    "ScaleSearchNVFP4Experts",
     "ScaleSearchNVFP4Tensor",
     "backend",
     "calibrate",
     "chosen_offsets",
     "export_checkpoint",
+    "grouped_linear",
+    "is_quantizable",
     "nvfp4_linear",
     "nvfp4_quantize",
     "quantize_blocks",
+    "quantize_experts",
     "quantize_model",
     "quantize_nvfp4",
 ]

@@ -12,17 +12,26 @@ engines serve with their own NVFP4 kernels; only the block scales differ from an
   ``<m>.weight_scale``, ``<m>.weight_scale_2`` = the global scale (a multiplier, 0-d), ``<m>.input_scale`` = the
   calibrated input's global scale (0-d); ``hf_quant_config.json``.
 
-Global scales are :func:`scalesearch_compile.search.global_scale` of an amax. vLLM fuses sibling layers (q/k/v,
-query/key/value, gate/up) and loads one global scale per fused layer without rescaling the block scales, so each
-such group gets one global scale, from its largest amax, and every member's block scales are searched under it.
-``lm_head``, weights tied to an embedding, layers matching an ``ignore`` regular expression and layers that
-cannot be quantized (in_features not a multiple of 16, NaN/Inf, an unsupported dtype, transformers' ``Conv1D``)
-stay dense and are listed in the config's ignore list. Every other tensor and file is copied unchanged.
+Tensors keep the checkpoint's own names (those transformers' ``save_pretrained`` writes). Mixture-of-experts
+weights are written one tensor per expert, as vLLM's fused-MoE loader reads them (Mixtral
+``model.layers.N.block_sparse_moe.experts.E.w1`` / ``w2`` / ``w3``, Qwen MoE
+``model.layers.N.mlp.experts.E.gate_proj`` / ``up_proj`` / ``down_proj``), each quantized as a linear layer's weight
+with its own input scale from the tokens routed to its expert, a layer's experts all NVFP4 or all dense (an error
+otherwise); routers and shared-expert gates stay dense.
 
-Weight-only without calibration never builds the model (its module types are read from a meta-device copy):
-tensors stream one at a time from each input shard into an output shard of the same name. With calibration the
-model is loaded once to record each linear layer's input amax and per-channel mean x**2 (importance weights for
-the search). The output is written into a temporary directory beside OUT_DIR and renamed when complete.
+Global scales are :func:`scalesearch_compile.search.global_scale` of an amax. vLLM fuses sibling layers (q/k/v,
+query/key/value, gate/up, an expert's w1/w3) and loads one global scale per fused layer without rescaling the block
+scales, so each such group gets one global scale, from its largest amax, and every member's block scales are
+searched under it. ``lm_head``, weights tied to an embedding, routers, layers matching an ``ignore`` regular
+expression and layers that cannot be quantized (in_features not a multiple of 16, NaN/Inf, an unsupported dtype,
+transformers' ``Conv1D``) stay dense and are listed in the config's ignore list. Every other tensor and file is
+copied unchanged.
+
+Weight-only without calibration never builds the model (its module types and on-disk names are read from a
+meta-device copy): tensors stream one at a time from each input shard into an output shard of the same name. With
+calibration the model is loaded once to record the input amax and per-channel mean x**2 (importance weights for
+the search) of each linear layer and each expert. The output is written into a temporary directory beside OUT_DIR
+and renamed when complete.
 """
 
 import argparse
@@ -31,7 +40,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,12 +49,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from scalesearch_compile.calibration import input_statistics
+from scalesearch_compile.calibration import expert_key, input_statistics
 from scalesearch_compile.layout import BLOCK_SIZE
-from scalesearch_compile.policy import is_linear_layer, stores_weight_transposed
+from scalesearch_compile.policy import (
+    ROUTER_NAMES,
+    LinearPolicy,
+    experts_weights,
+    is_linear_layer,
+    stores_weight_transposed,
+)
 from scalesearch_compile.search import (
     METHODS,
-    SUPPORTED_DTYPES,
     NonFiniteError,
     ScaleChoice,
     global_scale,
@@ -54,8 +68,11 @@ from scalesearch_compile.search import (
 
 SCHEMES = ("w4a16", "w4a4")
 FORMATS = ("compressed-tensors", "modelopt")
-# sibling layers the engines fuse into one (and load one global scale for)
-FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"))
+# sibling layers the engines fuse into one (and load one global scale for); an expert's w1/w3 (Mixtral) or
+# gate_proj/up_proj (Qwen MoE) are siblings under experts.<e>, so each expert is a group of its own
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("gate_proj", "up_proj"), ("w1", "w3"))
+# one expert's weight as vLLM's fused-MoE loader reads it: <experts>.<e>.<w1|w2|w3|gate_proj|up_proj|down_proj>.weight
+EXPERT_TENSOR = re.compile(r"(?P<experts>.+)\.(?P<expert>\d+)\.[^.]+\.weight")
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 # weight files of other formats: stale float copies, never copied into the export
@@ -70,7 +87,8 @@ class ExportError(ValueError):
 @dataclass(frozen=True)
 class ExportOptions:
     """What :func:`export_checkpoint` writes (validated here). ``ignore``: regular expressions, each matched
-    against the whole module path (``lm_head`` and tied embeddings are always left dense)."""
+    against the whole module path as the checkpoint names it (Mixtral's experts:
+    ``model.layers.N.block_sparse_moe.experts.E.w1``); ``lm_head`` and tied embeddings are always left dense."""
 
     scheme: str = "w4a16"
     method: str = "search"
@@ -195,16 +213,46 @@ def _model_class(model_dir: Path):
     return transformers.AutoModel, config
 
 
-def _linear_layers(model_dir: Path) -> tuple[dict[str, torch.nn.Module], set[str]]:
-    """Module path -> module for every linear layer (``nn.Linear`` and ``Conv1D``) of the model, built on the
-    meta device (no memory), and the paths of those whose weight is tied to an embedding."""
+@dataclass(frozen=True)
+class _Stored:
+    """A weight as the checkpoint stores it: the name of its inputs' statistics (:func:`input_statistics`: the
+    module path in the model, or the expert's :func:`expert_key`), whether it is a ``Conv1D``'s (stored (in, out))
+    or tied to an embedding, and for one expert's weight the on-disk path of its experts module."""
+
+    key: str
+    transposed: bool = False
+    tied: bool = False
+    experts: str | None = None
+
+
+def _stored_weights(model_dir: Path) -> dict[str, _Stored]:
+    """On-disk tensor name -> :class:`_Stored` for the weight of every linear layer, router (``policy.ROUTER_NAMES``)
+    and expert of the model, built on the meta device (no memory). The names are those ``save_pretrained`` writes
+    (transformers' conversion mapping reverted): Mixtral's ``mlp`` is ``block_sparse_moe`` on disk, and an experts
+    module's ``gate_up_proj`` ``(E, 2I, H)`` is ``experts.<e>.w1.weight`` and ``experts.<e>.w3.weight`` (Qwen:
+    ``gate_proj``, ``up_proj``), ``(I, H)`` each, for every expert e."""
+    from transformers.core_model_loading import revert_weight_conversion
+
     model_class, config = _model_class(model_dir)
     with torch.device("meta"):
         model = model_class(config) if model_class.__name__ != "AutoModel" else model_class.from_config(config)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    linears = {name: m for name, m in model.named_modules() if is_linear_layer(m)}
-    tied = {name for name, m in linears.items() if id(m.weight) in embeddings}
-    return linears, tied
+    stored = {}
+    for path, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if is_linear_layer(module) or (path.rpartition(".")[2] in ROUTER_NAMES and isinstance(weight, torch.Tensor)):
+            for name in revert_weight_conversion(model, {f"{path}.weight": weight}):
+                stored[name] = _Stored(path, stores_weight_transposed(module), id(weight) in embeddings)
+        for param in experts_weights(module):
+            for name in revert_weight_conversion(model, {f"{path}.{param}": getattr(module, param)}):
+                match = EXPERT_TENSOR.fullmatch(name)
+                if match is None:  # gpt-oss: experts.gate_up_proj (E, H, 2I) on disk
+                    raise ExportError(
+                        f"transformers stores {path}.{param} as one tensor, {name}: the export writes experts only "
+                        "from one tensor per expert (<experts>.<e>.<name>.weight, what vLLM's fused-MoE loader reads)"
+                    )
+                stored[name] = _Stored(expert_key(path, int(match["expert"]), param), experts=match["experts"])
+    return stored
 
 
 def _groups(paths: Sequence[str]) -> dict[str, str]:
@@ -223,8 +271,8 @@ def _groups(paths: Sequence[str]) -> dict[str, str]:
     return group_of
 
 
-def _calibrate(model_dir: Path, options: ExportOptions) -> dict:
-    """Input statistics of every linear layer over the calibration text (one sample a line)."""
+def _calibrate(model_dir: Path, stored: dict[str, _Stored], options: ExportOptions) -> dict:
+    """On-disk weight name -> the statistics of its inputs over the calibration text (one sample a line)."""
     path = Path(options.calibration)
     if not path.is_file():
         raise ExportError(f"calibration file {path} does not exist")
@@ -250,41 +298,73 @@ def _calibrate(model_dir: Path, options: ExportOptions) -> dict:
     )
     total = -(-len(lines) // size)
     bar = tqdm(batches, total=total, desc="scalesearch-export calibration", unit="batch", disable=not options.progress)
-    return input_statistics(model, bar)
+    stats = input_statistics(model, bar)
+    return {name: stats[weight.key] for name, weight in stored.items() if weight.key in stats}
 
 
-def _plan(model_dir: Path, shards: dict, options: ExportOptions, summary: ExportSummary) -> dict[str, str]:
-    """Weight tensor name -> fused group name of every layer to quantize; the others go to ``summary.dense``."""
-    linears, tied = _linear_layers(model_dir)
-    shapes = {}
+def _plan(
+    model_dir: Path,
+    shards: dict,
+    stored: dict[str, _Stored],
+    stats: dict,
+    options: ExportOptions,
+    summary: ExportSummary,
+) -> dict[str, str]:
+    """Weight tensor name -> fused group name of every weight to quantize; the others go to ``summary.dense``.
+    The policy (:meth:`LinearPolicy.reason`) judges a stand-in of the stored shape and dtype: routers, shapes."""
+    stands_in = {}
     for shard, names in shards.items():
         with safe_open(model_dir / shard, "pt") as f:
-            for name in names:
-                if name.endswith(".weight") and name[: -len(".weight")] in linears:
-                    piece = f.get_slice(name)
-                    shapes[name] = (piece.get_shape(), _SAFETENSORS_DTYPES.get(piece.get_dtype()))
+            for name in (n for n in names if n in stored):
+                piece = f.get_slice(name)
+                stands_in[name] = (piece.get_shape(), piece.get_dtype())
+    missing = [name for name, weight in stored.items() if weight.experts is not None and name not in stands_in]
+    if missing:
+        raise ExportError(
+            f"{model_dir.name} has no tensor {missing[0]}: the export reads experts stored one tensor per expert, "
+            "as transformers' save_pretrained writes them"
+        )
+    policy = LinearPolicy()
     plan = []
-    for path, module in linears.items():
-        name = f"{path}.weight"
+    for name, (shape, dtype) in stands_in.items():
+        path, weight = name.removesuffix(".weight"), stored[name]
         pattern = next((p for p in options.ignore if re.fullmatch(p, path)), None)
-        if name not in shapes:
-            continue  # not stored (tied, or a buffer-only module): nothing to write
-        shape, dtype = shapes[name]
+        if dtype in _SAFETENSORS_DTYPES:  # no memory: the policy reads the shape and dtype, never the values
+            reason = policy.reason(torch.zeros((), dtype=_SAFETENSORS_DTYPES[dtype]).expand(shape), path)
+        else:
+            reason = f"weight dtype {dtype}"
         if path.rpartition(".")[2] == "lm_head":
             summary.leave(path, "lm_head (the engines expect it dense)")
-        elif path in tied:
+        elif weight.tied:
             summary.leave(path, "tied to the input embedding")
         elif pattern is not None:
             summary.leave(path, f"matches --ignore {pattern!r}")
-        elif stores_weight_transposed(module):
+        elif weight.transposed:
             summary.leave(path, "transformers Conv1D (weight stored (in, out)): the engines load Linear")
-        elif dtype not in SUPPORTED_DTYPES or len(shape) != 2:
-            summary.leave(path, f"weight dtype {dtype} or shape {shape}")
-        elif shape[1] % BLOCK_SIZE:
-            summary.leave(path, f"in_features {shape[1]} not a multiple of {BLOCK_SIZE}")
+        elif reason is not None:
+            summary.leave(path, reason)
+        elif options.scheme == "w4a4" and name not in stats:
+            summary.leave(path, "no calibration input reached it")
         else:
             plan.append(path)
     return {f"{path}.weight": group for path, group in _groups(plan).items()}
+
+
+def _check_whole_experts(stored: dict[str, _Stored], quantized: Container[str], summary: ExportSummary) -> None:
+    """Raise unless the experts of each experts module are all NVFP4 or all dense (``quantized``: on-disk module
+    paths): vLLM's fused MoE loads all of a layer's experts one way."""
+    experts: dict[str, list[str]] = {}
+    for name, weight in stored.items():
+        if weight.experts is not None:
+            experts.setdefault(weight.experts, []).append(name.removesuffix(".weight"))
+    for module, paths in experts.items():
+        dense = [path for path in paths if path not in quantized]
+        if 0 < len(dense) < len(paths):
+            reason = next(reason for reason, left in summary.dense.items() if dense[0] in left)
+            raise ExportError(
+                f"{dense[0]} stays dense ({reason}) while other experts of {module} are NVFP4: vLLM's fused MoE "
+                "loads a layer's experts all NVFP4 or all dense"
+            )
 
 
 def _global_scales(model_dir: Path, shards: dict, plan: dict, summary: ExportSummary) -> dict:
@@ -349,7 +429,7 @@ def _write(model_dir, tmp, shards, plan, scales, stats, options, summary) -> dic
                 path = name[: -len(".weight")]
                 bar.update(1)
                 pts = scales[name] if scales[name] is not None else True
-                stat = stats.get(path)
+                stat = stats.get(name)
                 importance = None if stat is None else stat.mean_square()
                 try:
                     blocks = quantize_blocks(tensor, method, per_tensor_scale=pts, importance=importance)
@@ -358,10 +438,6 @@ def _write(model_dir, tmp, shards, plan, scales, stats, options, summary) -> dic
                     out[name] = tensor
                     continue
                 activation_scale = None if stat is None else global_scale(stat.amax)
-                if options.scheme == "w4a4" and activation_scale is None:
-                    summary.leave(path, "no calibration input reached it")
-                    out[name] = tensor
-                    continue
                 out.update(_quantized_tensors(path, blocks, activation_scale, options))
                 summary.quantized[path] = plan[name]
                 summary.errors.setdefault(plan[name], [0.0, 0.0])
@@ -443,13 +519,16 @@ def export_checkpoint(model_dir, out_dir, **options) -> ExportSummary:
         raise ExportError(f"OUT_DIR {out_dir} exists; pass --overwrite to replace it")
     shards = _tensor_names(model_dir)
     summary = ExportSummary(out_dir, opts, bytes_in=sum((model_dir / s).stat().st_size for s in shards))
-    stats = _calibrate(model_dir, opts) if opts.calibration is not None else {}
-    plan = _plan(model_dir, shards, opts, summary)
+    stored = _stored_weights(model_dir)
+    stats = _calibrate(model_dir, stored, opts) if opts.calibration is not None else {}
+    plan = _plan(model_dir, shards, stored, stats, opts, summary)
     scales = _global_scales(model_dir, shards, plan, summary)
+    _check_whole_experts(stored, {name.removesuffix(".weight") for name in plan}, summary)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
         weight_map = _write(model_dir, tmp, shards, plan, scales, stats, opts, summary)
+        _check_whole_experts(stored, summary.quantized, summary)  # an expert holding NaN or Inf stays dense
         _finish(model_dir, tmp, config, weight_map, opts, summary)
         if out_dir.exists():  # --overwrite: the old export is removed only once the new one is complete
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))

@@ -1,4 +1,5 @@
-"""calibrate(): per-input-channel mean of x**2 of every nn.Linear's inputs, attached as a buffer."""
+"""calibrate(): per-input-channel mean of x**2 of every nn.Linear's inputs, attached as a buffer;
+input_statistics(): the same and the input amax, padding left out, and per expert of a mixture of experts."""
 
 import pytest
 import torch
@@ -57,3 +58,38 @@ def test_padding_is_left_out_and_the_input_amax_is_kept():
     assert stats.rows == 8
     assert torch.allclose(stats.mean_square(), real.square().mean(0))
     assert stats.amax == real.abs().amax()
+
+
+def test_experts_inputs_are_recorded_per_expert_from_the_tokens_routed_to_it():
+    from scalesearch_compile.calibration import expert_key, input_statistics
+    from scalesearch_demo import tiny_model
+
+    model = tiny_model("mixtral")
+    experts = model.model.layers[1].mlp.experts
+    seen = {}
+    handle = experts.register_forward_pre_hook(lambda module, args: seen.update(x=args[0], index=args[1]))
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[0, 6:] = 0  # padding: its tokens are routed too, but must not count
+    batch = {"input_ids": ids, "attention_mask": mask}
+    try:
+        stats = input_statistics(model, [batch])
+    finally:
+        handle.remove()
+    size = experts.down_proj.shape[-1]
+    rows = 0
+    for e in range(4):
+        routed = (seen["index"] == e).any(dim=-1) & mask.reshape(-1).bool()
+        x = seen["x"][routed]
+        gate, up = experts.gate_up_proj[e, :size], experts.gate_up_proj[e, size:]  # gate_up_proj: cat(gate, up)
+        h = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)  # Mixtral's act_fn(gate) * up
+        first = stats[expert_key("model.layers.1.mlp.experts", e, "gate_up_proj")]
+        second = stats[expert_key("model.layers.1.mlp.experts", e, "down_proj")]
+        assert first.rows == second.rows == x.shape[0] > 0
+        assert torch.equal(first.amax, x.abs().amax()) and torch.allclose(first.mean_square(), x.square().mean(0))
+        assert torch.allclose(second.amax, h.abs().amax(), rtol=1e-5)
+        assert torch.allclose(second.mean_square(), h.square().mean(0), rtol=1e-4, atol=1e-12)
+        rows += x.shape[0]
+    assert rows == 2 * int(mask.sum())  # each real token is routed to 2 experts
+    importance = calibrate(model, [batch])  # attaches to linear layers only
+    assert set(importance) == {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -1,5 +1,6 @@
 """scalesearch-export: the bytes written, what compressed-tensors loads from them, fused-group global scales,
-ModelOpt, calibration, the packaged MiniLM end to end, and every bad input."""
+ModelOpt, calibration, mixtures of experts (per-expert tensors), the packaged MiniLM end to end, and every bad
+input."""
 
 import json
 import subprocess
@@ -21,6 +22,17 @@ pytest.importorskip("compressed_tensors")
 pytestmark = pytest.mark.filterwarnings("ignore:You passed .quantization_config.:UserWarning")
 
 CALIBRATION = "\n".join(f"sample {i}: the quick brown fox jumps over the lazy dog {i * 7}" for i in range(12))
+# tokens the tiny models' word-level tokenizer knows (the text above is all [UNK]), lines of 6 to 10: padding
+MOE_CALIBRATION = "\n".join(" ".join(f"w{(37 * i + 11 * j) % 250}" for j in range(6 + i % 5)) for i in range(12))
+# tiny MoE -> its MoE block's name on disk, an expert's (gate, up, down) on disk, the block's gates beside the
+# router, its shared expert (an ordinary MLP)
+MOE = {
+    "mixtral": ("block_sparse_moe", ("w1", "w3", "w2"), (), None),
+    "qwen2_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), ("shared_expert_gate",), "shared_expert"),
+    "qwen3_moe": ("mlp", ("gate_proj", "up_proj", "down_proj"), (), None),
+    "deepseek_v3": ("mlp", ("gate_proj", "up_proj", "down_proj"), (), "shared_experts"),
+}
+ROUTER = "a mixture-of-experts router or gate (kept in high precision, as vLLM does)"
 
 
 def tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -31,20 +43,23 @@ def tensors(directory: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory) -> Path:
-    """A tiny Llama saved in several shards, with a tokenizer for calibration."""
+def save_checkpoint(model, directory: Path, **save_options) -> Path:
+    """``model.save_pretrained(directory)`` with a word-level tokenizer for calibration."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    directory = tmp_path_factory.mktemp("llama")
-    model = tiny_model("llama")
-    model.save_pretrained(directory, max_shard_size="150KB")
+    model.save_pretrained(directory, **save_options)
     vocab = {f"w{i}": i for i in range(250)} | {"[UNK]": 250, "[PAD]": 251}
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory) -> Path:
+    """A tiny Llama saved in several shards, with a tokenizer for calibration."""
+    return save_checkpoint(tiny_model("llama"), tmp_path_factory.mktemp("llama"), max_shard_size="150KB")
 
 
 @pytest.fixture(scope="module")
@@ -298,3 +313,172 @@ def test_fused_groups_by_module_names():
     assert groups["encoder.layer.3.attention.self.value"] == "+".join(bert)
     for alone in (*phi3, "model.layers.0.self_attn.o_proj", "model.layers.1.self_attn.q_proj"):
         assert groups[alone] == alone
+    experts = [f"model.layers.0.mlp.experts.{e}.{p}" for e in range(2) for p in ("w1", "w2", "w3")]
+    groups = _groups(experts + [f"model.layers.0.mlp.experts.1.{p}" for p in ("gate_proj", "up_proj")])
+    assert (
+        groups["model.layers.0.mlp.experts.1.w3"] == "model.layers.0.mlp.experts.1.w1+model.layers.0.mlp.experts.1.w3"
+    )
+    assert groups["model.layers.0.mlp.experts.0.w2"] == "model.layers.0.mlp.experts.0.w2"  # one expert's pair, no more
+
+
+@pytest.fixture(scope="module")
+def moe_checkpoint(tmp_path_factory):
+    """name -> (directory, model): a tiny MoE as transformers saves it (built once per name)."""
+    built = {}
+
+    def build(name):
+        if name not in built:
+            model = tiny_model(name)
+            built[name] = save_checkpoint(model, tmp_path_factory.mktemp(name)), model
+        return built[name]
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def moe_calibration_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("calibration") / "moe.txt"
+    path.write_text(MOE_CALIBRATION, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("name", list(MOE))
+def test_moe_experts_are_exported_per_expert_under_the_checkpoints_names(name, moe_checkpoint, tmp_path):
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationConfig
+
+    source_dir, model = moe_checkpoint(name)
+    block, (gate, up, down), gates, shared = MOE[name]
+    out = tmp_path / "out"
+    summary = export_checkpoint(source_dir, out, progress=False)
+    source, exported = tensors(source_dir), tensors(out)
+    routers = [f"model.layers.{i}.{block}.{g}" for i in range(2) for g in ("gate", *gates)]
+    assert summary.dense == {"lm_head (the engines expect it dense)": ["lm_head"], ROUTER: routers}
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert config["ignore"] == sorted(["lm_head", *routers])
+    for router in routers:
+        assert torch.equal(exported[f"{router}.weight"], source[f"{router}.weight"])  # dense, as it was
+    # compressed-tensors' own NVFP4 decompression (transformers 5.23's MoE loader leaves the global scale out)
+    scheme = QuantizationConfig.model_validate(config).config_groups["group_0"]
+    for i, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        size = experts.down_proj.shape[-1]
+        pair_scales = []
+        for e in range(experts.gate_up_proj.shape[0]):
+            prefix = f"model.layers.{i}.{block}.experts.{e}"
+            # transformers' gate_up_proj[e] is cat(gate, up): the float weights the export must reproduce
+            floats = {
+                gate: experts.gate_up_proj[e, :size],
+                up: experts.gate_up_proj[e, size:],
+                down: experts.down_proj[e],
+            }
+            pair = global_scale(torch.stack([floats[p].abs().amax() for p in (gate, up)]).amax())
+            for proj, weight in floats.items():
+                module = f"{prefix}.{proj}"
+                assert torch.equal(source[f"{module}.weight"], weight) and f"{module}.weight" not in exported
+                n, k = weight.shape
+                layout = {
+                    "weight_packed": ((n, k // 2), torch.uint8),
+                    "weight_scale": ((n, k // 16), torch.float8_e4m3fn),
+                    "weight_global_scale": ((1,), torch.float32),
+                }
+                stored = {t: exported[f"{module}.{t}"] for t in layout}
+                assert {t: (v.shape, v.dtype) for t, v in stored.items()} == layout, module
+                pts = global_scale(weight.abs().amax()) if proj == down else pair  # down: its own global scale
+                assert torch.equal(stored["weight_global_scale"], torch.ones(1) / pts.reshape(1)), module
+                blocks = quantize_blocks(weight, "search", per_tensor_scale=pts)
+                assert torch.equal(stored["weight_packed"], blocks.qdata), module
+                dense = NVFP4PackedCompressor.decompress(stored, scheme)["weight"].float()
+                assert (dense - weight).norm() / weight.norm() < 0.12, module  # swapped gate/up: ~1.4
+            scales = [exported[f"{prefix}.{p}.weight_global_scale"] for p in (gate, up, down)]
+            assert torch.equal(scales[0], scales[1]) and not torch.equal(scales[0], scales[2])
+            pair_scales.append(scales[0].item())
+        assert len(set(pair_scales)) == len(pair_scales)  # a global scale per expert, not one for the layer
+        if shared is not None:  # an ordinary MLP: quantized, gate/up fused
+            scales = [exported[f"model.layers.{i}.mlp.{shared}.{p}_proj.weight_global_scale"] for p in ("gate", "up")]
+            assert torch.equal(*scales)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_w4a4_input_scales_per_expert_from_the_tokens_routed_to_it(
+    name, moe_checkpoint, moe_calibration_file, tmp_path
+):
+    from transformers import AutoTokenizer
+
+    from scalesearch_compile.calibration import expert_key, input_statistics
+
+    source_dir, model = moe_checkpoint(name)
+    block, (gate, up, down), _, _ = MOE[name]
+    options = dict(scheme="w4a4", calibration=moe_calibration_file, progress=False)
+    export_checkpoint(source_dir, tmp_path / "ct", **options)
+    exported = tensors(tmp_path / "ct")
+    tokenizer = AutoTokenizer.from_pretrained(source_dir)
+    lines = MOE_CALIBRATION.splitlines()
+    batches = [dict(tokenizer(lines[i : i + 8], padding=True, return_tensors="pt")) for i in range(0, len(lines), 8)]
+    stats = input_statistics(model, batches)  # by the model's names: mlp.experts, gate_up_proj / down_proj
+    for i in range(2):
+        for e in range(4):
+            prefix = f"model.layers.{i}.{block}.experts.{e}"
+            scales = [exported[f"{prefix}.{p}.input_global_scale"] for p in (gate, up, down)]
+            assert torch.equal(scales[0], scales[1])  # the same input: the expert's tokens
+            for weight, scale in (("gate_up_proj", scales[0]), ("down_proj", scales[2])):
+                amax = stats[expert_key(f"model.layers.{i}.mlp.experts", e, weight)].amax
+                assert torch.equal(scale, torch.ones(1) / global_scale(amax).reshape(1)), prefix
+    if name == "qwen2_moe":  # ModelOpt: the same bytes in its names, multipliers
+        export_checkpoint(source_dir, tmp_path / "modelopt", format="modelopt", **options)
+        modelopt = tensors(tmp_path / "modelopt")
+        hf = json.loads((tmp_path / "modelopt" / "hf_quant_config.json").read_text())["quantization"]
+        ignore = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["ignore"]
+        assert hf["exclude_modules"] == ignore and "model.layers.1.mlp.shared_expert_gate" in ignore
+        for module in ("model.layers.1.mlp.experts.3.up_proj", "model.layers.0.mlp.experts.2.down_proj"):
+            assert torch.equal(modelopt[f"{module}.weight"], exported[f"{module}.weight_packed"])
+            for multiplier, divisor in (
+                ("weight_scale_2", "weight_global_scale"),
+                ("input_scale", "input_global_scale"),
+            ):
+                assert modelopt[f"{module}.{multiplier}"].shape == ()
+                assert torch.equal(
+                    torch.ones(1) / modelopt[f"{module}.{multiplier}"].reshape(1), exported[f"{module}.{divisor}"]
+                )
+
+
+def test_a_layers_experts_are_all_nvfp4_or_all_dense(moe_checkpoint, tmp_path):
+    source_dir, _ = moe_checkpoint("mixtral")
+    one = (
+        r"experts\.1\.w1 stays dense \(matches --ignore .*\) while other experts of model\.layers\.0\.block_sparse_moe"
+    )
+    with pytest.raises(ExportError, match=one):
+        export_checkpoint(source_dir, tmp_path / "one", ignore=[r".*\.experts\.1\..*"], progress=False)
+    summary = export_checkpoint(source_dir, tmp_path / "all", ignore=[r"model\.layers\.0\..*experts.*"], progress=False)
+    ignore = json.loads((tmp_path / "all" / "config.json").read_text())["quantization_config"]["ignore"]
+    layer0 = [f"model.layers.0.block_sparse_moe.experts.{e}.{p}" for e in range(4) for p in ("w1", "w2", "w3")]
+    assert set(layer0) <= set(ignore) and "model.layers.1.block_sparse_moe.experts.0.w2" in summary.quantized
+
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("inf")  # found while writing, not planning
+    save_checkpoint(model, tmp_path / "inf")
+    with pytest.raises(ExportError, match=r"experts\.2\.w2 stays dense \(NaN or Inf in the weight\)"):
+        export_checkpoint(tmp_path / "inf", tmp_path / "inf-out", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["all", "inf"]  # nothing written by the failed exports
+
+
+def test_experts_not_stored_one_tensor_per_expert_are_an_error(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    model = tiny_model("qwen3_moe")  # saved by hand under its in-memory names: experts.gate_up_proj (E, 2I, H)
+    model.config.architectures = [type(model).__name__]  # (save_pretrained sets it)
+    model.config.save_pretrained(tmp_path / "fused")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "fused" / "model.safetensors")
+    with pytest.raises(ExportError, match=r"has no tensor model\.layers\.0\.mlp\.experts\.0\.gate_proj\.weight"):
+        export_checkpoint(tmp_path / "fused", tmp_path / "out", progress=False)
+    # gpt-oss: transformers itself stores the experts as one (E, H, 2I) tensor
+    config = GptOssConfig(
+        hidden_size=128, intermediate_size=128, num_hidden_layers=1, layer_types=["full_attention"], head_dim=64,
+        num_attention_heads=2, num_key_value_heads=1, num_local_experts=4, vocab_size=256,
+    )  # fmt: skip
+    GptOssForCausalLM(config).save_pretrained(tmp_path / "gpt-oss")
+    with pytest.raises(ExportError, match=r"stores model\.layers\.0\.mlp\.experts\.gate_up_proj as one tensor"):
+        export_checkpoint(tmp_path / "gpt-oss", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
