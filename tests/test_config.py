@@ -14,6 +14,7 @@ from torchao.quantization import FqnToConfig, quantize_
 from scalesearch_compile import (
     NVFP4ActivationKwargs,
     ScaleSearchConfig,
+    ScaleSearchNVFP4Experts,
     ScaleSearchNVFP4Tensor,
     calibrate,
     quantize_model,
@@ -214,3 +215,129 @@ def test_concurrent_calls_each_log_their_summary(caplog):
 def test_no_exclude_is_an_empty_list():
     assert ScaleSearchConfig(exclude=None).exclude == []
     assert ScaleSearchConfig(exclude=("lm_head",)).exclude == ["lm_head"]
+
+
+# Mixture-of-experts models: every expert's weights in NVFP4, run by all three experts implementations.
+
+MOE_IDS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+EXPERTS_IMPLEMENTATIONS = ("eager", "batched_mm", "grouped_mm")
+
+
+def _logits_by_implementation(model):
+    logits = {}
+    with torch.no_grad():
+        for implementation in EXPERTS_IMPLEMENTATIONS:
+            model.config._experts_implementation = implementation
+            logits[implementation] = model(MOE_IDS).logits
+    return logits
+
+
+def _dequantized_copy(model):
+    """The model with every NVFP4 weight replaced by its dequantized float tensor."""
+    import copy
+
+    dense = copy.deepcopy(model)
+    for module in dense.modules():
+        for name, param in list(module._parameters.items()):
+            if isinstance(param, ScaleSearchNVFP4Tensor | ScaleSearchNVFP4Experts):
+                module._parameters[name] = torch.nn.Parameter(param.dequantize(), requires_grad=False)
+    return dense
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"])
+def test_every_expert_weight_is_quantized_and_the_implementations_agree(name, caplog):
+    from scalesearch_demo import tiny_model
+
+    model = tiny_model(name)
+    with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
+        summary = quantize_model(model, ScaleSearchConfig(activations=None, progress=False))
+    experts = {n: p for n, p in model.named_parameters() if p.dim() == 3}
+    assert len(experts) == 4 and all(isinstance(p, ScaleSearchNVFP4Experts) for p in experts.values())
+    assert all(p.per_tensor_scale.shape == (4,) for p in experts.values())
+    assert len(summary.experts) == 2 and "experts: 2 blocks x 4 experts quantized" in caplog.text
+    routers = [p for n, p in model.named_parameters() if n.endswith(("mlp.gate.weight", "shared_expert_gate.weight"))]
+    assert routers and all(type(p) is torch.nn.Parameter for p in routers)
+
+    logits = _logits_by_implementation(model)
+    assert torch.equal(logits["eager"], logits["batched_mm"]) and torch.equal(logits["eager"], logits["grouped_mm"])
+    with torch.no_grad():
+        dense = _dequantized_copy(model)(MOE_IDS).logits  # W4A16: the same weights in float
+    assert torch.allclose(logits["grouped_mm"], dense, rtol=0, atol=1e-4)
+
+
+def test_w4a4_experts_implementations_agree_bit_for_bit():
+    from scalesearch_demo import tiny_model
+
+    model = tiny_model("mixtral")
+    quantize_model(model, ScaleSearchConfig(progress=False))
+    logits = _logits_by_implementation(model)
+    assert torch.equal(logits["eager"], logits["batched_mm"]) and torch.equal(logits["eager"], logits["grouped_mm"])
+    model.config._experts_implementation = "grouped_mm"
+    with torch.no_grad():
+        dense = _dequantized_copy(model)(MOE_IDS).logits
+    assert not torch.equal(logits["grouped_mm"], dense)  # W4A4: activations are quantized too
+
+
+def test_gate_and_up_of_an_expert_share_its_global_scale():
+    from scalesearch_compile.search import global_scale
+    from scalesearch_demo import tiny_model
+
+    model = tiny_model("qwen3_moe")
+    float_weights = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
+    quantize_model(model, ScaleSearchConfig(progress=False))
+    quantized = model.model.layers[0].mlp.experts.gate_up_proj
+    expected = global_scale(float_weights.abs().amax(dim=(1, 2)))
+    assert torch.equal(quantized.per_tensor_scale, expected)
+    assert len(set(expected.tolist())) == 4  # one per expert, not one for all
+
+
+def test_torchao_quantize_reaches_experts_with_the_filter_and_fqn_to_config():
+    from scalesearch_compile import is_quantizable
+    from scalesearch_demo import tiny_model
+
+    model = tiny_model("mixtral")
+    quantize_(model, ScaleSearchConfig(progress=False))  # torchao's default filter: nn.Linear only
+    assert type(model.model.layers[0].mlp.experts.gate_up_proj) is torch.nn.Parameter
+    quantize_(model, ScaleSearchConfig(progress=False), filter_fn=is_quantizable)
+    assert isinstance(model.model.layers[0].mlp.experts.gate_up_proj, ScaleSearchNVFP4Experts)
+
+    model = tiny_model("mixtral")
+    config = ScaleSearchConfig(progress=False)
+    quantize_(model, FqnToConfig({r"re:.*\.experts\.down_proj": config}), filter_fn=None)
+    experts = model.model.layers[1].mlp.experts
+    assert isinstance(experts.down_proj, ScaleSearchNVFP4Experts) and type(experts.gate_up_proj) is torch.nn.Parameter
+
+
+def test_experts_stored_transposed_gpt_oss():
+    """gpt-oss keeps its experts (experts, in, out), with biases: quantized along the input dimension, stored
+    as the transposed view, and all three implementations run on them."""
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    config = GptOssConfig(
+        hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=64, vocab_size=256, num_local_experts=4, num_experts_per_tok=2,
+        layer_types=["full_attention"] * 2, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = GptOssForCausalLM(config).eval()
+    quantize_model(model, ScaleSearchConfig(activations=None, progress=False))
+    weight = model.model.layers[0].mlp.experts.gate_up_proj
+    assert isinstance(weight, ScaleSearchNVFP4Experts) and weight.transposed and weight.shape == (4, 128, 256)
+    logits = _logits_by_implementation(model)
+    assert torch.equal(logits["eager"], logits["batched_mm"]) and torch.equal(logits["eager"], logits["grouped_mm"])
+    with torch.no_grad():
+        dense = _dequantized_copy(model)(MOE_IDS).logits
+    assert torch.allclose(logits["eager"], dense, rtol=0, atol=1e-4)
+
+
+def test_experts_that_cannot_be_quantized_are_left_whole_and_named():
+    from scalesearch_demo import tiny_model
+
+    model = tiny_model("mixtral")
+    with torch.no_grad():
+        model.model.layers[1].mlp.experts.down_proj[2, 0, 0] = float("nan")
+    summary = quantize_model(model, ScaleSearchConfig(progress=False))
+    layer = model.model.layers[1].mlp.experts
+    assert type(layer.gate_up_proj) is torch.nn.Parameter and type(layer.down_proj) is torch.nn.Parameter
+    assert summary.skipped == {"down_proj: NaN or Inf in the weight": ["model.layers.1.mlp.experts"]}
+    assert isinstance(model.model.layers[0].mlp.experts.down_proj, ScaleSearchNVFP4Experts)
