@@ -5,6 +5,8 @@ the same reference), batched == grouped == the eager loop, float64 bounds, opche
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.library import opcheck
 
 from scalesearch_compile import NVFP4ActivationKwargs, quantize_blocks
@@ -56,6 +58,25 @@ def test_each_experts_rows_equal_its_linear_alone(counts, act):
             assert torch.equal(out[start : start + count], alone), e
         start += count
     assert torch.equal(out[start:], torch.zeros(3, N))
+
+
+@settings(deadline=None)
+@given(
+    counts=st.lists(st.integers(0, 6), min_size=E, max_size=E),
+    extra=st.integers(0, 2),
+    w4a4=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_property_rows_of_any_routing_equal_their_expert_alone(counts, extra, w4a4, seed):
+    experts = _experts(ACTS[w4a4])
+    x, offsets = _sorted_input(counts, extra, seed)
+    out = grouped_linear(x, offsets, experts)
+    start = 0
+    for e, count in enumerate(counts):
+        if count:
+            assert torch.equal(out[start : start + count], F.linear(x[start : start + count], experts[e]))
+        start += count
+    assert not out[start:].any()
 
 
 @pytest.mark.parametrize("act", ACTS, ids=ACT_IDS)

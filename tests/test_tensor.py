@@ -10,8 +10,10 @@ from scalesearch_compile import (
     NVFP4ActivationKwargs,
     NVFP4Weight,
     ScaleChoice,
+    ScaleSearchNVFP4Experts,
     ScaleSearchNVFP4Tensor,
     quantize_blocks,
+    quantize_experts,
     quantize_nvfp4,
 )
 from scalesearch_compile.tensor import nvfp4_weight, quantize_weight
@@ -110,6 +112,51 @@ def test_layout_errors():
         ScaleSearchNVFP4Tensor.from_nvfp4_tensor(q)
     with pytest.raises(ValueError, match="transposed view"):
         q.t().nvfp4_weight()
+
+
+def test_experts_are_each_quantized_as_a_linear_weight():
+    weights = torch.randn(3, 32, 48) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]  # magnitudes far apart
+    experts = quantize_experts(weights, "search")
+    for e in range(3):
+        alone = quantize_weight(weights[e], "search")
+        assert torch.equal(experts.qdata[e], alone.qdata) and torch.equal(
+            experts.per_tensor_scale[e], alone.per_tensor_scale
+        )
+        assert torch.equal(experts.scale[e].view(torch.uint8), alone.scale.view(torch.uint8))
+    assert experts.shape == (3, 32, 48) and experts.dtype == torch.float32
+
+
+def test_experts_layout_errors():
+    q = quantize_experts(torch.randn(2, 32, 48))
+    args = (q.qdata, q.scale, q.per_tensor_scale, 16, torch.float32, False)
+    with pytest.raises(ValueError, match="with a global scale per expert"):
+        ScaleSearchNVFP4Experts(*args[:2], None, *args[3:])
+    with pytest.raises(ValueError, match="with a global scale per expert"):
+        ScaleSearchNVFP4Experts(q.qdata[0], q.scale[0], q.per_tensor_scale[0], *args[3:])
+    with pytest.raises(ValueError, match=r"a float tensor of 2 \(one per expert\)"):
+        ScaleSearchNVFP4Experts(*args[:2], torch.ones(3), *args[3:])
+    with pytest.raises(ValueError, match="expert_ids must be a 1-D integer tensor"):
+        ScaleSearchNVFP4Experts(*args, expert_ids=torch.zeros(2))
+    with pytest.raises(ValueError, match="block size must be 16"):
+        ScaleSearchNVFP4Experts(*args[:3], 32, *args[4:])
+    with pytest.raises(ValueError, match="experts' weights are 3-D"):
+        quantize_experts(torch.randn(32, 48))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        quantize_experts(torch.full((2, 16, 16), float("nan")))
+    with pytest.raises(ValueError, match="experts' weights are ScaleSearchNVFP4Experts"):
+        ScaleSearchNVFP4Tensor(q.qdata, q.scale, 16, torch.float32, q.per_tensor_scale)
+
+
+def test_experts_save_and_load_bit_for_bit():
+    import io
+
+    experts = quantize_experts(torch.randn(2, 32, 48), act_quant_kwargs=NVFP4ActivationKwargs())
+    buffer = io.BytesIO()
+    torch.save({"w": experts}, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=True)["w"]
+    assert type(loaded) is ScaleSearchNVFP4Experts and loaded.act_quant_kwargs == experts.act_quant_kwargs
+    assert torch.equal(loaded.dequantize(), experts.dequantize())
 
 
 def test_nvfp4_weight_of_torchao_tensors_round_trips_and_errors():
