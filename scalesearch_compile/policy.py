@@ -1,6 +1,6 @@
-"""Which linear layers become NVFP4, how, and why not: the one decision both front ends make (torchao
-``quantize_`` with ``ScaleSearchConfig``, and the compile backend's linear pass), and the one syntax both use to
-exclude modules.
+"""Which linear layers and mixture-of-experts experts become NVFP4, how, and why not: the one decision both
+front ends make (torchao ``quantize_`` with ``ScaleSearchConfig``, and the compile backend's passes), and the one
+syntax both use to exclude modules.
 
 Module patterns (``ScaleSearchConfig(exclude=...)``, the backend's ``skip_modules=...``) match a module's full
 path, as ``model.named_modules()`` names it (``model.layers.0.self_attn.q_proj``): a shell-style glob
@@ -101,9 +101,9 @@ def is_nvfp4(weight) -> bool:
 
 @dataclass(frozen=True)
 class LinearPolicy:
-    """How linear weights are quantized (``scales`` for the weight, ``act_quant_kwargs`` recorded for the
-    activations: None is weight-only) and which are left: modules matching ``exclude``, and ``skip_shapes``
-    ((out_features, in_features) pairs)."""
+    """How linear weights and experts' weights are quantized (``scales`` for the weight, ``act_quant_kwargs``
+    recorded for the activations: None is weight-only) and which are left: modules matching ``exclude``, routers
+    (:data:`ROUTER_NAMES`), and ``skip_shapes`` ((out_features, in_features) pairs)."""
 
     scales: ScaleChoice = ScaleChoice()
     act_quant_kwargs: NVFP4ActivationKwargs | None = None
