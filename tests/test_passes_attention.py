@@ -98,5 +98,5 @@ def test_small_head_dims_are_zero_padded(sdpa_kwargs):
 def test_attention_false_leaves_sdpa_alone():
     q, k, v = qkv()
     out, b = compile_and_run(Attend(), q, k, v, attention=False)
-    assert [r.kind for r in b.reports[0].passes] == ["linear"]
+    assert [r.kind for r in b.reports[0].passes] == ["linear", "experts"]
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v))

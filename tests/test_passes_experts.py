@@ -80,6 +80,14 @@ def test_eager_experts_loop_is_reported_as_left_in_float():
     assert OUTSIDE in reasons
 
 
+def test_a_layer_named_gate_outside_a_mixture_of_experts_reports_no_missing_experts():
+    model = torch.nn.Sequential()
+    model.add_module("gate", torch.nn.Linear(64, 32))
+    b = backend(inductor=False, attention=False)
+    torch.compile(model, backend=b, fullgraph=True)(torch.randn(2, 64))
+    assert experts_report(b)[0].skipped == []
+
+
 def test_skip_modules_and_training_weights_are_left_and_named():
     _, b = compiled_logits(moe("mixtral", "batched_mm"), skip_modules=["*.layers.0.*"])
     (report,) = experts_report(b)

@@ -69,13 +69,13 @@ class _Mixed(torch.nn.Module):
         self.ragged = torch.nn.Linear(32, 24)
         self.tail = torch.nn.Linear(24, 32)  # in_features 24
         self.head = torch.nn.Linear(32, 16)
-        self.gate = torch.nn.Linear(32, 32)
+        self.gating = torch.nn.Linear(32, 32)
         with torch.no_grad():
-            self.gate.weight[0, 0] = float("nan")
+            self.gating.weight[0, 0] = float("nan")
 
     def forward(self, x):
         x = self.down(self.up(x))
-        return self.head(self.tail(self.ragged(x))) + self.gate(x).sum()
+        return self.head(self.tail(self.ragged(x))) + self.gating(x).sum()
 
 
 def test_quantize_model_and_the_backend_leave_the_same_layers_for_the_same_reasons(caplog):
@@ -88,7 +88,8 @@ def test_quantize_model_and_the_backend_leave_the_same_layers_for_the_same_reaso
     compiled_backend = backend(skip_modules=exclude, inductor=False, attention=False)
     with torch.no_grad(), caplog.at_level(logging.INFO, logger="scalesearch_compile"):
         torch.compile(reference, backend=compiled_backend, fullgraph=True)(torch.randn(2, 64))
-    (report,) = compiled_backend.reports[0].passes
+    report, experts = compiled_backend.reports[0].passes
+    assert experts.kind == "experts" and not experts.rewritten and not experts.skipped
     by_reason = {}
     for name, reason in report.skipped:
         by_reason.setdefault(reason, []).append(name.removesuffix(".weight"))

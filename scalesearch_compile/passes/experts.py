@@ -124,7 +124,8 @@ def rewrite_experts(gm: torch.fx.GraphModule, example_inputs, policy: LinearPoli
         new.meta.update(node.meta)
         gm.graph.erase_node(node)
         report.rewritten.append(f"{name} ({kind}_mm)")
-    _report_experts_outside(values, report)
+    if any(n.target in (torch.topk, "topk") for n in gm.graph.nodes):  # a graph that routes tokens
+        _report_experts_outside(values, report)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return report
@@ -138,7 +139,8 @@ OUTSIDE = (
 
 
 def _report_experts_outside(values, report: PassReport) -> None:
-    """Report the MoE blocks whose router is in the graph but whose experts' products are not."""
+    """Report the MoE blocks whose router is in a graph that routes (top-k) but whose experts' products are
+    not in it."""
     blocks = {name.split(" ")[0].rsplit(".", 2)[0] for name in report.rewritten}
     blocks |= {name.rsplit(".", 2)[0] for name, _ in report.skipped}
     for node in values:
