@@ -7,6 +7,7 @@ from scalesearch_compile.calibration import calibrate
 from scalesearch_compile.compile_backend import backend
 from scalesearch_compile.config import ScaleSearchConfig, quantize_model
 from scalesearch_compile.export import export_checkpoint
+from scalesearch_compile.gptq import gptq_quantize_
 from scalesearch_compile.layout import NVFP4Blocks, NVFP4Weight
 from scalesearch_compile.ops.grouped import grouped_linear
 from scalesearch_compile.ops.linear import nvfp4_linear
@@ -34,6 +35,7 @@ __all__ = [
     "calibrate",
     "chosen_offsets",
     "export_checkpoint",
+    "gptq_quantize_",
     "grouped_linear",
     "is_quantizable",
     "nvfp4_linear",

@@ -103,10 +103,16 @@ def _quantize_linear(module: torch.nn.Module, policy: LinearPolicy, path: str) -
     if isinstance(quantized, str):
         return quantized
     module._buffers.pop(IMPORTANCE_BUFFER, None)
+    replace_linear_weight(module, quantized, transposed)
+    return None
+
+
+def replace_linear_weight(module: torch.nn.Module, quantized, transposed: bool) -> None:
+    """Make ``quantized`` (a ScaleSearchNVFP4Tensor) the frozen weight of a linear layer; ``transposed``: the
+    layer stores its weight (in, out), as transformers' ``Conv1D``."""
     module.weight = torch.nn.Parameter(quantized.t() if transposed else quantized, requires_grad=False)
     if isinstance(module, torch.nn.Linear):
         module.extra_repr = types.MethodType(_linear_extra_repr, module)
-    return None
 
 
 def _quantize_experts(module: torch.nn.Module, policy: LinearPolicy, path: str, names: list) -> str | None:
@@ -164,6 +170,7 @@ class QuantizeSummary:
     quantized: list = field(default_factory=list)
     experts: dict = field(default_factory=dict)
     skipped: dict = field(default_factory=dict)
+    label: str = "quantize_"
 
     def record(self, module: torch.nn.Module, path: str, reason: str | None) -> None:
         if reason is not None:

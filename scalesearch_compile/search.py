@@ -374,6 +374,29 @@ def _quantize_chunk(blocks, weights, pts, scales: ScaleChoice, finite: bool):
     return codes, best_code.to(torch.uint8), (best_code - amax_code).to(torch.int16)
 
 
+class BlockRounding:
+    """Rounding to a block scale chosen beforehand, as :func:`quantize_reference` rounds a block once its scale
+    is chosen: for quantizers that fix a block's scale first and round its values later, one column at a time
+    (GPTQ's error feedback). ``scale_codes``: E4M3 codes (rows,); ``per_tensor_scale``: the 0-d global scale."""
+
+    def __init__(self, scale_codes: torch.Tensor, per_tensor_scale: torch.Tensor):
+        self.norm = normaliser(per_tensor_scale)
+        table = e4m3_value_table(scale_codes.device)
+        codes = scale_codes.long()
+        self.multiplier = _scale_factors(codes, per_tensor_scale * self.norm, table)[0].unsqueeze(-1)
+        self.scale = (per_tensor_scale * table[codes]).unsqueeze(-1)
+
+    def values(self, x: torch.Tensor) -> torch.Tensor:
+        """float32 ``x`` (rows, n) rounded: ``e2m1 * (pts * e4m3(code))``, the values ``NVFP4Blocks.dequantize``
+        gives for :meth:`codes` (a rounded zero may differ in sign)."""
+        y = x * self.norm * self.multiplier
+        return torch.copysign(e2m1_round(y.abs()), y) * self.scale
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 E2M1 codes (rows, n) of ``x``."""
+        return e2m1_encode((x * self.norm * self.multiplier).clamp(-E2M1_MAX, E2M1_MAX))
+
+
 def quantize_reference(request: QuantizeRequest) -> NVFP4Blocks:
     """The PyTorch reference of NVFP4 quantization with searched scales (module docstring): what every
     implementation must reproduce bit for bit."""
