@@ -50,6 +50,8 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from scalesearch_compile.calibration import expert_key, input_statistics
+from scalesearch_compile.config import ScaleSearchConfig
+from scalesearch_compile.gptq import gptq_quantize_
 from scalesearch_compile.layout import BLOCK_SIZE
 from scalesearch_compile.policy import (
     ROUTER_NAMES,
@@ -65,6 +67,7 @@ from scalesearch_compile.search import (
     global_scale,
     quantize_blocks,
 )
+from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor
 
 SCHEMES = ("w4a16", "w4a4")
 FORMATS = ("compressed-tensors", "modelopt")
@@ -94,6 +97,7 @@ class ExportOptions:
     method: str = "search"
     format: str = "compressed-tensors"
     calibration: str | Path | None = None
+    gptq: bool = False
     ignore: tuple = ()
     overwrite: bool = False
     verbose: bool = False
@@ -119,7 +123,9 @@ class ExportOptions:
                 "ModelOpt's NVFP4 format (quant_algo NVFP4) is W4A4: pass --scheme w4a4 with --calibration, "
                 "or --format compressed-tensors for weight-only"
             )
-        for name in ("overwrite", "verbose", "progress"):
+        if self.gptq is True and self.calibration is None:
+            raise ExportError("--gptq needs --calibration FILE: GPTQ's Hessians come from calibration inputs")
+        for name in ("gptq", "overwrite", "verbose", "progress"):
             if not isinstance(getattr(self, name), bool):
                 raise ExportError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -151,7 +157,7 @@ class ExportSummary:
     def text(self) -> str:
         o = self.options
         lines = [
-            f"scalesearch-export: {self.out_dir} ({o.format}, {o.scheme}, method={o.method}): "
+            f"scalesearch-export: {self.out_dir} ({o.format}, {o.scheme}, method={o.method}{', GPTQ' * o.gptq}): "
             f"{len(self.quantized)} layers NVFP4, {sum(map(len, self.dense.values()))} dense; "
             f"{self.bytes_in / 1e6:.1f} MB in, {self.bytes_out / 1e6:.1f} MB out; weight error "
             f"{100 * self.error_reduction():.1f}% below amax scales"
@@ -271,8 +277,8 @@ def _groups(paths: Sequence[str]) -> dict[str, str]:
     return group_of
 
 
-def _calibrate(model_dir: Path, stored: dict[str, _Stored], options: ExportOptions) -> dict:
-    """On-disk weight name -> the statistics of its inputs over the calibration text (one sample a line)."""
+def _calibration(model_dir: Path, options: ExportOptions) -> tuple[torch.nn.Module, list]:
+    """The float32 model and the calibration text (one sample a line) tokenized in batches."""
     path = Path(options.calibration)
     if not path.is_file():
         raise ExportError(f"calibration file {path} does not exist")
@@ -292,14 +298,37 @@ def _calibrate(model_dir: Path, stored: dict[str, _Stored], options: ExportOptio
     model = model_class.from_pretrained(model_dir, dtype=torch.float32).eval()
     size = options.batch_size
     max_length = min(tokenizer.model_max_length, 512)
-    batches = (
+    batches = [
         dict(tokenizer(lines[i : i + size], padding=True, truncation=True, max_length=max_length, return_tensors="pt"))
         for i in range(0, len(lines), size)
-    )
-    total = -(-len(lines) // size)
-    bar = tqdm(batches, total=total, desc="scalesearch-export calibration", unit="batch", disable=not options.progress)
+    ]
+    return model, batches
+
+
+def _calibrate(model, batches, stored: dict[str, _Stored], options: ExportOptions) -> dict:
+    """On-disk weight name -> the statistics of its inputs over the calibration batches."""
+    bar = tqdm(batches, desc="scalesearch-export calibration", unit="batch", disable=not options.progress)
     stats = input_statistics(model, bar)
     return {name: stats[weight.key] for name, weight in stored.items() if weight.key in stats}
+
+
+def _gptq(model, batches, stored: dict[str, _Stored], plan: dict, scales: dict, options: ExportOptions) -> dict:
+    """On-disk weight name -> the NVFP4Weight GPTQ makes of it (:func:`gptq_quantize_` on the calibration
+    batches, each layer under its fused group's global scale), for the planned linear layers; an expert's
+    weights are not linear layers and keep the searched rounding."""
+    modules = dict(model.named_modules())
+    layers = {stored[name].key: name for name in plan if stored[name].key in modules}
+    others = [path for path, module in modules.items() if is_linear_layer(module) and path not in layers]
+    activations = "nvfp4" if options.scheme == "w4a4" else None
+    config = ScaleSearchConfig(method=options.method, activations=activations, exclude=others, progress=False)
+    own = {path: scales[name] for path, name in layers.items() if scales[name] is not None}
+    gptq_quantize_(model, batches, config, global_scales=own, progress=options.progress)
+    quantized = {}
+    for path, name in layers.items():
+        weight = modules[path].weight
+        if isinstance(weight, ScaleSearchNVFP4Tensor):
+            quantized[name] = (weight.t() if weight.is_transposed else weight).nvfp4_weight()
+    return quantized
 
 
 def _plan(
@@ -413,7 +442,7 @@ def _weight_error(weight: torch.Tensor, blocks, scales: ScaleChoice, pts) -> lis
     return [(exact - b.dequantize()).square().sum(dtype=torch.float64).item() for b in (blocks, amax)]
 
 
-def _write(model_dir, tmp, shards, plan, scales, stats, options, summary) -> dict[str, str]:
+def _write(model_dir, tmp, shards, plan, scales, stats, gptq, options, summary) -> dict[str, str]:
     """Stream every input shard into an output shard of the same name; returns the output weight map."""
     method = ScaleChoice.of(options.method)
     weight_map = {}
@@ -432,7 +461,10 @@ def _write(model_dir, tmp, shards, plan, scales, stats, options, summary) -> dic
                 stat = stats.get(name)
                 importance = None if stat is None else stat.mean_square()
                 try:
-                    blocks = quantize_blocks(tensor, method, per_tensor_scale=pts, importance=importance)
+                    if name in gptq:
+                        blocks = gptq[name]
+                    else:
+                        blocks = quantize_blocks(tensor, method, per_tensor_scale=pts, importance=importance)
                 except NonFiniteError:
                     summary.leave(path, "NaN or Inf in the weight")
                     out[name] = tensor
@@ -520,14 +552,17 @@ def export_checkpoint(model_dir, out_dir, **options) -> ExportSummary:
     shards = _tensor_names(model_dir)
     summary = ExportSummary(out_dir, opts, bytes_in=sum((model_dir / s).stat().st_size for s in shards))
     stored = _stored_weights(model_dir)
-    stats = _calibrate(model_dir, stored, opts) if opts.calibration is not None else {}
+    model, batches = _calibration(model_dir, opts) if opts.calibration is not None else (None, None)
+    stats = _calibrate(model, batches, stored, opts) if model is not None else {}
     plan = _plan(model_dir, shards, stored, stats, opts, summary)
     scales = _global_scales(model_dir, shards, plan, summary)
+    gptq = _gptq(model, batches, stored, plan, scales, opts) if opts.gptq else {}
+    del model
     _check_whole_experts(stored, {name.removesuffix(".weight") for name in plan}, summary)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
-        weight_map = _write(model_dir, tmp, shards, plan, scales, stats, opts, summary)
+        weight_map = _write(model_dir, tmp, shards, plan, scales, stats, gptq, opts, summary)
         _check_whole_experts(stored, summary.quantized, summary)  # an expert holding NaN or Inf stays dense
         _finish(model_dir, tmp, config, weight_map, opts, summary)
         if out_dir.exists():  # --overwrite: the old export is removed only once the new one is complete
@@ -557,6 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--method", choices=METHODS, default="search", help="block-scale choice")
     parser.add_argument("--format", choices=FORMATS, default="compressed-tensors")
     parser.add_argument("--calibration", metavar="FILE", help="UTF-8 text, one sample a line (w4a4 needs it)")
+    parser.add_argument("--gptq", action="store_true", help="GPTQ error feedback on the calibration text")
     parser.add_argument("--ignore", metavar="REGEX", action="append", default=[], help="module paths to keep dense")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT_DIR")
     parser.add_argument("--verbose", action="store_true", help="one error line per fused group")
@@ -570,6 +606,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             method=args.method,
             format=args.format,
             calibration=args.calibration,
+            gptq=args.gptq,
             ignore=args.ignore,
             overwrite=args.overwrite,
             verbose=args.verbose,

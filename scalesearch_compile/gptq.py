@@ -47,9 +47,16 @@ logger = logging.getLogger("scalesearch_compile")
 LAZY_COLUMNS = 128  # GPTQ's lazy batch: columns updated together before the rest of W
 
 
-def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, scales: ScaleChoice, damping: float) -> NVFP4Weight:
+def gptq_weight(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    scales: ScaleChoice,
+    damping: float,
+    per_tensor_scale: torch.Tensor | None = None,
+) -> NVFP4Weight:
     """The NVFP4 weight GPTQ makes of float ``weight`` (N, K) with ``hessian`` (K, K) = X^T X (module
-    docstring); ValueError when H is not positive definite after damping."""
+    docstring), under ``per_tensor_scale`` (0-d; default the weight's own, ``global_scale(amax)``); ValueError
+    when H is not positive definite after damping."""
     w = weight.detach().float().clone()
     h = hessian.double().clone()
     n, k = w.shape
@@ -61,7 +68,8 @@ def gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, scales: ScaleChoice
     if info:
         raise ValueError(f"the Hessian of the calibration inputs is not positive definite after damping {damping}")
     u = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True).float()
-    pts = global_scale(checked_amax(weight, "weight"))
+    amax = checked_amax(weight, "weight")
+    pts = global_scale(amax) if per_tensor_scale is None else per_tensor_scale.float().reshape(())
     codes = torch.empty((n, k), dtype=torch.uint8, device=w.device)
     scale_codes = torch.empty((n, k // BLOCK_SIZE), dtype=torch.uint8, device=w.device)
     for start in range(0, k, LAZY_COLUMNS):
@@ -187,18 +195,19 @@ def _run_block(block, calls, rows, hessians=None) -> list:
     return following
 
 
-def _quantize_layers(layers, hessians: "_Hessians", policy: LinearPolicy, damping: float, summary) -> None:
+def _quantize_layers(layers, hessians: "_Hessians", policy: LinearPolicy, damping: float, scales, summary) -> None:
     for path, module in layers.items():
-        summary.record(module, path, _quantize_layer(module, hessians.of(path), policy, damping, path))
+        reason = _quantize_layer(module, hessians.of(path), policy, damping, scales.get(path), path)
+        summary.record(module, path, reason)
 
 
-def _quantize_layer(module, hessian, policy: LinearPolicy, damping: float, path: str) -> str | None:
+def _quantize_layer(module, hessian, policy: LinearPolicy, damping: float, pts, path: str) -> str | None:
     if hessian is None:
         return "no calibration input reached it"
     transposed = stores_weight_transposed(module)
     weight = module.weight.t() if transposed else module.weight
     try:
-        nvfp4 = gptq_weight(weight, hessian, policy.scales, damping)
+        nvfp4 = gptq_weight(weight, hessian, policy.scales, damping, pts)
     except NonFiniteError:
         return "NaN or Inf in the weight"
     except ValueError as error:
@@ -233,13 +242,16 @@ def gptq_quantize_(
     config: ScaleSearchConfig | None = None,
     *,
     damping: float = 0.01,
+    global_scales: Mapping[str, torch.Tensor] | None = None,
     progress: bool = True,
 ) -> QuantizeSummary:
     """Quantize ``model``'s linear layers in place with GPTQ and ``config``'s block-scale method (module
     docstring), on calibration ``batches`` (as :func:`scalesearch_compile.calibration.run_batches` takes them:
     tokenizer outputs, with their ``attention_mask`` leaving padding out). W4A16 or W4A4 as ``config`` says;
     ``config.exclude`` applies. ``damping``: the fraction of the mean of diag(H) added to H's diagonal.
-    Returns the :class:`QuantizeSummary`, also logged as one line."""
+    ``global_scales``: module path -> the 0-d global scale to quantize that layer under (default: its own,
+    as ``quantize_``; the serving export passes one per fused group). Returns the :class:`QuantizeSummary`, also
+    logged as one line."""
     config = ScaleSearchConfig() if config is None else config
     if not isinstance(config, ScaleSearchConfig):
         raise ValueError(f"config must be a ScaleSearchConfig, got {type(config).__name__}")
@@ -249,6 +261,7 @@ def gptq_quantize_(
     if not batches:
         raise ValueError("GPTQ needs calibration data: pass at least one batch")
     policy, summary = config.policy(), QuantizeSummary(config, label="GPTQ")
+    global_scales = dict(global_scales or {})
     rows = [_real_rows(batch) for batch in batches]
     found = _transformer_blocks(model)
     blocks = [] if found is None else [(f"{found[0]}.{i}", block) for i, block in enumerate(found[1])]
@@ -265,11 +278,12 @@ def gptq_quantize_(
                 _run_block(block, calls, rows, hessians)
             finally:
                 hessians.close()
-            _quantize_layers(layers, hessians, policy, damping, summary)
+            _quantize_layers(layers, hessians, policy, damping, global_scales, summary)
             del hessians
             calls = _run_block(block, calls, rows)
         inside = [m for _, block in blocks for m in block.modules()]
-        _quantize_outside(model, batches, rows, _layers(model, "", policy, summary, inside), policy, damping, summary)
+        outside = _layers(model, "", policy, summary, inside)
+        _quantize_outside(model, batches, rows, outside, policy, damping, global_scales, summary)
     finally:
         if use_cache:
             model.config.use_cache = use_cache
@@ -277,7 +291,7 @@ def gptq_quantize_(
     return summary
 
 
-def _quantize_outside(model, batches, rows, layers, policy, damping, summary) -> None:
+def _quantize_outside(model, batches, rows, layers, policy, damping, global_scales, summary) -> None:
     """GPTQ of the linear layers outside the blocks, from one pass of the whole (quantized) model."""
     if not layers:
         return
@@ -288,4 +302,4 @@ def _quantize_outside(model, batches, rows, layers, policy, damping, summary) ->
             run_batches(model, [batch])
     finally:
         hessians.close()
-    _quantize_layers(layers, hessians, policy, damping, summary)
+    _quantize_layers(layers, hessians, policy, damping, global_scales, summary)

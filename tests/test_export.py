@@ -482,3 +482,45 @@ def test_experts_not_stored_one_tensor_per_expert_are_an_error(tmp_path):
     with pytest.raises(ExportError, match=r"stores model\.layers\.0\.mlp\.experts\.gate_up_proj as one tensor"):
         export_checkpoint(tmp_path / "gpt-oss", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("scheme", ["w4a16", "w4a4"])
+def test_gptq_export_writes_the_bytes_gptq_quantize_makes(llama_dir, moe_calibration_file, tmp_path, scheme):
+    """--gptq: the exported bytes are gptq_quantize_'s on the same calibration batches, each layer under its
+    fused group's global scale (q/k/v, gate/up share one), lm_head left dense."""
+    from scalesearch_compile import ScaleSearchConfig, gptq_quantize_
+    from scalesearch_compile.export import ExportOptions, _calibration
+
+    out = tmp_path / "gptq"
+    options = dict(scheme=scheme, calibration=moe_calibration_file, gptq=True)
+    summary = export_checkpoint(llama_dir, out, progress=False, **options)
+    assert "GPTQ" in summary.text()
+    model, batches = _calibration(llama_dir, ExportOptions(**options))
+    groups = {"self_attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}
+    scales = {}
+    for i, layer in enumerate(model.model.layers):
+        for block, names in groups.items():
+            weights = [getattr(getattr(layer, block), n).weight for n in names]
+            pts = global_scale(torch.stack([w.abs().amax() for w in weights]).amax())
+            scales.update({f"model.layers.{i}.{block}.{n}": pts for n in names})
+    activations = "nvfp4" if scheme == "w4a4" else None
+    config = ScaleSearchConfig(activations=activations, exclude=["lm_head"], progress=False)
+    gptq_quantize_(model, batches, config, global_scales=scales, progress=False)
+    exported, plain = (
+        tensors(out),
+        tensors(export_checkpoint(llama_dir, tmp_path / "plain", **options | {"gptq": False}, progress=False).out_dir),
+    )
+    differs = 0
+    for path, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and path != "lm_head":
+            w = module.weight.nvfp4_weight()
+            assert torch.equal(exported[f"{path}.weight_packed"], w.qdata), path
+            assert torch.equal(exported[f"{path}.weight_scale"].view(torch.uint8), w.scale_codes), path
+            assert torch.equal(exported[f"{path}.weight_global_scale"], torch.ones(1) / w.per_tensor_scale.reshape(1))
+            differs += not torch.equal(plain[f"{path}.weight_packed"], w.qdata)
+    assert differs > 0 and "lm_head.weight" in exported
+
+
+def test_gptq_needs_calibration(llama_dir, tmp_path):
+    with pytest.raises(ExportError, match="--gptq needs --calibration"):
+        export_checkpoint(llama_dir, tmp_path / "out", gptq=True)
