@@ -284,20 +284,23 @@ def check_kernel_device(tensor, what: str) -> None:
         )
 
 
-def compile_for_gpu(jobs) -> list[dict]:
+def compile_for_gpu(jobs, stages=("ttir", "ptx")) -> list[dict]:
     """Code of kernels compiled for NVIDIA targets with no GPU present (Triton's bundled ptxas checks it): per
-    job ``{"ttir": Triton IR, where the kernel's own integer arithmetic is still visible, "ptx": PTX}``.
+    job ``{stage: code}`` for ``stages`` of Triton's pipeline ("ttir": Triton IR, where the kernel's own integer
+    arithmetic is still visible; "ptx"; "cubin": bytes), plus "shared" (the dynamic shared memory a launch
+    asks for, bytes) and, when "cubin" is asked for, "ptxas_log" (``ptxas -v``: registers, spills).
 
     Each job is ``(module, kernel name, {argument: type} for the non-constexpr arguments, {constexpr: value},
-    compute capability, compile options)``. The interpreter cannot compile, so under TRITON_INTERPRET=1 the
-    jobs run in a fresh Python process without it; this is how the CPU tests catch errors that only a GPU
-    build would meet (the interpreter accepts code a compiler rejects, such as non-constexpr globals).
+    compute capability, compile options[, {argument: attributes}])``; :func:`launch_job` builds one the way a
+    launch specialises. The interpreter cannot compile, so under TRITON_INTERPRET=1 the jobs run in a fresh
+    Python process without it; this is how the CPU tests catch errors that only a GPU build would meet (the
+    interpreter accepts code a compiler rejects, such as non-constexpr globals).
     """
     if INTERPRET:
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, "ptx.pickle")
             with open(path, "wb") as f:
-                pickle.dump(jobs, f)
+                pickle.dump((jobs, tuple(stages)), f)
             env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
             child = f"from {__name__} import _compile_file; _compile_file({path!r})"
             done = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, check=False)
@@ -305,18 +308,59 @@ def compile_for_gpu(jobs) -> list[dict]:
                 raise RuntimeError(f"compiling in a child process failed:\n{done.stderr[-6000:]}")
             with open(path, "rb") as f:
                 return pickle.load(f)
+    import contextlib
+    import io
+
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     results = []
-    for module, name, signature, constexprs, capability, options in jobs:
+    for module, name, signature, constexprs, capability, options, *attrs in jobs:
         fn = getattr(importlib.import_module(module), name)
         fn = getattr(fn, "fn", fn)  # the JIT function under @triton.autotune
         full_signature = {arg: signature.get(arg, "constexpr") for arg in fn.arg_names}
+        attrs = {(fn.arg_names.index(arg),): value for arg, value in (attrs[0] if attrs else {}).items()}
         target = GPUTarget("cuda", capability, 32)
-        asm = triton.compile(ASTSource(fn, full_signature, constexprs), target=target, options=options).asm
-        results.append({stage: asm[stage] for stage in ("ttir", "ptx")})
+        log = io.StringIO()
+        # A cached build skips ptxas, and with it the log: build afresh when the log is wanted.
+        wanted = "cubin" in stages
+        with knobs.compilation.scope(), knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+            knobs.compilation.always_compile = wanted
+            knobs.nvidia.dump_ptxas_log = wanted
+            kernel = triton.compile(ASTSource(fn, full_signature, constexprs, attrs), target=target, options=options)
+        result = {stage: kernel.asm[stage] for stage in stages}
+        result["shared"] = kernel.metadata.shared
+        if wanted:
+            result["ptxas_log"] = log.getvalue()
+        results.append(result)
     return results
+
+
+def launch_job(module: str, name: str, args: dict, constexprs: dict, capability: int, options: dict) -> tuple:
+    """A :func:`compile_for_gpu` job specialised as a launch with these arguments would be.
+
+    ``args`` describes each non-constexpr argument: a pointer type such as ``"*bf16"`` (a tensor, taken to be
+    16-byte aligned as PyTorch's allocations are), a Python int or float (the value). A launch marks aligned
+    pointers and integers divisible by 16 with ``tt.divisibility = 16`` and turns an integer equal to 1 into
+    a constant; the same rules are applied here, with Triton's own specialisation of the values.
+    """
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+
+    signature, constants, attrs = {}, dict(constexprs), {}
+    for arg, value in args.items():
+        if isinstance(value, str):
+            kind, attr = value, "D"
+        else:
+            kind, attr = native_specialize_impl(BaseBackend, value, False, True, True)
+        if kind == "constexpr":
+            constants[arg] = attr
+            continue
+        signature[arg] = kind
+        if attr:
+            attrs[arg] = BaseBackend.parse_attr(attr)
+    return (module, name, signature, constants, capability, options, attrs)
 
 
 def int32_pointer_offsets(ttir: str) -> list[str]:
@@ -332,7 +376,7 @@ def int32_pointer_offsets(ttir: str) -> list[str]:
 def _compile_file(path: str) -> None:
     """Child side of :func:`compile_for_gpu`: read the jobs from ``path``, write their code back to it."""
     with open(path, "rb") as f:
-        jobs = pickle.load(f)
-    code = compile_for_gpu(jobs)
+        jobs, stages = pickle.load(f)
+    code = compile_for_gpu(jobs, stages)
     with open(path, "wb") as f:
         pickle.dump(code, f)

@@ -281,9 +281,14 @@ def _split_k(requested: int | None, m: int, n: int, k: int, device: torch.device
         if not isinstance(requested, int) or requested < 1:
             raise ValueError(f"split_k must be None or a positive int, got {requested!r}")
         return requested
+    sms = 132 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
+    return default_split_k(m, n, k, sms)
+
+
+def default_split_k(m: int, n: int, k: int, sms: int) -> int:
+    """The split :func:`_split_k` picks on a GPU with ``sms`` SMs."""
     if m > DECODE_MAX_M:
         return 1
-    sms = 132 if INTERPRET else torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(8, (2 * sms) // triton.cdiv(n, 64), k // 512))
 
 
