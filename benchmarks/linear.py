@@ -1,15 +1,14 @@
 """Forward time of models whose linear layers are quantized with ``quantize_(model, ScaleSearchConfig(...))``,
-eager and under ``torch.compile``, on the CPU; and the MiniLM sentence-embedding cosines to float32.
+eager and under ``torch.compile``, on the CPU (their accuracy: ``benchmarks/accuracy.py``).
 
-    python benchmarks/linear.py [--repeats 10] [--no-compile] [--no-cosines]
+    python benchmarks/linear.py [--repeats 10] [--no-compile]
 
 Models: the real all-MiniLM-L6-v2 encoder (16 sentences, padded) and a small random Llama built from a config
 (4 layers, hidden 512, batch 4 x 64 tokens). Times are the fastest of ``--repeats`` forward passes under
 ``torch.no_grad`` after two warm-up passes (which also compile), every variant of a model, eager and
 compiled, timed round-robin in the same rounds, and printed with their ratios to the float32 model and to
 torchao's ``NVFP4WeightOnlyConfig`` (amax scales, dequantize-then-matmul) in the same mode; a ratio above 1
-is slower. ``torch.compile`` is the default Inductor backend. The cosines are the mean over the sentences
-of the cosine between quantized and float32 mean-pooled embeddings.
+is slower. ``torch.compile`` is the default Inductor backend.
 """
 
 import argparse
@@ -28,8 +27,8 @@ from torchao.prototype.mx_formats.inference_workflow import NVFP4WeightOnlyConfi
 from torchao.quantization import quantize_  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from scalesearch_compile import ScaleSearchConfig, calibrate  # noqa: E402
-from scalesearch_demo import load_minilm, mean_cosine, sentence_embeddings  # noqa: E402
+from scalesearch_compile import ScaleSearchConfig  # noqa: E402
+from scalesearch_demo import load_minilm  # noqa: E402
 
 VARIANTS = {
     "float32": None,
@@ -61,25 +60,11 @@ def small_llama():
     return LlamaForCausalLM(config).eval(), {"input_ids": ids}
 
 
-def quantized(model, config, calibration_batch=None):
+def quantized(model, config):
     model = copy.deepcopy(model)
-    if calibration_batch is not None:
-        calibrate(model, [calibration_batch])
     if config is not None:
         quantize_(model, config)
     return model
-
-
-def minilm_cosines(model, batch, methods=("amax", "search"), calibrated=False) -> dict:
-    """Mean cosine to float32 embeddings by (activations, method), for W4A16 (None) and W4A4 ("nvfp4")."""
-    reference = sentence_embeddings(model, batch)
-    cosines = {}
-    for activations in (None, "nvfp4"):
-        for method in methods:
-            config = ScaleSearchConfig(method=method, activations=activations, progress=False)
-            m = quantized(model, config, batch if calibrated else None)
-            cosines[(activations, method)] = mean_cosine(sentence_embeddings(m, batch), reference)
-    return cosines
 
 
 @torch.no_grad()
@@ -123,22 +108,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--no-compile", action="store_true", help="time eager mode only")
-    parser.add_argument("--no-cosines", action="store_true", help="skip the MiniLM cosines")
     args = parser.parse_args()
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average {load}")
 
     encoder, sentences = minilm()
-    if not args.no_cosines:
-        cosines = minilm_cosines(encoder, sentences) | {
-            (act, "search + calibration"): cos
-            for (act, _), cos in minilm_cosines(encoder, sentences, ("search",), calibrated=True).items()
-        }
-        print("\nall-MiniLM-L6-v2: mean cosine of sentence embeddings to float32 (float32 itself: 1.0)")
-        print("| scales | W4A16 | W4A4 |")
-        print("|---|---|---|")
-        for method in ("amax", "search", "search + calibration"):
-            print(f"| {method} | {cosines[(None, method)]:.5f} | {cosines[('nvfp4', method)]:.5f} |")
     time_model("all-MiniLM-L6-v2 (16 sentences)", encoder, sentences, args.repeats, not args.no_compile)
     llama, ids = small_llama()
     time_model("small random Llama (4 x 64 tokens)", llama, ids, args.repeats, not args.no_compile)
