@@ -114,7 +114,8 @@ def gemm_cases(target: int, variants, m_override=None):
             args = dict(
                 a_ptr=a_type, a_scale_ptr="*u8" if a_mode == "nvfp4" else a_type, a_pts_ptr="*fp32", w_ptr="*u8",
                 w_scale_ptr="*u8", w_pts_ptr="*fp32", bias_ptr=a_type, row_expert_ptr=a_type,
-                out_ptr="*fp32" if split > 1 else "*bf16", M=m, N=n, K=k, M_BUCKET=triton.next_power_of_2(m),
+                out_ptr="*fp32" if split > 1 else "*bf16", M=m, N=n, K=k, K_WORDS=k // 8, K_BLOCKS=k // 16,
+                M_BUCKET=triton.next_power_of_2(m),
                 A_PTS_STRIDE=0, NUM_EXPERTS=1,
             )  # fmt: skip
             search = variant == "fused"

@@ -256,6 +256,48 @@ def dequantize_tile(codes, scale_codes, ROWS: tl.constexpr, BLOCK_K: tl.constexp
     return tl.reshape(values * scales[:, :, None], (ROWS, BLOCK_K))
 
 
+DEQUANTIZED_SCALE = tl.constexpr(2.0**8)  # dequantize_words returns e2m1 * e4m3 / DEQUANTIZED_SCALE
+_SUBNORMAL_TO_SHIFTED = tl.constexpr(2.0 ** (126 - 8))  # takes e2m1 * 2**-126 to e2m1 / DEQUANTIZED_SCALE
+
+
+@triton.jit
+def dequantize_words(words, scale_codes, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 ``e2m1(codes) * e4m3(scale_codes) * 2**-8`` ``[ROWS, BLOCK_K]`` of int32 words ``[ROWS, BLOCK_K // 8]``
+    (the packed bytes read four at a time, little-endian: element ``8i + j`` is bits ``4j .. 4j + 3`` of word i)
+    and scale codes ``[ROWS, BLOCK_K // 16]`` (code 127 gives NaN, as :func:`dequantize_tile`).
+
+    Cheaper than :func:`dequantize_tile` (one shift-and-mask pair per field instead of decoding exponent and
+    mantissa): the code's magnitude bits placed at float32 bits 22-24 and its sign at bit 31 make the float32
+    ``e2m1 * 2**-126`` (a subnormal for exponent 0: 0.5 * 2**-126 is mantissa 2**22), and one multiply by
+    ``e4m3 * 2**118`` (at most 448 * 2**118 < 2**127) gives ``e2m1 * e4m3 * 2**-8``: a product of a 2-bit and a
+    4-bit significand in [2**-18, 10.5], exact in float32, float16 (multiples of 2**-18 are representable there)
+    and bfloat16. The caller multiplies its float32 dot products by ``DEQUANTIZED_SCALE = 2**8`` (exact). Needs
+    subnormals kept (no flush to zero), which Triton's float32 multiply does (``mul.f32``, no ``.ftz``)."""
+    scale_codes = scale_codes.to(tl.int32)
+    scales = tl.where(scale_codes == E4M3_NAN_CODE, float("nan"), e4m3_value(scale_codes) * _SUBNORMAL_TO_SHIFTED)
+    scales = tl.reshape(tl.join(scales, scales), (ROWS, BLOCK_K // 8))  # a word lies in one block
+    words = words.to(tl.uint32, bitcast=True)
+    # The eight elements of a word are joined in registers (tl.join keeps the new axis in one thread), so each
+    # thread holds whole words and stores its dequantized values contiguously; a [ROWS, BLOCK_K // 8, 8] tensor
+    # of shifts spread them over eight threads.
+    v0, v1 = _word_element(words, 0, scales), _word_element(words, 1, scales)
+    v2, v3 = _word_element(words, 2, scales), _word_element(words, 3, scales)
+    v4, v5 = _word_element(words, 4, scales), _word_element(words, 5, scales)
+    v6, v7 = _word_element(words, 6, scales), _word_element(words, 7, scales)
+    # joined[..., a, b, c] is element 4a + 2b + c of the word
+    even = tl.join(tl.join(v0, v4), tl.join(v2, v6))
+    odd = tl.join(tl.join(v1, v5), tl.join(v3, v7))
+    return tl.reshape(tl.join(even, odd), (ROWS, BLOCK_K))
+
+
+@triton.jit
+def _word_element(words, j: tl.constexpr, scales):
+    """float32 element j (bits 4j .. 4j + 3) of uint32 ``words`` times ``scales`` (:func:`dequantize_words`)."""
+    nibbles = words >> (4 * j)
+    bits = ((nibbles & 7) << 22) | ((nibbles & 8) << 28)
+    return bits.to(tl.float32, bitcast=True) * scales
+
+
 # ---- host side: shared by the launchers and their tests ----
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"

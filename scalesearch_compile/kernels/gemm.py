@@ -25,10 +25,12 @@ import triton
 import triton.language as tl
 
 from scalesearch_compile.kernels._nvfp4 import (
+    DEQUANTIZED_SCALE,
     INTERPRET,
     autotune_configs,
     check_kernel_device,
     dequantize_tile,
+    dequantize_words,
     pack_nibbles,
     quantize_tile,
     unpack_nibbles,
@@ -67,18 +69,42 @@ _CONFIGS = autotune_configs(
 
 
 @triton.jit
-def _load_nvfp4_tile(qdata_ptr, scale_ptr, rows, row_ok, k0, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Packed codes ``[ROWS, BLOCK_K // 2]`` and scale codes ``[ROWS, BLOCK_K // 16]`` at column k0 (0 past K)."""
-    bytes_ = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(
-        qdata_ptr + (rows[:, None] * (K // 2) + bytes_[None, :]),
-        mask=row_ok[:, None] & (bytes_ < K // 2)[None, :],
-        other=0,
-    )
-    blocks = k0 // 16 + tl.arange(0, BLOCK_K // 16)
+def _load_nvfp4_tile(
+    qdata_ptr,
+    scale_ptr,
+    rows,
+    row_ok,
+    tile,
+    K_WORDS,
+    K_BLOCKS,
+    ROWS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WORDS: tl.constexpr = False,
+):
+    """Codes and scale codes ``[ROWS, BLOCK_K // 16]`` of K tile ``tile`` (0 past K): the codes as bytes
+    ``[ROWS, BLOCK_K // 2]``, or with WORDS as int32 words ``[ROWS, BLOCK_K // 8]`` (for :func:`dequantize_words`).
+
+    The row strides ``K_WORDS = K // 8`` (int32 words of codes) and ``K_BLOCKS = K // 16`` are kernel arguments
+    of their own so that a launch marks them divisible by 16 when they are: rows then start 16-byte aligned and
+    scale codes are read 8 bytes at a time (with ``K // 16`` computed in the kernel, one byte at a time)."""
+    if WORDS:
+        words = tile * (BLOCK_K // 8) + tl.arange(0, BLOCK_K // 8)
+        packed = tl.load(
+            qdata_ptr.to(tl.pointer_type(tl.int32)) + (rows[:, None] * K_WORDS + words[None, :]),
+            mask=row_ok[:, None] & (words < K_WORDS)[None, :],
+            other=0,
+        )
+    else:
+        bytes_ = tile * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)  # (k0 // 2 would hide k0's alignment)
+        packed = tl.load(
+            qdata_ptr + (rows[:, None] * (4 * K_WORDS) + bytes_[None, :]),
+            mask=row_ok[:, None] & (bytes_ < 4 * K_WORDS)[None, :],
+            other=0,
+        )
+    blocks = tile * (BLOCK_K // 16) + tl.arange(0, BLOCK_K // 16)
     scales = tl.load(
-        scale_ptr + (rows[:, None] * (K // 16) + blocks[None, :]),
-        mask=row_ok[:, None] & (blocks < K // 16)[None, :],
+        scale_ptr + (rows[:, None] * K_BLOCKS + blocks[None, :]),
+        mask=row_ok[:, None] & (blocks < K_BLOCKS)[None, :],
         other=0,
     )
     return packed, scales
@@ -96,6 +122,8 @@ def _tile_product(
     col_ok,
     a_pts,
     K,
+    K_WORDS,
+    K_BLOCKS,
     first_tile,
     last_tile,
     A_MODE: tl.constexpr,
@@ -112,14 +140,20 @@ def _tile_product(
 ):
     """float32 ``[BLOCK_M, BLOCK_N]``: the rows ``row_ok`` of A times the weight rows ``cols`` over K tiles
     ``first_tile`` until ``last_tile``, global scales not applied (the kernel's docstring)."""
+    SWAP_AB: tl.constexpr = BLOCK_M <= 16 and not DOT_SCALED
     a_norm = tl.math.div_rn(1.0, a_pts)  # "float" mode: a power of two, so exact
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP_AB: the transposed product
     nan_rows = tl.zeros((BLOCK_M,), dtype=tl.int32)  # dot_scaled: rows with a NaN scale code (see below)
     for tile in range(first_tile, last_tile):
         k0 = tile * BLOCK_K
-        w_packed, w_scales = _load_nvfp4_tile(w_ptr, w_scale_ptr, cols, col_ok, k0, K, BLOCK_N, BLOCK_K)
+        w_packed, w_scales = _load_nvfp4_tile(
+            w_ptr, w_scale_ptr, cols, col_ok, tile, K_WORDS, K_BLOCKS, BLOCK_N, BLOCK_K, WORDS=not DOT_SCALED
+        )
         if A_MODE == "nvfp4":
-            a_packed, a_scales = _load_nvfp4_tile(a_ptr, a_scale_ptr, rows, row_ok, k0, K, BLOCK_M, BLOCK_K)
+            a_packed, a_scales = _load_nvfp4_tile(
+                a_ptr, a_scale_ptr, rows, row_ok, tile, K_WORDS, K_BLOCKS, BLOCK_M, BLOCK_K
+            )
             if not DOT_SCALED:
                 a = dequantize_tile(unpack_nibbles(a_packed, BLOCK_M, BLOCK_K), a_scales, BLOCK_M, BLOCK_K)
         else:
@@ -150,10 +184,17 @@ def _tile_product(
                 acc,
             )
         else:
-            w = dequantize_tile(unpack_nibbles(w_packed, BLOCK_N, BLOCK_K), w_scales, BLOCK_N, BLOCK_K)
-            acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
+            w = dequantize_words(w_packed, w_scales, BLOCK_N, BLOCK_K)  # divided by DEQUANTIZED_SCALE
+            if SWAP_AB:
+                acc_t = tl.dot(w.to(DOT_DTYPE), tl.trans(a.to(DOT_DTYPE)), acc_t, input_precision=INPUT_PRECISION)
+            else:
+                acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
+    if SWAP_AB:
+        acc = tl.trans(acc_t)
     if DOT_SCALED:
         acc = tl.where(nan_rows[:, None] > 0, float("nan"), acc)
+    else:
+        acc = acc * DEQUANTIZED_SCALE  # a power of two: exact
     return acc
 
 
@@ -179,6 +220,8 @@ def _nvfp4_gemm_kernel(
     M,
     N,
     K,
+    K_WORDS,  # K // 8 and K // 16: row strides of code words and scale codes, marked divisible by 16 when they are
+    K_BLOCKS,
     M_BUCKET,  # next power of two of M: only an autotuning key, so decode and prefill keep their own configs
     A_PTS_STRIDE,
     NUM_EXPERTS,
@@ -245,15 +288,16 @@ def _nvfp4_gemm_kernel(
             if tl.max(mine.to(tl.int32)) > 0:  # sorted rows: only an expert with no rows at all is skipped
                 w_rows = tl.cast(e, tl.int64) * N
                 part = _tile_product(
-                    a_ptr, a_scale_ptr, w_ptr + w_rows * (K // 2), w_scale_ptr + w_rows * (K // 16), rows, mine,
-                    cols, col_ok, a_pts, K, first_tile, last_tile, A_MODE, METHOD, LO, HI, HAS_A_PTS, DOT_DTYPE,
-                    INPUT_PRECISION, DOT_SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
+                    a_ptr, a_scale_ptr, w_ptr + w_rows * (4 * K_WORDS), w_scale_ptr + w_rows * K_BLOCKS, rows, mine,
+                    cols, col_ok, a_pts, K, K_WORDS, K_BLOCKS, first_tile, last_tile, A_MODE, METHOD, LO, HI,
+                    HAS_A_PTS, DOT_DTYPE, INPUT_PRECISION, DOT_SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
                 )  # fmt: skip
                 acc = tl.where(mine[:, None], part * tl.load(w_pts_ptr + e), acc)
     else:
         acc = _tile_product(
-            a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows, row_ok, cols, col_ok, a_pts, K, first_tile, last_tile,
-            A_MODE, METHOD, LO, HI, HAS_A_PTS, DOT_DTYPE, INPUT_PRECISION, DOT_SCALED, BLOCK_M, BLOCK_N, BLOCK_K,
+            a_ptr, a_scale_ptr, w_ptr, w_scale_ptr, rows, row_ok, cols, col_ok, a_pts, K, K_WORDS, K_BLOCKS,
+            first_tile, last_tile, A_MODE, METHOD, LO, HI, HAS_A_PTS, DOT_DTYPE, INPUT_PRECISION, DOT_SCALED,
+            BLOCK_M, BLOCK_N, BLOCK_K,
         )  # fmt: skip
         if HAS_W_PTS:
             acc = acc * tl.load(w_pts_ptr)
@@ -351,6 +395,8 @@ def _launch(
         m,
         n,
         k,
+        k // 8,
+        k // 16,
         triton.next_power_of_2(m),
         0 if a_pts is None or a_pts.numel() == 1 else 1,
         weight.num_experts or 1,
