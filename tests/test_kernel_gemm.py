@@ -65,6 +65,30 @@ def test_w4a16_matches_float64(m, n, k, split_k):
     assert relative_error(out, reference(x, w, bias)) < 1e-5
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a16_many_rows_dequantize_once(monkeypatch, dtype):
+    """From DEQUANTIZE_MIN_M rows, W4A16 dequantizes the weight once (exact values) and multiplies with torch:
+    the same numbers as the fused kernel to float32 rounding, bias and global scales included."""
+    from scalesearch_compile.kernels import gemm
+
+    m, n, k = 24, 40, 144
+    w, x = make_weight(n, k), make_input(m, k, dtype=dtype)
+    bias = torch.randn(n)
+    args = (x.to(DEVICE), device_weight(w), bias.to(DEVICE))
+    fused = nvfp4_linear_triton(*args, act=None, out_dtype=torch.float32)
+    monkeypatch.setattr(gemm, "DEQUANTIZE_MIN_M", m)
+    calls = []
+    monkeypatch.setattr(gemm, "_launch", lambda *a, **kw: calls.append(a))  # the fused kernel must not run
+    once = nvfp4_linear_triton(*args, act=None, out_dtype=torch.float32)
+    assert calls == []
+    assert relative_error(once, reference(x, w, bias)) < 1e-5
+    assert relative_error(once, fused.double().cpu()) < 1e-6
+    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    e2m1 = torch.cat([grid, -grid])[torch.stack([w.qdata & 15, w.qdata >> 4], -1).flatten(-2).long()]
+    e4m3 = w.scale_codes.view(torch.float8_e4m3fn).float().repeat_interleave(16, -1)
+    assert torch.equal(gemm.dequantize_weight_triton(device_weight(w), dtype).cpu().float(), e2m1 * e4m3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_w4a16_half_inputs(dtype):
     """bf16/fp16 activations: float32 output to 1e-5; in their own dtype to within the output rounding."""
@@ -404,3 +428,16 @@ def test_autotune_key_holds_every_code_changing_constexpr():
     from scalesearch_compile.kernels.gemm import _nvfp4_gemm_kernel
 
     assert autotune_key_gaps(_nvfp4_gemm_kernel) == set()
+
+
+def test_dequantize_kernel_compiles_with_wide_loads():
+    """The dequantize-once kernel builds for sm_90 with the launch's specialisation: 16-byte code loads."""
+    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, launch_job
+
+    args = dict(qdata_ptr="*u8", scale_ptr="*u8", out_ptr="*bf16", N=4096, K_WORDS=512, K_BLOCKS=256)
+    options = {"num_warps": 4, "num_stages": 3, "enable_fp_fusion": False}
+    job = launch_job(
+        "scalesearch_compile.kernels.gemm", "_dequantize_kernel", args, {"BLOCK_N": 64, "BLOCK_K": 128}, 90, options
+    )
+    (code,) = compile_for_gpu([job])
+    assert "ld.global.v4.b32" in code["ptx"]

@@ -360,7 +360,7 @@ def compile_for_gpu(jobs, stages=("ttir", "ptx")) -> list[dict]:
     results = []
     for module, name, signature, constexprs, capability, options, *attrs in jobs:
         fn = getattr(importlib.import_module(module), name)
-        fn = getattr(fn, "fn", fn)  # the JIT function under @triton.autotune
+        fn = fn.fn if hasattr(fn, "configs") else fn  # the JIT function under @triton.autotune
         full_signature = {arg: signature.get(arg, "constexpr") for arg in fn.arg_names}
         attrs = {(fn.arg_names.index(arg),): value for arg, value in (attrs[0] if attrs else {}).items()}
         target = GPUTarget("cuda", capability, 32)

@@ -50,6 +50,11 @@ from scalesearch_compile.search import (
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 DECODE_MAX_M = 16
+# W4A16 from this many rows on dequantizes the weight once and calls torch.mm (cuBLAS): the fused kernel
+# dequantizes every weight tile once per BLOCK_M rows (16 times at M = 2048 with 128-row tiles), while the
+# separate pass costs one write and one read of the (N, K) weight in 16 bits, 4 bytes a value. A paper choice
+# (weights dequantized at least four times), not yet timed on a GPU; ``benchmarks/gpu_check.sh`` times both.
+DEQUANTIZE_MIN_M = 512
 NO_SEARCH = ScaleChoice("amax", (0, 0))  # the scale-choice constexprs of launches that quantize nothing
 
 # Tile shapes from Triton's Hopper matmul tutorial (128x128 / 128x64 / 64x128 with 4-8 warps, 3-4 stages),
@@ -309,6 +314,60 @@ def _nvfp4_gemm_kernel(
     tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _dequantize_kernel(
+    qdata_ptr, scale_ptr, out_ptr, N, K_WORDS, K_BLOCKS, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):  # fmt: skip
+    """``out[n, k] = e2m1 * e4m3`` (no global scale) of one ``[BLOCK_N, BLOCK_K]`` tile, in out's dtype: exact in
+    float32, bfloat16 and float16 (``_nvfp4.dequantize_tile``); scale code 127 gives NaN."""
+    cols = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    col_ok = cols < N
+    tile = tl.program_id(1)
+    words, scales = _load_nvfp4_tile(
+        qdata_ptr, scale_ptr, cols, col_ok, tile, K_WORDS, K_BLOCKS, BLOCK_N, BLOCK_K, WORDS=True
+    )
+    values = dequantize_words(words, scales, BLOCK_N, BLOCK_K) * DEQUANTIZED_SCALE  # a power of two: exact
+    ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+    offsets = cols[:, None] * (8 * K_WORDS) + ks[None, :]
+    tl.store(out_ptr + offsets, values.to(out_ptr.dtype.element_ty), mask=col_ok[:, None] & (ks < 8 * K_WORDS)[None, :])
+
+
+def dequantize_weight_triton(weight: NVFP4Weight, dtype: torch.dtype) -> torch.Tensor:
+    """``(N, K)`` ``e2m1 * e4m3`` of a (single, not experts) weight in ``dtype``, global scale not applied."""
+    n, k = weight.out_features, weight.in_features
+    out = torch.empty((n, k), dtype=dtype, device=weight.qdata.device)
+    block_n, block_k = (32, 64) if INTERPRET else (64, 128)
+    grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k))
+    _dequantize_kernel[grid](
+        weight.qdata.contiguous(), weight.scale_codes.contiguous(), out, n, k // 8, k // 16, block_n, block_k
+    )
+    return out
+
+
+def _dequantized_linear(rows, weight: NVFP4Weight, bias, act_scale, out_dtype) -> torch.Tensor:
+    """W4A16 for many rows: the weight dequantized once, then one matmul with float32 accumulation and the
+    kernel's epilogue (times the weight's global scale, times the activation's power of two, plus bias, cast).
+
+    The operands are the kernel's exactly (rows divided by the power of two ``act_scale``, exact; the weight's
+    E2M1 x E4M3 values, exact in the rows' dtype). On CUDA a half-precision product runs in cuBLAS with a float32
+    output (``torch.mm(..., out_dtype=torch.float32)``) and float32 as torch runs it (no TF32 unless the user
+    allowed it); elsewhere (the interpreter tests) in float32 from the same values.
+    """
+    w = dequantize_weight_triton(weight, rows.dtype)
+    a = rows if act_scale is None else (rows.float() / act_scale).to(rows.dtype)  # as the kernel: exact
+    if rows.is_cuda and rows.dtype != torch.float32:
+        acc = torch.mm(a, w.T, out_dtype=torch.float32)
+    else:
+        acc = torch.mm(a.float(), w.float().T)
+    if weight.per_tensor_scale is not None:
+        acc = acc * weight.per_tensor_scale
+    if act_scale is not None:
+        acc = acc * act_scale
+    if bias is not None:
+        acc = acc + bias.float()
+    return acc.to(out_dtype)
+
+
 def _use_dot_scaled(requested: bool | None, device: torch.device) -> bool:
     """Whether W4A4 runs on ``tl.dot_scaled``: where it exists (compute capability 10.x / 12.x) unless refused."""
     available = not INTERPRET and torch.cuda.get_device_capability(device)[0] in (10, 12)
@@ -512,6 +571,8 @@ def _linear(rows, weight, bias, act, act_scale, out_dtype, split: int, fuse: boo
     """``rows`` (M, K) times the weight: W4A16 dividing the rows by the power of two ``act_scale`` (act None;
     None: not scaled), or W4A4 quantizing them with ``act`` and the global scale ``act_scale``, in the GEMM
     prologue (``fuse``) or by the quantize kernel first."""
+    if act is None and row_experts is None and rows.shape[0] >= DEQUANTIZE_MIN_M:
+        return _dequantized_linear(rows, weight, bias, act_scale, out_dtype)
     if act is None:
         return _launch(
             "float",
