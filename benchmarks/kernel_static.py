@@ -10,8 +10,9 @@ constants), on Llama-3-8B-like shapes (``SHAPES``). From the build:
 - registers, spill stores / loads (bytes a thread writes to / reads from local memory) from ``ptxas -v``
   (the ptxas bundled with Triton, run by Triton's own compile with its own flags), and the dynamic shared
   memory a launch asks for;
-- SASS from the bundled ``cuobjdump -sass``; the steady-state loop is the widest backward branch of the
-  kernel's main body (barrier spin-waits nest inside it; subroutines after the last EXIT are left out), or
+- SASS from the bundled ``cuobjdump -sass``; the steady-state loop is the last outermost backward branch of
+  the kernel's main body (barrier spin-waits nest inside it, a prologue loop such as attention's two
+  high-precision tiles comes before it; subroutines after the last EXIT are left out), or
   the whole main body for a kernel without a loop (quantize: one tile a program). Its instruction count is
   per thread (a warp issues each instruction once for 32 threads), so ``loop_instructions_per_unit`` =
   instructions x threads per program / units per iteration: thread-instructions per weight byte (GEMM: E2M1
@@ -114,7 +115,8 @@ def gemm_cases(target: int, variants, m_override=None):
             args = dict(
                 a_ptr=a_type, a_scale_ptr="*u8" if a_mode == "nvfp4" else a_type, a_pts_ptr="*fp32", w_ptr="*u8",
                 w_scale_ptr="*u8", w_pts_ptr="*fp32", bias_ptr=a_type, row_expert_ptr=a_type,
-                out_ptr="*fp32" if split > 1 else "*bf16", M=m, N=n, K=k, K_WORDS=k // 8, K_BLOCKS=k // 16,
+                out_ptr="*bf16", partial_ptr="*fp32", ticket_ptr="*i32", M=m, N=n, K=k, K_WORDS=k // 8,
+                K_BLOCKS=k // 16,
                 M_BUCKET=triton.next_power_of_2(m),
                 A_PTS_STRIDE=0, NUM_EXPERTS=1,
             )  # fmt: skip
@@ -220,8 +222,8 @@ def sass_instructions(sass: str) -> list[tuple[int, str]]:
 
 
 def steady_state_loop(instructions: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """The instructions of the widest backward branch's range in the main body (up to the last EXIT), or the
-    whole main body when it has no loop."""
+    """The instructions of the last outermost backward branch's range in the main body (up to the last EXIT),
+    or the whole main body when it has no loop."""
     last_exit = max(i for i, (_, text) in enumerate(instructions) if re.search(r"\bEXIT\b", text))
     body = instructions[: last_exit + 1]
     index_of = {address: i for i, (address, _) in enumerate(body)}
@@ -232,7 +234,8 @@ def steady_state_loop(instructions: list[tuple[int, str]]) -> list[tuple[int, st
             loops.append((index_of[int(branch.group(1), 16)], i))
     if not loops:
         return body
-    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    outermost = [a for a in loops if not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in loops)]
+    start, end = max(outermost)  # the last: a main loop follows any prologue loop (attention's precise tiles)
     return body[start : end + 1]
 
 

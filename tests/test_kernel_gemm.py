@@ -357,6 +357,7 @@ def gemm_job(
     a_type = "*u8" if a_mode == "nvfp4" else "*fp32" if dot_dtype == "fp32" else "*bf16"
     signature = {"a_ptr": a_type, "a_scale_ptr": "*u8", "a_pts_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*u8"}
     signature.update(w_pts_ptr="*fp32", bias_ptr="*bf16", row_expert_ptr="*i32", out_ptr="*bf16")
+    signature.update(partial_ptr="*fp32", ticket_ptr="*i32")
     signature.update(M="i32", N="i32", K="i32", K_WORDS="i32", K_BLOCKS="i32", M_BUCKET="i32", A_PTS_STRIDE="i32")
     signature.update(NUM_EXPERTS="i32")
     block_m, block_n, block_k, group_m = tile

@@ -64,7 +64,7 @@ SASS = """
 """
 
 
-def test_steady_state_loop_is_the_widest_backward_branch(kernel_static):
+def test_steady_state_loop_is_the_last_outermost_backward_branch(kernel_static):
     instructions = kernel_static.sass_instructions(SASS)
     assert len(instructions) == 9
     loop = kernel_static.steady_state_loop(instructions)

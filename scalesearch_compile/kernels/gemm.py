@@ -11,9 +11,10 @@ fused prologue quantizes each activation tile exactly as ``quantize_nvfp4_triton
 so it equals quantize-then-GEMM bit for bit.
 Paths: on compute capability 10.x / 12.x, W4A4 uses ``tl.dot_scaled(..., "e2m1", ...)`` with E4M3 scales;
 elsewhere (Hopper, Ampere, the interpreter) tiles are dequantized in registers and fed to ``tl.dot``.
-Decode shapes (M <= 16) split K across programs; their float32 partial sums are added by torch (in a fixed
-order, so the result is deterministic). An activation block holding NaN or Inf (scale code 127) makes its
-row's outputs NaN, on every path (module ``search``); the other rows are unaffected.
+Decode shapes (M <= 16) split K across programs: each stores its float32 partial sum, and the program that
+finishes a tile last (an atomic ticket per tile) adds the partials in split order, adds the bias and casts, so
+the result is deterministic and needs no further launch. An activation block holding NaN or Inf (scale code
+127) makes its row's outputs NaN, on every path (module ``search``); the other rows are unaffected.
 
 Layouts: the weight is a validated :class:`~scalesearch_compile.layout.NVFP4Weight`; an NVFP4 activation is
 :class:`~scalesearch_compile.layout.NVFP4Blocks` with M rows, its global scale one element or one per row; a
@@ -222,6 +223,8 @@ def _nvfp4_gemm_kernel(
     bias_ptr,
     row_expert_ptr,
     out_ptr,
+    partial_ptr,
+    ticket_ptr,
     M,
     N,
     K,
@@ -259,7 +262,9 @@ def _nvfp4_gemm_kernel(
     multiplied by expert ``row_expert_ptr[r]`` (rows sorted by expert; E: a zero row). A tile is computed once
     per expert its rows hold, each time with the other rows masked, so a tile that straddles a boundary costs
     one extra pass over K.
-    SPLIT_K > 1 stores float32 partial sums ``out[split, M, N]`` without bias; otherwise the finished tile.
+    SPLIT_K > 1: each split stores its float32 partial sum in ``partial_ptr[split, M, N]``, then takes a ticket
+    (``ticket_ptr[tile]``, zero before the launch and again after it); the split that draws the last ticket sums
+    the partials in split order and stores the finished tile. Otherwise a program stores its tile at once.
     """
     tl.static_assert(not (DOT_SCALED and A_MODE == "float"), "dot_scaled needs an NVFP4 activation")
     num_m = tl.cdiv(M, BLOCK_M)
@@ -308,10 +313,25 @@ def _nvfp4_gemm_kernel(
             acc = acc * tl.load(w_pts_ptr)
     if HAS_A_PTS:
         acc = acc * a_pts
-    if HAS_BIAS and SPLIT_K == 1:
-        acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-    out_offsets = tl.program_id(1).to(tl.int64) * M * N + rows[:, None] * N + cols[None, :]
-    tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+    out_offsets = rows[:, None] * N + cols[None, :]
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    last = True
+    if SPLIT_K > 1:
+        tl.store(partial_ptr + (tl.program_id(1).to(tl.int64) * M * N + out_offsets), acc, mask=out_mask)
+        # The CTA barrier orders every thread's partial before the ticket's release (cumulativity); the last
+        # split's acquire makes every partial visible to its loads, which bypass L1 (.cg) all the same.
+        tl.debug_barrier()
+        last = tl.atomic_add(ticket_ptr + pid, 1, sem="acq_rel", scope="gpu") == SPLIT_K - 1
+        if last:
+            acc = tl.load(partial_ptr + out_offsets, mask=out_mask, cache_modifier=".cg")
+            for split in tl.static_range(1, SPLIT_K):
+                # split * M * N < 2**31: K is split only for M <= DECODE_MAX_M rows
+                acc += tl.load(partial_ptr + (split * M * N + out_offsets), mask=out_mask, cache_modifier=".cg")
+            tl.store(ticket_ptr + pid, 0)  # ready for the next launch
+    if last:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptr + out_offsets, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -426,10 +446,12 @@ def _launch(
     """Launch the GEMM kernel on ``a`` ((M, K) floats, or (M, K // 2) codes with ``a_scale_codes``) and finish
     split-K; returns (M, N) in ``out_dtype``. ``row_experts``: each row's expert, for a weight of experts."""
     m, n, k = a.shape[0], weight.out_features, weight.in_features
-    if split_k == 1:
-        out = torch.empty((m, n), dtype=out_dtype, device=a.device)
-    else:
-        out = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
+    out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+    partials = tickets = out  # placeholders, never read unless split_k > 1
+    if split_k > 1:
+        partials = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
+        tiles = max(triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in _CONFIGS)
+        tickets = torch.zeros(tiles, dtype=torch.int32, device=a.device)  # one memset; the kernel leaves them 0
     if INTERPRET and dot_dtype == torch.bfloat16:
         dot_dtype = torch.float32  # Triton 3.9's interpreter computes bf16 dots wrongly; bf16 -> fp32 is exact
 
@@ -451,6 +473,8 @@ def _launch(
         pointer(bias),
         pointer(row_experts),
         out,
+        partials,
+        tickets,
         m,
         n,
         k,
@@ -473,10 +497,7 @@ def _launch(
         GROUPED=row_experts is not None,
         enable_fp_fusion=False,
     )
-    if split_k == 1:
-        return out
-    out = out.sum(0)
-    return (out if bias is None else out + bias.float()).to(out_dtype)
+    return out
 
 
 def _launch_w4a4(
