@@ -120,11 +120,18 @@ class ScaleSearchBackend:
             logger.info("scalesearch backend: %s", report.summary())
         if not o.inductor:
             return gm.forward
-        from torch._inductor import list_mode_options
+        from torch._inductor import config, list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
+        from scalesearch_compile.ops.lowering import SourceStamp, inductor_decompositions
+
         mode = torch_kwargs.get("mode")
-        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode) if mode else None)
+        # the CPU lowering (ops.lowering): the scalesearch ops decomposed to their references, the source in the
+        # cache key
+        patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": SourceStamp()}
+        with config.patch(patches):
+            decompositions = inductor_decompositions()
+        return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
 
     def rewritten(self, kind: str) -> int:
         """How many calls of ``kind`` ("linear", "attention" or "experts") the compiled graphs rewrote, in

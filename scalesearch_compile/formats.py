@@ -92,15 +92,20 @@ def e4m3_encode(x: torch.Tensor) -> torch.Tensor:
     return code.to(torch.uint8)
 
 
+def e4m3_code_value(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of E4M3 codes (integer tensor, 0..127; 127 is NaN), from the bits: a normal code
+    ``e << 3 | m`` is the float32 with exponent ``e + 120`` and mantissa ``m << 20``, a subnormal one ``m * 2**-9``.
+    Exact, and element-wise (no table lookup), so that Inductor vectorises it."""
+    codes = codes.to(torch.int32)
+    mantissa = codes & 7
+    normal = (((codes >> 3) + (127 - 7)) << 23 | (mantissa << 20)).view(torch.float32)
+    values = torch.where(codes >= 8, normal, mantissa.float() * 2.0**-9)
+    return torch.where(codes == E4M3_NAN_CODE, torch.nan, values)
+
+
 def e4m3_value_table(device=None) -> torch.Tensor:
     """float32 values of E4M3 codes 0..127 (increasing up to 448 at code 126; code 127 is NaN)."""
-    codes = torch.arange(E4M3_NAN_CODE + 1, dtype=torch.int32, device=device)
-    exponent = codes >> 3
-    mantissa = (codes & 7).float()
-    normal = (1.0 + mantissa * 0.125) * torch.exp2((exponent - 7).float())
-    subnormal = mantissa * 2.0**-9
-    values = torch.where(exponent == 0, subnormal, normal)
-    return torch.where(codes == E4M3_NAN_CODE, torch.nan, values)
+    return e4m3_code_value(torch.arange(E4M3_NAN_CODE + 1, dtype=torch.int32, device=device))
 
 
 def e4m3_decode(codes: torch.Tensor) -> torch.Tensor:
@@ -142,26 +147,40 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return codes[..., 0::2] | (codes[..., 1::2] << 4)
 
 
+def e2m1_code_value(codes: torch.Tensor) -> torch.Tensor:
+    """float32 values of E2M1 codes (integer tensor, 0..15; code 8 is -0.0), element-wise: magnitude code m is
+    m / 2 up to 4 (2.0), then 3, 4, 6."""
+    m = (codes & 7).float()
+    magnitude = torch.where(m < 5.0, m * 0.5, torch.where(m < 7.0, m - 2.0, E2M1_MAX))
+    return torch.where(codes >= 8, -magnitude, magnitude)
+
+
 def _byte_value_bits() -> list:
     """For each byte 0..255, the float32 values of its two E2M1 codes (low nibble first) as the 8 bytes of one
     int64, so that one gather decodes both nibbles."""
     codes = torch.stack([torch.arange(256) & 0xF, torch.arange(256) >> 4], dim=-1)
-    return e2m1_value_table()[codes].view(torch.int64).flatten().tolist()
+    return e2m1_code_value(codes).view(torch.int64).flatten().tolist()
 
 
-# Python ints, not a cached tensor: the table is rebuilt per call (256 values) so that it is a fresh constant
-# when AOTAutograd traces a caller with fake tensors.
+# Python ints, not a cached tensor: the table is rebuilt per call (256 values).
 _BYTE_VALUE_BITS = _byte_value_bits()
 
 
 def e2m1_decode_packed(packed: torch.Tensor) -> torch.Tensor:
     """float32 values of packed E2M1 codes: uint8 ``(..., n)`` -> ``(..., 2n)``, element 2i from the low nibble.
 
-    One 8-byte gather per byte: 2-4x faster on a 2-core CPU than unpacking the nibbles and gathering each
-    (1536 x 384 weight: 13-25 ms against 47-82 ms, under varying load).
+    Eager: one 8-byte gather per byte from a table of :func:`e2m1_code_value` (2-4x faster on a 2-core CPU than
+    unpacking the nibbles and gathering each, 1536 x 384 weight: 13-25 ms against 47-82 ms under varying load;
+    about 13x faster than the element-wise arithmetic). Under torch.compile (traced by Dynamo, or by AOTAutograd
+    for ``ops.lowering``): :func:`e2m1_code_value` of the two nibbles, interleaved, which Inductor vectorises: 2.2x
+    faster compiled than the gather (1408 x 256 bytes: 0.54 against 1.19 ms on one core). The same bits
+    (tests/test_formats.py).
     """
     if packed.dtype != torch.uint8:
         raise ValueError(f"packed E2M1 codes must be uint8, got dtype {packed.dtype}")
+    if torch.compiler.is_compiling():
+        packed = packed.to(torch.int32)
+        return torch.stack([e2m1_code_value(packed & 0xF), e2m1_code_value(packed >> 4)], dim=-1).flatten(-2)
     table = torch.tensor(_BYTE_VALUE_BITS, dtype=torch.int64, device=packed.device)
     return table[packed.long()].view(torch.float32)
 

@@ -155,7 +155,7 @@ def checked_amax(x: torch.Tensor, what: str = "input") -> torch.Tensor:
 def finite_amax(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """float32 amax of |x| over its finite values (0 where there are none), over all of x or along ``dim``
     (kept). Reads nothing on the host; one temporary the size of x."""
-    magnitudes = x.abs().nan_to_num_(nan=0.0, posinf=0.0)
+    magnitudes = x.abs().nan_to_num(nan=0.0, posinf=0.0)  # out of place: traced by ops.lowering
     return (magnitudes.amax() if dim is None else magnitudes.amax(dim=dim, keepdim=True)).float()
 
 

@@ -21,6 +21,7 @@ from torchao.utils import TorchAOBaseTensor
 
 from scalesearch_compile.layout import BLOCK_SIZE, NVFP4Weight, is_transposed
 from scalesearch_compile.search import PerTensorScale, ScaleChoice, quantize_blocks
+from scalesearch_compile.stamp import source_stamp
 
 ACTIVATIONS = ("nvfp4", None)
 
@@ -143,6 +144,7 @@ class ScaleSearchNVFP4Tensor(TorchAOBaseTensor):
             self.orig_dtype,
             self.per_tensor_scale is None,
             self.act_quant_kwargs,
+            source_stamp(),  # compiled CPU graphs trace the reference (ops.lowering)
         )
         return hashlib.blake2b(repr(key).encode(), digest_size=16).hexdigest()
 

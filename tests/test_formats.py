@@ -10,10 +10,13 @@ from torchao.prototype.mx_formats.kernels import f32_to_f4_unpacked, pack_uint4
 
 from scalesearch_compile.formats import (
     E2M1_VALUES,
+    e2m1_code_value,
     e2m1_decode,
     e2m1_decode_packed,
     e2m1_encode,
     e2m1_round,
+    e2m1_value_table,
+    e4m3_code_value,
     e4m3_decode,
     e4m3_encode,
     e4m3_value_table,
@@ -204,3 +207,20 @@ def test_e2m1_encode_is_nearest_grid_value(value):
     best = min(abs(clamped - math.copysign(v, value)) for v in E2M1_VALUES)
     assert abs(clamped - got) == best
     assert math.copysign(1.0, got) == math.copysign(1.0, value)
+
+
+def test_element_wise_values_equal_the_tables():
+    codes = torch.arange(128, dtype=torch.int32)
+    e4m3 = codes[:127].to(torch.uint8).view(torch.float8_e4m3fn).float()
+    assert torch.equal(e4m3_code_value(codes)[:127].view(torch.int32), e4m3.view(torch.int32))
+    assert torch.isnan(e4m3_code_value(codes)[127])
+    e2m1 = e2m1_code_value(torch.arange(16))
+    assert torch.equal(e2m1.view(torch.int32), e2m1_value_table().view(torch.int32))  # -0.0 for code 8
+
+
+def test_packed_decode_traced_for_inductor_gives_the_eager_bits():
+    packed = torch.arange(256, dtype=torch.uint8).view(8, 32)
+    eager = e2m1_decode_packed(packed)  # the table gather
+    compiled = torch.compile(e2m1_decode_packed, fullgraph=True)(packed)  # element-wise, traced on fake tensors
+    assert torch.equal(eager.view(torch.int32), compiled.view(torch.int32))
+    assert torch.equal(eager.view(torch.int32), e2m1_value_table()[unpack_nibbles(packed).long()].view(torch.int32))

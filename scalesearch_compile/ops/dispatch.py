@@ -4,6 +4,8 @@
 why it cannot be loaded; "auto" runs the kernel on CUDA tensors and the reference elsewhere, and when the
 kernel cannot be loaded on CUDA it warns once (with the reason) and runs the reference.
 Kernel modules are imported on first use, so the package imports without Triton or a GPU.
+Where the reference runs on a CPU, a compiled graph gets the reference itself traced in instead of the opaque
+op (:func:`lowers`, :mod:`scalesearch_compile.ops.lowering`), so that Inductor fuses it.
 """
 
 import functools
@@ -12,6 +14,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
 IMPLS = ("auto", "reference", "triton")
 
@@ -65,3 +68,13 @@ def kernel(op: str, impl: str, device: torch.device) -> Callable | None:
         raise NotImplementedError(f"impl='triton' is not available: {reason}; use impl='reference'")
     _warn_fallback(op, reason)
     return None
+
+
+def lowers(op: str, x: torch.Tensor, impl: str) -> bool:
+    """Whether ``op`` on ``x`` is being traced for a compiled graph by AOTAutograd (fake tensors; not by Dynamo,
+    whose graph keeps the op for the backend, nor by torch.export) on a CPU, where ``impl`` runs the reference:
+    then the graph gets the reference's own operations, which Inductor fuses, instead of an opaque call of the op
+    (:mod:`scalesearch_compile.ops.lowering`)."""
+    if torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting():
+        return False
+    return x.device.type == "cpu" and is_fake(x) and kernel(op, impl, x.device) is None

@@ -23,8 +23,9 @@ in x's dtype.
 
 import torch
 
-from scalesearch_compile.layout import NVFP4Weight
-from scalesearch_compile.ops.dispatch import check_impl, kernel
+import scalesearch_compile.ops.quantize  # noqa: F401  (registers scalesearch::quantize_nvfp4, which lowered_linear calls)
+from scalesearch_compile.layout import NVFP4Blocks, NVFP4Weight
+from scalesearch_compile.ops.dispatch import check_impl, kernel, lowers
 from scalesearch_compile.search import (
     QuantizeRequest,
     ScaleChoice,
@@ -51,8 +52,15 @@ def _checked_arguments(x, weight_qdata, weight_scale, weight_per_tensor_scale, b
     return weight, None if act_method is None else ScaleChoice(act_method, act_window)
 
 
-def reference_linear(x: torch.Tensor, weight: NVFP4Weight, bias: torch.Tensor | None, act: ScaleChoice | None):
-    """The module docstring's numerics in PyTorch: ``x @ W^T (+ bias)``, activations quantized per ``act``."""
+def reference_linear(
+    x: torch.Tensor,
+    weight: NVFP4Weight,
+    bias: torch.Tensor | None,
+    act: ScaleChoice | None,
+    quantize=quantize_reference,
+):
+    """The module docstring's numerics in PyTorch: ``x @ W^T (+ bias)``, activations quantized per ``act`` by
+    ``quantize`` (:func:`quantize_reference`, or the same through the op: :func:`lowered_linear`)."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if rows.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], weight.out_features))
@@ -60,7 +68,7 @@ def reference_linear(x: torch.Tensor, weight: NVFP4Weight, bias: torch.Tensor | 
         x_scale = power_of_two_scale(rows)
         x_hat = rows / x_scale
     else:
-        blocks = quantize_reference(QuantizeRequest.of(rows, act, check_finite=False))
+        blocks = quantize(QuantizeRequest.of(rows, act, check_finite=False))
         x_hat, x_scale = blocks.unscaled(), blocks.per_tensor_scale
     out = x_hat @ weight.unscaled().t()
     if weight.per_tensor_scale is not None:
@@ -86,6 +94,27 @@ def _linear_op(
     weight, act = _checked_arguments(*args)
     linear = kernel("linear", impl, x.device) or reference_linear
     return linear(x, weight, bias, act)
+
+
+def _quantize_by_op(request: QuantizeRequest) -> NVFP4Blocks:
+    """:func:`quantize_reference` of run-time activations (``request``: global scale from x, no importance) as one
+    call of ``scalesearch::quantize_nvfp4``, which runs that very function: the same numbers (offsets left out)."""
+    scales = request.scales
+    qdata, scale_codes, pts = torch.ops.scalesearch.quantize_nvfp4(
+        request.x, scales.method, list(scales.window), "tensor", None, None, "reference"
+    )
+    return NVFP4Blocks(qdata, scale_codes, pts, None)
+
+
+def lowered_linear(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl):
+    """``scalesearch::nvfp4_linear`` as a compiled CPU graph traces it in place of the op (``ops.lowering``): the
+    same reference, with the activations' quantization (W4A4) kept as one call of ``scalesearch::quantize_nvfp4``.
+    Traced, that search is about 200 operations a layer (120 for amax), and Inductor's compile time grew with them
+    past any use (a tiny 2-layer Llama took about 10 minutes to compile on the loaded 2-core CI machine, where the
+    opaque op takes seconds); the weight decode, the matmul and the scaling are what Inductor fuses."""
+    args = (x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
+    weight, act = _checked_arguments(*args)
+    return reference_linear(x, weight, bias, act, quantize=_quantize_by_op)
 
 
 @_linear_op.register_fake
@@ -121,8 +150,10 @@ def nvfp4_linear(
     if not isinstance(weight, ScaleSearchNVFP4Tensor):
         raise ValueError(f"weight must be a ScaleSearchNVFP4Tensor, got {type(weight).__name__}")
     w = weight.nvfp4_weight()
-    act_args = activation_arguments(weight.act_quant_kwargs)
-    return torch.ops.scalesearch.nvfp4_linear(x, w.qdata, w.scale_codes, w.per_tensor_scale, bias, *act_args, impl)
+    args = (x, w.qdata, w.scale_codes, w.per_tensor_scale, bias, *activation_arguments(weight.act_quant_kwargs), impl)
+    if lowers("linear", x, impl):  # a compiled CPU graph being traced: the reference itself, for Inductor to fuse
+        return lowered_linear(*args)
+    return torch.ops.scalesearch.nvfp4_linear(*args)
 
 
 def _product(x, operand, bias=None) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""The CPU lowering (ops.lowering): compiled CPU graphs run the linear reference traced in, not the opaque op, with
+the eager numbers, in every mode, through plain Inductor (quantize_) and through the "scalesearch" backend."""
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+from torchao.quantization import quantize_
+
+import scalesearch_compile
+from scalesearch_compile import ScaleSearchConfig
+from scalesearch_compile.ops.dispatch import lowers
+from scalesearch_compile.ops.lowering import SourceStamp, decompositions
+from scalesearch_compile.stamp import source_stamp
+
+# how the generated wrapper calls an op (provenance comments name the lowered op too)
+LINEAR, QUANTIZE = "torch.ops.scalesearch.nvfp4_linear", "torch.ops.scalesearch.quantize_nvfp4.default("
+
+
+def compiled_run(fn, *args):
+    """``fn(*args)`` and the code Inductor generated for it."""
+    with torch.no_grad():
+        out, code = run_and_get_code(fn, *args)
+    return out, "\n".join(code)
+
+
+def assert_lowered(code: str, activations: str | None):
+    """The compiled graph calls no linear op (its reference is traced in, weight decode and all); only W4A4 calls
+    the activations' quantization, one op call a layer."""
+    assert code, "nothing was compiled"
+    assert LINEAR not in code
+    calls = code.count(QUANTIZE)
+    assert calls == (0 if activations is None else 2), calls
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(64, 96), torch.nn.Linear(96, 32)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+MODES = {
+    "W4A16 amax": dict(method="amax", activations=None),
+    "W4A16 search": dict(method="search", activations=None),
+    "W4A4 amax": dict(method="amax", activations="nvfp4"),
+    "W4A4 search": dict(method="search", activations="nvfp4"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_compiled_quantized_model_matches_eager_in_every_mode(mode):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    quantize_(model, ScaleSearchConfig(progress=False, **MODES[mode]))
+    x = torch.randn(2, 24, 64)
+    with torch.no_grad():
+        eager = model(x)
+    compiled, code = compiled_run(torch.compile(model, fullgraph=True), x)  # plain Inductor
+    assert_lowered(code, MODES[mode]["activations"])
+    # the same float32 operations; only the matmul may add in another order
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activations", ["nvfp4", None])
+def test_backend_lowers_the_linear_ops_it_inserts(activations):
+    torch.manual_seed(0)
+    model = MLP().eval()
+    x = torch.randn(2, 24, 64)
+    with torch.no_grad():
+        eager = torch.compile(model, backend=scalesearch_compile.backend(activations=activations, inductor=False))(x)
+        torch._dynamo.reset()
+        b = scalesearch_compile.backend(activations=activations)
+        compiled, code = compiled_run(torch.compile(model, backend=b, fullgraph=True), x)
+    assert b.rewritten("linear") == 2
+    assert_lowered(code, activations)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_the_lowering_steps_aside_where_the_op_would_not_run_its_reference():
+    x = torch.randn(4, 32)
+    assert not lowers("linear", x, "auto")  # a real tensor: eager keeps calling the op
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+        assert lowers("linear", fake, "auto") and lowers("linear", fake, "reference")
+        assert not lowers("linear", mode.from_tensor(torch.empty(4, 32, device="meta")), "auto")
+    assert set(decompositions()) == {torch.ops.scalesearch.nvfp4_linear.default}
+
+
+def test_cache_keys_cover_the_traced_source(monkeypatch):
+    assert SourceStamp().uuid() == source_stamp() and len(source_stamp()) == 32
+    w = scalesearch_compile.tensor.quantize_weight(torch.randn(32, 64))
+    key = w._stable_hash_for_caching()
+    monkeypatch.setattr(scalesearch_compile.tensor, "source_stamp", lambda: "another source")
+    assert w._stable_hash_for_caching() != key
