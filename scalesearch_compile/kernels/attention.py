@@ -57,6 +57,7 @@ from scalesearch_compile.kernels._nvfp4 import (
 )
 from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton
 
+HP_CHUNK = tl.constexpr(16)  # head_dim columns per float32 product of a high-precision tile
 KERNEL_TOLERANCE = 1e-5  # relative L2 difference from the reference under the interpreter (module docstring)
 # Query rows per program and warps: FlashAttention-2's usual shapes for head_dim 64/128, not yet timed on a GPU
 # (none was available). Compiled without a GPU, sm_100 lowers DOT_SCALED to the block-scaled NVFP4 tcgen05 MMA
@@ -89,6 +90,85 @@ def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.co
     row_scale = tl.maximum(tl.math.div_rn(tl.max(p, 1), 2688.0), GLOBAL_SCALE_MIN)
     codes, scale_codes, _ = quantize_tile(p, row_scale[:, None], True, METHOD, LO, HI, R, N)
     return codes, scale_codes, row_scale
+
+
+@triton.jit
+def _attend_tile(
+    state, start,
+    q_rows, rows, row_ok, dims, v_dims, kv_bh, batch, head, k_len, padded_len, q_packed, q_scale_codes,
+    q_mean, q_scale, k_scale, v_scale, sm_scale, q_hp_ptr, k_codes_ptr, k_scales_ptr, k_hp_ptr, v_codes_ptr,
+    v_scales_ptr, v_hp_ptr, mask_ptr, mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
+    HIGH_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SMOOTH_Q: tl.constexpr,
+    METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DOT_SCALED: tl.constexpr,
+):  # fmt: skip
+    """The online-softmax step of the KV tile at key ``start``: ``state`` = (row max, row sum, output
+    accumulator) updated; HIGH_PRECISION tiles multiply the float32 copies, the others the NVFP4 codes."""
+    m_i, l_i, acc = state
+    cols = start + tl.arange(0, BLOCK_N)
+    k_rows = kv_bh * padded_len + cols
+    if HIGH_PRECISION:  # at most two tiles a row: reloading Q here keeps it out of registers elsewhere
+        # float32 products run as FMAs in registers: HP_CHUNK columns of head_dim at a time keep the operands
+        # small (chained through the accumulator, the sum runs in the same order as one dot)
+        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for d0 in tl.static_range(0, HEAD_DIM, HP_CHUNK):
+            chunk = d0 + tl.arange(0, HP_CHUNK)
+            q_hp = tl.load(q_hp_ptr + (q_rows[:, None] * HEAD_DIM + chunk[None, :]))
+            k_hp = tl.load(k_hp_ptr + (k_rows[:, None] * HEAD_DIM + chunk[None, :]))
+            s = tl.dot(q_hp, tl.trans(k_hp), s, input_precision="ieee")
+    else:
+        k_packed, k_scale_codes = _load_nvfp4(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
+        k_unit = _unit_values(k_packed, k_scale_codes, BLOCK_N, HEAD_DIM)
+        if DOT_SCALED:  # compute capability 10.x/12.x only; not exercised by the interpreter tests
+            s = tl.dot_scaled(
+                q_packed, q_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
+                tl.trans(k_packed), k_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
+            )  # fmt: skip
+        else:  # loop-invariant: the compiler computes it once, before the main loop
+            s = tl.dot(_unit_values(q_packed, q_scale_codes, BLOCK_M, HEAD_DIM), tl.trans(k_unit))
+        s = s * (q_scale * k_scale)
+        if SMOOTH_Q:
+            s += tl.sum(q_mean[None, :] * k_unit.to(tl.float32), 1)[None, :] * k_scale
+    s = s * sm_scale
+    if HAS_MASK:
+        mask_offsets = batch * mask_stride_b + head * mask_stride_h + rows[:, None] * mask_stride_m
+        valid = row_ok[:, None] & (cols < k_len)[None, :]
+        s += tl.load(mask_ptr + (mask_offsets + cols[None, :] * mask_stride_n), mask=valid, other=0.0)
+    allowed = (cols < k_len)[None, :]
+    if IS_CAUSAL:
+        allowed = allowed & (cols[None, :] <= rows[:, None])
+    s = tl.where(allowed, s, float("-inf"))
+
+    new_max = tl.maximum(m_i, tl.max(s, 1))
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha = tl.exp(m_i - safe_max)
+    p = tl.exp(s - safe_max[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HIGH_PRECISION:
+        # Even and odd keys in two products (P split in registers, V rows read to match): smaller operands,
+        # accumulated in place (no separate P.V tile)
+        p_even, p_odd = tl.split(tl.reshape(p, (BLOCK_M, BLOCK_N // 2, 2)))
+        even_rows = kv_bh * padded_len + start + 2 * tl.arange(0, BLOCK_N // 2)
+        v_even = tl.load(v_hp_ptr + (even_rows[:, None] * V_DIM + v_dims[None, :]))
+        acc = tl.dot(p_even, v_even, acc * alpha[:, None], input_precision="ieee")
+        v_odd = tl.load(v_hp_ptr + ((even_rows + 1)[:, None] * V_DIM + v_dims[None, :]))
+        acc = tl.dot(p_odd, v_odd, acc, input_precision="ieee")
+    else:
+        p_codes, p_scale_codes, p_scale = _quantize_probabilities(p, METHOD, LO, HI)
+        v_rows = kv_bh * V_DIM + v_dims
+        v_packed, v_scale_codes = _load_nvfp4(v_codes_ptr, v_scales_ptr, v_rows, padded_len, start, BLOCK_N)
+        if DOT_SCALED:
+            pv = tl.dot_scaled(
+                pack_nibbles(p_codes, BLOCK_M, BLOCK_N), p_scale_codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
+                "e2m1", tl.trans(v_packed), v_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
+            )  # fmt: skip
+        else:
+            p_unit = dequantize_tile(p_codes, p_scale_codes, BLOCK_M, BLOCK_N).to(tl.float16)
+            pv = tl.dot(p_unit, tl.trans(_unit_values(v_packed, v_scale_codes, V_DIM, BLOCK_N)))
+        pv = pv * (p_scale[:, None] * v_scale)
+        acc = acc * alpha[:, None] + pv
+    return new_max, l_i, acc
 
 
 # Sequence lengths enter the key as powers of two (Q_BUCKET, K_BUCKET), so a new length (every decode step)
@@ -125,7 +205,7 @@ def _attention_kernel(
     q_rows = pid_bh * q_len + tl.minimum(rows, q_len - 1)  # rows past the end re-read the last one, never stored
 
     q_packed, q_scale_codes = _load_nvfp4(q_codes_ptr, q_scales_ptr, q_rows, HEAD_DIM, 0, HEAD_DIM)
-    q_unit = _unit_values(q_packed, q_scale_codes, BLOCK_M, HEAD_DIM)
+    q_mean = tl.zeros([HEAD_DIM], tl.float32)
     if SMOOTH_Q:
         q_mean = tl.load(q_mean_ptr + (pid_bh * HEAD_DIM + dims))
     q_scale = tl.load(global_scales_ptr)
@@ -138,60 +218,32 @@ def _attention_kernel(
     end = k_len
     if IS_CAUSAL:
         end = tl.minimum(k_len, (pid_m + 1) * BLOCK_M)
-    for start in range(0, end, BLOCK_N):
-        cols = start + tl.arange(0, BLOCK_N)
-        k_rows = kv_bh * padded_len + cols
-        high_precision = (start < sink_end) | (start == tail_start)
-        if high_precision:  # at most two tiles a row: reloading Q here keeps it out of registers elsewhere
-            q_hp = tl.load(q_hp_ptr + (q_rows[:, None] * HEAD_DIM + dims[None, :]))
-            k_hp = tl.load(k_hp_ptr + (k_rows[:, None] * HEAD_DIM + dims[None, :]))
-            s = tl.dot(q_hp, tl.trans(k_hp), input_precision="ieee")
-        else:
-            k_packed, k_scale_codes = _load_nvfp4(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
-            k_unit = _unit_values(k_packed, k_scale_codes, BLOCK_N, HEAD_DIM)
-            if DOT_SCALED:  # compute capability 10.x/12.x only; not exercised by the interpreter tests
-                s = tl.dot_scaled(
-                    q_packed, q_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
-                    tl.trans(k_packed), k_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
-                )  # fmt: skip
-            else:
-                s = tl.dot(q_unit, tl.trans(k_unit))
-            s = s * (q_scale * k_scale)
-            if SMOOTH_Q:
-                s += tl.sum(q_mean[None, :] * k_unit.to(tl.float32), 1)[None, :] * k_scale
-        s = s * sm_scale
-        if HAS_MASK:
-            mask_offsets = batch * mask_stride_b + head * mask_stride_h + rows[:, None] * mask_stride_m
-            valid = row_ok[:, None] & (cols < k_len)[None, :]
-            s += tl.load(mask_ptr + (mask_offsets + cols[None, :] * mask_stride_n), mask=valid, other=0.0)
-        allowed = (cols < k_len)[None, :]
-        if IS_CAUSAL:
-            allowed = allowed & (cols[None, :] <= rows[:, None])
-        s = tl.where(allowed, s, float("-inf"))
-
-        new_max = tl.maximum(m_i, tl.max(s, 1))
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha = tl.exp(m_i - safe_max)
-        p = tl.exp(s - safe_max[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if high_precision:
-            v_hp = tl.load(v_hp_ptr + (k_rows[:, None] * V_DIM + v_dims[None, :]))
-            pv = tl.dot(p, v_hp, input_precision="ieee")
-        else:
-            p_codes, p_scale_codes, p_scale = _quantize_probabilities(p, METHOD, LO, HI)
-            v_rows = kv_bh * V_DIM + v_dims
-            v_packed, v_scale_codes = _load_nvfp4(v_codes_ptr, v_scales_ptr, v_rows, padded_len, start, BLOCK_N)
-            if DOT_SCALED:
-                pv = tl.dot_scaled(
-                    pack_nibbles(p_codes, BLOCK_M, BLOCK_N), p_scale_codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
-                    "e2m1", tl.trans(v_packed), v_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
-                )  # fmt: skip
-            else:
-                p_unit = dequantize_tile(p_codes, p_scale_codes, BLOCK_M, BLOCK_N).to(tl.float16)
-                pv = tl.dot(p_unit, tl.trans(_unit_values(v_packed, v_scale_codes, V_DIM, BLOCK_N)))
-            pv = pv * (p_scale[:, None] * v_scale)
-        acc = acc * alpha[:, None] + pv
-        m_i = new_max
+    # The high-precision tiles (the sink tile and a trailing partial tile) run first, in a loop of their own, so
+    # the main loop's body is the NVFP4 path alone: fewer registers live across it and no float32 FMA dots in
+    # it. (The online softmax gives the same result in any tile order, up to float32 rounding.)
+    state = (m_i, l_i, acc)
+    args = (
+        q_rows, rows, row_ok, dims, v_dims, kv_bh, batch, head, k_len, padded_len, q_packed, q_scale_codes,
+        q_mean, q_scale, k_scale, v_scale, sm_scale, q_hp_ptr, k_codes_ptr, k_scales_ptr, k_hp_ptr, v_codes_ptr,
+        v_scales_ptr, v_hp_ptr, mask_ptr, mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
+    )  # fmt: skip
+    has_tail = (tail_start >= sink_end) & (tail_start < end)
+    for i in range(0, 2):
+        if ((i == 0) & (sink_end > 0)) | ((i == 1) & has_tail):
+            start = tl.where(i == 0, 0, tail_start)
+            state = _attend_tile(
+                state, start, *args, True, HEAD_DIM, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK, SMOOTH_Q, METHOD,
+                LO, HI, DOT_SCALED,
+            )  # fmt: skip
+    main_end = end
+    if tail_start >= 0:
+        main_end = tl.minimum(end, tail_start)
+    for start in range(sink_end, main_end, BLOCK_N):
+        state = _attend_tile(
+            state, start, *args, False, HEAD_DIM, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK, SMOOTH_Q, METHOD,
+            LO, HI, DOT_SCALED,
+        )  # fmt: skip
+    m_i, l_i, acc = state
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key has acc == 0: zeros, as SDPA
     out_offsets = (pid_bh * q_len + rows)[:, None] * V_DIM + v_dims[None, :]
