@@ -562,8 +562,10 @@ def nvfp4_linear_triton(
 
     ``act`` a :class:`ScaleChoice` (W4A4): x is quantized with those block scales and ``act_per_tensor_scale``
     (as ``quantize_blocks``, at run time: NaN/Inf are not checked, they make their row's outputs NaN), inside
-    the GEMM prologue when ``fuse_act_quant`` (default: M <= 16, where it saves a launch and the activation
-    round trip) or by ``quantize_nvfp4_triton`` first; both give the same bits. ``act=None`` (W4A16): x
+    the GEMM prologue when ``fuse_act_quant`` (saves a launch, but every N tile and K split quantizes its
+    activation tile again: 64-151 thread-instructions per weight byte at decode against 8-20 unfused, in
+    ``benchmarks/kernel_static.py``) or, by default, by ``quantize_nvfp4_triton`` first, once per row block;
+    both give the same bits. ``act=None`` (W4A16): x
     (float32 / bfloat16 / float16) is multiplied as is. ``split_k`` (default: more than 1 only for M <= 16)
     splits the reduction across programs. ``use_dot_scaled``: None picks ``tl.dot_scaled`` for W4A4 where the
     GPU has it; False forces dequantize. Reads nothing on the host.
@@ -583,7 +585,7 @@ def nvfp4_linear_triton(
 
     rows = x.reshape(m, k).contiguous()
     act_scale = power_of_two_scale(rows) if act is None else act_per_tensor_scale
-    fuse = m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant
+    fuse = bool(fuse_act_quant)  # None: quantize once per row block first (the docstring)
     out = _linear(rows, weight, bias, act, act_scale, out_dtype, split, fuse, dot_scaled)
     return out.view(*x.shape[:-1], n)
 
@@ -651,5 +653,5 @@ def nvfp4_grouped_linear_triton(
     rows = x.contiguous()
     experts = expert_of_rows(offsets, m).to(torch.int32)
     scales = group_scales(rows, experts, weight.num_experts, act)
-    fuse = m <= DECODE_MAX_M if fuse_act_quant is None else fuse_act_quant
+    fuse = bool(fuse_act_quant)  # None: quantize once per row block first (the docstring)
     return _linear(rows, weight, None, act, scales, x.dtype, split, fuse, dot_scaled, experts)
