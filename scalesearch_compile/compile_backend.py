@@ -123,14 +123,15 @@ class ScaleSearchBackend:
         from torch._inductor import config, list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        from scalesearch_compile.ops.lowering import SourceStamp, inductor_decompositions
+        from scalesearch_compile.ops import lowering
 
         mode = torch_kwargs.get("mode")
-        # the CPU lowering (ops.lowering): the scalesearch ops decomposed to their references, the source in the
-        # cache key
-        patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": SourceStamp()}
-        with config.patch(patches):
-            decompositions = inductor_decompositions()
+        # the CPU lowering (ops.lowering): the linear ops decomposed to their reference, its source in the cache key
+        patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": lowering.SourceStamp()}
+        decompositions = None
+        if lowering.applies(example_inputs, o.impl):
+            with config.patch(patches):
+                decompositions = lowering.inductor_decompositions()
         return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
 
     def rewritten(self, kind: str) -> int:

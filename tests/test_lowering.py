@@ -7,9 +7,10 @@ from torch._inductor.utils import run_and_get_code
 from torchao.quantization import quantize_
 
 import scalesearch_compile
+import scalesearch_compile.ops.lowering
 from scalesearch_compile import ScaleSearchConfig
 from scalesearch_compile.ops.dispatch import lowers
-from scalesearch_compile.ops.lowering import SourceStamp, decompositions
+from scalesearch_compile.ops.lowering import SourceStamp, applies, decompositions
 from scalesearch_compile.stamp import source_stamp
 
 # how the generated wrapper calls an op (provenance comments name the lowered op too)
@@ -86,6 +87,17 @@ def test_the_lowering_steps_aside_where_the_op_would_not_run_its_reference():
         assert lowers("linear", fake, "auto") and lowers("linear", fake, "reference")
         assert not lowers("linear", mode.from_tensor(torch.empty(4, 32, device="meta")), "auto")
     assert set(decompositions()) == {torch.ops.scalesearch.nvfp4_linear.default}
+    assert applies([x, 3], "auto") and applies([x], "reference")
+    assert not applies([x, torch.empty(2, device="meta")], "auto")
+
+
+def test_the_backend_keeps_the_op_where_the_lowering_does_not_apply(monkeypatch):
+    """A graph the lowering does not apply to (here: forced) compiles with the op opaque, as before."""
+    monkeypatch.setattr(scalesearch_compile.ops.lowering, "applies", lambda *args: False)
+    torch.manual_seed(0)
+    model, x = MLP().eval(), torch.randn(2, 24, 64)
+    compiled, code = compiled_run(torch.compile(model, backend=scalesearch_compile.backend(activations=None)), x)
+    assert LINEAR + ".default(" in code
 
 
 def test_cache_keys_cover_the_traced_source(monkeypatch):

@@ -11,12 +11,12 @@ division on CPU), so outputs differ at most by the order in which the matmul add
 The search functions themselves trace to the eager bits too (tested), for a later, more compact lowering.
 
 Two routes, nothing global changed:
-- the ``"scalesearch"`` backend hands Inductor :func:`inductor_decompositions` (its default table plus ours),
-  so the linear ops its passes insert are decomposed by AOTAutograd (:func:`decompositions`);
+- the ``"scalesearch"`` backend hands Inductor :func:`inductor_decompositions` (its default table plus ours)
+  for a graph on the CPU (:func:`applies`), so the linear ops its passes insert are decomposed by AOTAutograd
+  (:func:`decompositions`);
 - a ``quantize_``'d model under any backend: ``ScaleSearchNVFP4Tensor``'s matmul runs the lowered reference
   itself when its input is a fake tensor on a CPU (``dispatch.lowers``), so the traced graph holds no linear op.
-A decomposition steps aside (``NotImplemented``) wherever the op would not run its reference on a CPU: CUDA
-tensors, or ``impl="triton"``.
+Wherever the op would not run its reference on a CPU (CUDA tensors, or ``impl="triton"``) the op stays.
 
 Inductor caches compiled graphs by the graph it is given, which names the ops, not what they decompose to:
 ``stamp.source_stamp()`` (a hash of the modules that define the numbers) goes into the backend's Inductor config
@@ -27,7 +27,7 @@ so a change to the reference never reuses a stale compiled graph.
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from scalesearch_compile.ops.dispatch import lowers
+from scalesearch_compile.ops.dispatch import kernel, lowers
 from scalesearch_compile.ops.linear import lowered_linear
 from scalesearch_compile.stamp import source_stamp
 
@@ -49,6 +49,14 @@ def decompositions() -> dict:
         getattr(torch.ops.scalesearch, name).default: _decomposition(dispatch_name, body)
         for name, (dispatch_name, body) in _LOWERED.items()
     }
+
+
+def applies(example_inputs, impl: str) -> bool:
+    """Whether a graph with these example inputs gets the lowering: every tensor on the CPU, where ``impl`` runs the
+    reference. Decided per graph, because Inductor refuses an op that is in the decomposition table and is left in
+    the graph (a decomposition that steps aside)."""
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    return devices <= {"cpu"} and kernel("linear", impl, torch.device("cpu")) is None
 
 
 def inductor_decompositions() -> dict:
