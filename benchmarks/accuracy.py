@@ -59,7 +59,11 @@ def main():
     parser.add_argument("--max-calibration", type=int, help="use the first N calibration sentences")
     parser.add_argument("--max-eval", type=int, help="use the first N evaluation sentences")
     parser.add_argument("--no-attention", action="store_true", help="skip the W4A4 + NVFP4 attention column")
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS), metavar="METHOD")
+    parser.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
     args = parser.parse_args()
+    if "amax" not in args.methods or "search" not in args.methods:
+        parser.error("--methods needs amax and search (the baselines of the cut and of the time ratio)")
     model, tokenizer, _ = load_pretrained(minilm_path())
     calibration = builtin_corpus("calibration")[: args.max_calibration]
     evaluation = builtin_corpus("evaluation")[: args.max_eval]
@@ -74,32 +78,36 @@ def main():
     def gap(m) -> float:
         return 1 - mean_cosine(sentence_embeddings(m, eval_batch), reference)
 
-    columns = list(SCHEMES) + ([] if args.no_attention else ["W4A4 + attention"])
+    schemes = {name: SCHEMES[name] for name in args.schemes}
+    attention = "W4A4" in schemes and not args.no_attention
+    columns = list(schemes) + (["W4A4 + attention"] if attention else [])
     gaps, seconds = {}, {}
-    for label, (method, rounding) in METHODS.items():
-        for scheme, activations in SCHEMES.items():
+    for label in args.methods:
+        method, rounding = METHODS[label]
+        for scheme, activations in schemes.items():
             quantized = copy.deepcopy(model)
             seconds[(label, scheme)] = quantize(quantized, method, rounding, activations, batches)
             gaps[(label, scheme)] = gap(quantized)
-            if scheme == "W4A4" and not args.no_attention:
+            if scheme == "W4A4" and attention:
                 torch._dynamo.reset()
                 compiled = torch.compile(quantized, backend=backend(method=method, activations=activations))
                 gaps[(label, "W4A4 + attention")] = gap(compiled)
-            print(f"{label}, {scheme}: done in {seconds[(label, scheme)]:.1f} s", file=sys.stderr)
+            done = ", ".join(f"{c} gap {gaps[(label, c)]:.5f}" for c in columns if (label, c) in gaps)
+            print(f"{label}: {done}; quantized in {seconds[(label, scheme)]:.1f} s", file=sys.stderr)
 
     print(
         f"\nall-MiniLM-L6-v2: embedding gap to float32 (1 - mean cosine) on {len(evaluation)} evaluation sentences, "
         f"calibration on {len(calibration)} other sentences; {torch.get_num_threads()} CPU threads"
     )
     header = ["method"] + [f"{c} {kind}" for c in columns for kind in ("gap", "cut")]
-    header += [f"{s} quantize s" for s in SCHEMES]
+    header += [f"{s} quantize s" for s in schemes]
     rows = []
-    for label in METHODS:
+    for label in args.methods:
         cells = [label]
         for column in columns:
             value, base = gaps[(label, column)], gaps[("amax", column)]
             cells += [f"{value:.5f}", "-" if label == "amax" else f"{1 - value / base:.1%}"]
-        for scheme in SCHEMES:
+        for scheme in schemes:
             ratio = seconds[(label, scheme)] / seconds[("search", scheme)]
             cells.append(f"{seconds[(label, scheme)]:.1f} ({ratio:.1f}x search)")
         rows.append(cells)
