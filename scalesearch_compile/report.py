@@ -79,7 +79,7 @@ def minilm_path() -> Path:
 def model_kind(config) -> str:
     """``"causal-lm"`` or ``"encoder"`` from a transformers config: its ``architectures`` (a ``...ForCausalLM`` or
     ``...LMHeadModel`` is a causal LM, any other named architecture an encoder), else ``is_decoder`` or a model
-    type that only has a causal-LM head. An encoder-decoder is a :class:`ReportError`."""
+    type with a causal-LM head and no masked-LM head. An encoder-decoder is a :class:`ReportError`."""
     if getattr(config, "is_encoder_decoder", False):
         raise ReportError(
             f"{config.model_type} is an encoder-decoder model; the report measures encoders and causal LMs"
@@ -87,12 +87,15 @@ def model_kind(config) -> str:
     names = list(getattr(config, "architectures", None) or ())
     if names:
         return "causal-lm" if any(n.endswith(("ForCausalLM", "LMHeadModel")) for n in names) else "encoder"
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
 
     if getattr(config, "is_decoder", False):
         return "causal-lm"
     causal = config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-    return "causal-lm" if causal and config.model_type not in MODEL_MAPPING_NAMES else "encoder"
+    return "causal-lm" if causal and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "encoder"
 
 
 def load_pretrained(model_dir) -> tuple[torch.nn.Module, object, str]:

@@ -253,7 +253,8 @@ def test_per_layer_weight_errors_and_offsets_are_recomputed_here(llama_dir, llam
     header = [c.strip() for c in text.split("### W4A16, per layer", 1)[1].splitlines()[2].strip("|").split("|")]
     column = {name: i - 1 for i, name in enumerate(header)}
     linears = {name: m for name, m in model.named_modules() if is_linear_layer(m)}
-    assert [name.strip("`") for name in layers] == list(linears)  # every layer, in the model's order (lm_head too)
+    # every layer, in the model's order (lm_head too)
+    assert [name.strip("`") for name in layers if name != "layer"] == list(linears)
     offsets = {}
     for name, module in linears.items():
         w = module.weight.detach()
@@ -270,12 +271,14 @@ def test_per_layer_weight_errors_and_offsets_are_recomputed_here(llama_dir, llam
     labels = [label for label in labels if label]
     total = sum(offsets.values())
     for label, share in zip(labels, shares, strict=True):
-        assert label.startswith(("+", "-")), label  # searched offsets stay in the window: no tail bins
+        if label.startswith(("<=", ">=")):  # tail bins: only GPTQ's choices on error-fed weights land there
+            assert float(share.rstrip("%")) == 0, (label, share)
+            continue
         assert_printed(share.rstrip("%"), 100 * offsets.get(int(label), 0) / total)
     # the mean over layers is the mean of the per-layer values
     means = table(text, "Mean over layers:")
     for method in ("amax", "search"):
-        values = [float(row[column[f"{METHODS[method]} weight"]]) for row in layers.values()]
+        values = [float(row[column[f"{METHODS[method]} weight"]]) for name, row in layers.items() if name != "layer"]
         assert abs(float(means[METHODS[method]][0]) - sum(values) / len(values)) < 1e-5
 
 
@@ -323,8 +326,7 @@ def test_perplexity_with_one_window_is_the_mean_negative_log_likelihood():
         logits = model(input_ids=ids).logits[0, :-1]
     expected = math.exp(F.cross_entropy(logits, ids[0, 1:]).item())
     assert perplexity(model, ids, window=64, stride=32) == pytest.approx(expected, rel=1e-5)
-    # sliding windows score every token once, with less context: close, not equal
-    assert perplexity(model, ids, window=16, stride=8) == pytest.approx(expected, rel=0.05)
+    # sliding windows score every token once, with less context: Hugging Face's recipe
     assert perplexity(model, ids, window=16, stride=8) == pytest.approx(hf_perplexity(model, ids, 16, 8), rel=1e-5)
 
 
