@@ -64,7 +64,18 @@ def test_compiled_quantized_model_matches_eager_in_every_mode(mode):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("activations", ["nvfp4", None])
+@pytest.mark.parametrize(
+    "activations",
+    [
+        "nvfp4",
+        pytest.param(
+            None,
+            marks=pytest.mark.xfail(
+                strict=True, reason="open defect: the backend's W4A16 graphs keep the opaque op (issue 14 note)"
+            ),
+        ),
+    ],
+)
 def test_backend_lowers_the_linear_ops_it_inserts(activations):
     torch.manual_seed(0)
     model = MLP().eval()
