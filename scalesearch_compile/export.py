@@ -34,12 +34,10 @@ the search) of each linear layer and each expert. The output is written into a t
 and renamed when complete.
 """
 
-import argparse
 import json
 import re
 import shutil
 import sys
-import tempfile
 from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +48,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from scalesearch_compile.calibration import expert_key, input_statistics
+from scalesearch_compile.cli import OneLineParser, written_atomically
 from scalesearch_compile.config import ScaleSearchConfig
 from scalesearch_compile.gptq import gptq_quantize_
 from scalesearch_compile.layout import BLOCK_SIZE
@@ -559,33 +558,16 @@ def export_checkpoint(model_dir, out_dir, **options) -> ExportSummary:
     gptq = _gptq(model, batches, stored, plan, scales, opts) if opts.gptq else {}
     del model
     _check_whole_experts(stored, {name.removesuffix(".weight") for name in plan}, summary)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with written_atomically(out_dir) as tmp:
         weight_map = _write(model_dir, tmp, shards, plan, scales, stats, gptq, opts, summary)
         _check_whole_experts(stored, summary.quantized, summary)  # an expert holding NaN or Inf stays dense
         _finish(model_dir, tmp, config, weight_map, opts, summary)
-        if out_dir.exists():  # --overwrite: the old export is removed only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``scalesearch-export MODEL_DIR OUT_DIR [options]``: exit status 0, or 2 with one line for bad input."""
-    parser = _Parser(prog="scalesearch-export", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="scalesearch-export", description=__doc__.splitlines()[0])
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face checkpoint directory")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="where to write the NVFP4 checkpoint")
     parser.add_argument("--scheme", choices=SCHEMES, default="w4a16")

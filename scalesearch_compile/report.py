@@ -24,14 +24,11 @@ without touching matplotlib's global backend), written into a temporary director
 when complete; an existing ``--out`` needs ``--overwrite``. Bad input: one line on stderr, exit status 2.
 """
 
-import argparse
 import copy
 import json
 import math
 import shlex
-import shutil
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +38,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from scalesearch_compile.calibration import builtin_corpus, calibrate
+from scalesearch_compile.cli import OneLineParser, written_atomically
 from scalesearch_compile.config import ScaleSearchConfig, quantize_model
 from scalesearch_compile.gptq import gptq_quantize_
 from scalesearch_compile.policy import is_linear_layer, stores_weight_transposed
@@ -769,32 +767,15 @@ def write_report(model_dir=None, out_dir=None, *, command: str | None = None, **
     except ImportError:
         raise ReportError("the report's plots need matplotlib: pip install 'scalesearch_compile[report]'") from None
     report = _measure(model_dir, opts)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with written_atomically(out_dir) as tmp:
         write(report, tmp, command)
-        if out_dir.exists():  # --overwrite: the old report is removed only once the new one is complete
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            out_dir.rename(old / out_dir.name)
-            tmp.rename(out_dir)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     report.out_dir = out_dir
     return report
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """``scalesearch-report [MODEL_DIR] --out DIR [options]``: exit status 0, or 2 with one line for bad input."""
-    parser = _Parser(prog="scalesearch-report", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="scalesearch-report", description=__doc__.splitlines()[0])
     parser.add_argument(
         "model_dir",
         metavar="MODEL_DIR",
