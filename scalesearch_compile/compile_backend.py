@@ -127,9 +127,11 @@ class ScaleSearchBackend:
 
         mode = torch_kwargs.get("mode")
         # the CPU lowering (ops.lowering): the linear ops decomposed to their reference, its source in the cache key
-        patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": lowering.SourceStamp()}
+        lowered = lowering.applies(example_inputs, o.impl)
+        stamp = lowering.SourceStamp(lowered)
+        patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": stamp}
         decompositions = None
-        if lowering.applies(example_inputs, o.impl):
+        if lowered:
             with config.patch(patches):
                 decompositions = lowering.inductor_decompositions()
         return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)

@@ -20,8 +20,9 @@ Wherever the op would not run its reference on a CPU (CUDA tensors, or ``impl="t
 
 Inductor caches compiled graphs by the graph it is given, which names the ops, not what they decompose to:
 ``stamp.source_stamp()`` (a hash of the modules that define the numbers) goes into the backend's Inductor config
-(:class:`SourceStamp`, a no-op custom pass whose ``uuid`` is that hash) and into the weight tensors' cache key,
-so a change to the reference never reuses a stale compiled graph.
+(:class:`SourceStamp`, a no-op custom pass whose ``uuid`` is that hash and whether the graph is lowered) and into
+the weight tensors' cache key, so a change to the reference never reuses a stale compiled graph, and a graph
+compiled with the op opaque is never reused where it should be lowered (nor the other way round).
 """
 
 import torch
@@ -67,11 +68,15 @@ def inductor_decompositions() -> dict:
 
 
 class SourceStamp(CustomGraphPass):
-    """A custom Inductor pass that changes nothing: its ``uuid`` (``stamp.source_stamp()``) puts the lowering's source
-    into Inductor's and AOTAutograd's cache keys."""
+    """A custom Inductor pass that changes nothing: its ``uuid`` (``stamp.source_stamp()`` and ``lowered``) puts the
+    lowering's source, and whether this graph's ops are decomposed, into Inductor's and AOTAutograd's cache keys
+    (which see the graph before decomposition, so they cannot tell the two apart themselves)."""
+
+    def __init__(self, lowered: bool):
+        self.lowered = lowered
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         return None
 
     def uuid(self) -> str:
-        return source_stamp()
+        return f"{source_stamp()}-{'lowered' if self.lowered else 'opaque'}"
