@@ -14,6 +14,8 @@ time: nothing is read on the host, and NaN/Inf become NaN blocks that reach only
    ``mu = mean_over_queries(q)``, ``q -= mu``, compensated exactly by adding ``mu`` back after dequantizing.
    Then Q and K are quantized along head_dim and V along the sequence (V^T, keys zero-padded to a multiple of
    ``TILE``), each with one global scale per tensor (``amax / (448 * 6)``) and ``recipe.method`` block scales.
+   Blocks are independent once the global scale is known, so the reference quantizes only the keys of the tiles
+   it quantizes (:func:`quantized_keys`): the same numbers, without work on tiles it keeps in float32.
 2. Attend KV tile by KV tile (``TILE`` keys) with FlashAttention's online softmax in float32:
    ``s = (q~ @ k~^T) * scale + mask``; ``m' = max(m, rowmax(s))``; ``p = exp(s - m')``;
    ``l = l * exp(m - m') + rowsum(p)`` (rowsum of the unquantized p); ``acc = acc * exp(m - m') + p~ @ v~``;
@@ -35,6 +37,7 @@ from scalesearch_compile.search import (
     SUPPORTED_DTYPES,
     QuantizeRequest,
     ScaleChoice,
+    finite_amax,
     global_scale,
     quantize_reference,
 )
@@ -80,16 +83,19 @@ ABLATION_LADDER = {
 class PreparedInputs:
     """Step 1 of the numerics. ``q_hp`` (B, Hq, Sq, D), ``k_hp`` (B, Hkv, Skp, D), ``v_hp`` (B, Hkv, Skp, Dv):
     float32 after smoothing and rotation (``q_hp`` before Q smoothing), keys zero-padded to Skp, a multiple of
-    ``TILE``. ``q`` quantizes ``q_hp - q_mean``; ``k`` quantizes ``k_hp``; ``v`` quantizes ``v_hp^T``
-    (B, Hkv, Dv, Skp). ``q_mean`` (B, Hq, 1, D) or None."""
+    ``TILE``. ``q`` quantizes ``q_hp - q_mean``; ``k`` quantizes ``k_hp[..., keys, :]``; ``v`` quantizes
+    ``v_hp[..., keys, :]^T`` (B, Hkv, Dv, len(keys)), K and V each under the global scale of the whole tensor.
+    ``keys``: the quantized key range (all Skp keys unless :func:`prepare` was given fewer); q, k and v are None
+    when it is empty. ``q_mean`` (B, Hq, 1, D) or None."""
 
     q_hp: torch.Tensor
     k_hp: torch.Tensor
     v_hp: torch.Tensor
-    q: NVFP4Blocks
-    k: NVFP4Blocks
-    v: NVFP4Blocks
+    q: NVFP4Blocks | None
+    k: NVFP4Blocks | None
+    v: NVFP4Blocks | None
     q_mean: torch.Tensor | None
+    keys: range
 
 
 def hadamard_matrix(n: int, device=None) -> torch.Tensor:
@@ -165,11 +171,13 @@ def score_bias(attn_mask, is_causal: bool, q_len: int, k_len: int, padded_len: i
     return torch.nn.functional.pad(bias, (0, padded_len - k_len), value=-math.inf)
 
 
-def prepare(q, k, v, recipe: AttentionRecipe, quantize=quantize_reference) -> PreparedInputs:
+def prepare(q, k, v, recipe: AttentionRecipe, quantize=quantize_reference, keys: range | None = None) -> PreparedInputs:
     """Step 1 of the module numerics: smoothing, rotation, padding and quantization of Q, K and V (at run time:
     nothing read on the host, NaN/Inf propagate as NaN blocks).
 
     ``quantize``: :func:`quantize_reference` or the Triton quantize, taking a :class:`QuantizeRequest`.
+    ``keys``: the keys to quantize (bounds multiples of 16; default all, padding included); none quantizes
+    nothing.
     """
     q, k, v = q.float(), k.float(), v.float()
     if recipe.smooth_k:
@@ -181,13 +189,20 @@ def prepare(q, k, v, recipe: AttentionRecipe, quantize=quantize_reference) -> Pr
     k = torch.nn.functional.pad(k, (0, 0, 0, pad))
     v = torch.nn.functional.pad(v, (0, 0, 0, pad))
     q_mean = q.mean(dim=-2, keepdim=True) if recipe.smooth_q else None
-    q_centered = q if q_mean is None else q - q_mean
+    keys = range(k.shape[-2]) if keys is None else keys
+    if not keys:
+        return PreparedInputs(q, k, v, None, None, None, q_mean, keys)
 
     scales = ScaleChoice.of(recipe)
-    q_blocks, k_blocks, v_blocks = (
-        quantize(QuantizeRequest.of(x, scales, check_finite=False)) for x in (q_centered, k, v.transpose(-1, -2))
-    )
-    return PreparedInputs(q, k, v, q_blocks, k_blocks, v_blocks, q_mean)
+
+    def quantized(x, pts=True):
+        return quantize(QuantizeRequest.of(x, scales, per_tensor_scale=pts, check_finite=False))
+
+    some = slice(keys.start, keys.stop)
+    q_blocks = quantized(q if q_mean is None else q - q_mean)
+    k_blocks = quantized(k[..., some, :], global_scale(finite_amax(k)))
+    v_blocks = quantized(v[..., some, :].transpose(-1, -2), global_scale(finite_amax(v)))
+    return PreparedInputs(q, k, v, q_blocks, k_blocks, v_blocks, q_mean, keys)
 
 
 def high_precision_tiles(k_len: int, recipe: AttentionRecipe) -> set:
@@ -195,6 +210,13 @@ def high_precision_tiles(k_len: int, recipe: AttentionRecipe) -> set:
     if not recipe.sink_tiles:
         return set()
     return {0} | ({k_len // TILE} if k_len % TILE else set())
+
+
+def quantized_keys(k_len: int, recipe: AttentionRecipe) -> range:
+    """The keys of the KV tiles that are quantized (those not in :func:`high_precision_tiles`), padding
+    included: a contiguous range, empty when every tile is kept in float32."""
+    tiles = [t for t in range(-(-k_len // TILE)) if t not in high_precision_tiles(k_len, recipe)]
+    return range(tiles[0] * TILE, (tiles[-1] + 1) * TILE) if tiles else range(0)
 
 
 def quantize_probabilities(p: torch.Tensor, recipe: AttentionRecipe) -> torch.Tensor:
@@ -219,21 +241,24 @@ def nvfp4_attention_reference(
     check_inputs(q, k, v, attn_mask, is_causal, enable_gqa)
     q_len, k_len = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    prep = prepare(q, k, v, recipe)
+    prep = prepare(q, k, v, recipe, keys=quantized_keys(k_len, recipe))
     group = q.shape[1] // k.shape[1]
 
     def per_query_head(x):  # (B, Hkv, ...) -> (B, Hq, ...)
         return x.repeat_interleave(group, dim=1)
 
-    q_quant = prep.q.dequantize() + (0.0 if prep.q_mean is None else prep.q_mean)
-    k_quant, v_quant = per_query_head(prep.k.dequantize()), per_query_head(prep.v.dequantize().transpose(-1, -2))
     k_hp, v_hp = per_query_head(prep.k_hp), per_query_head(prep.v_hp)
+    if prep.keys:  # indexed by key as k_hp is (zeros before prep.keys, never read)
+        q_quant = prep.q.dequantize() + (0.0 if prep.q_mean is None else prep.q_mean)
+        k_quant = per_query_head(prep.k.dequantize())
+        v_quant = per_query_head(prep.v.dequantize().transpose(-1, -2))
+        k_quant, v_quant = (torch.nn.functional.pad(t, (0, 0, prep.keys.start, 0)) for t in (k_quant, v_quant))
     bias = score_bias(attn_mask, is_causal, q_len, k_len, prep.k_hp.shape[-2], q.device)
     hp_tiles = high_precision_tiles(k_len, recipe)
 
-    row_max = torch.full((*q_quant.shape[:-1], 1), -math.inf, device=q.device)
+    row_max = torch.full((*prep.q_hp.shape[:-1], 1), -math.inf, device=q.device)
     row_sum = torch.zeros_like(row_max)
-    acc = torch.zeros((*q_quant.shape[:-1], v.shape[-1]), device=q.device)
+    acc = torch.zeros((*prep.q_hp.shape[:-1], v.shape[-1]), device=q.device)
     for tile, start in enumerate(range(0, k_len, TILE)):
         keys = slice(start, start + TILE)
         hp = tile in hp_tiles

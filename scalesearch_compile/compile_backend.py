@@ -120,21 +120,19 @@ class ScaleSearchBackend:
             logger.info("scalesearch backend: %s", report.summary())
         if not o.inductor:
             return gm.forward
-        from torch._inductor import config, list_mode_options
+        from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
         from scalesearch_compile.ops import lowering
 
         mode = torch_kwargs.get("mode")
-        # the CPU lowering (ops.lowering): the linear ops decomposed to their reference, its source in the cache key
+        # the CPU lowering (ops.lowering): linear ops swapped for their traced reference, its source in the cache key
         lowered = lowering.applies(example_inputs, o.impl)
+        if lowered:
+            lowering.lower(gm)
         stamp = lowering.SourceStamp(lowered)
         patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": stamp}
-        decompositions = None
-        if lowered:
-            with config.patch(patches):
-                decompositions = lowering.inductor_decompositions()
-        return compile_fx(gm, example_inputs, config_patches=patches, decompositions=decompositions)
+        return compile_fx(gm, example_inputs, config_patches=patches)
 
     def rewritten(self, kind: str) -> int:
         """How many calls of ``kind`` ("linear", "attention" or "experts") the compiled graphs rewrote, in

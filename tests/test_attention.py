@@ -15,6 +15,8 @@ from scalesearch_compile.attention import (
     AttentionRecipe,
     hadamard_matrix,
     nvfp4_attention_reference,
+    prepare,
+    quantized_keys,
 )
 from scalesearch_compile.ops.attention import nvfp4_attention, nvfp4_attention_op
 
@@ -52,6 +54,27 @@ def sdpa64(q, k, v, attn_mask=None, **kwargs):
 
 def rel_error(out, ref):
     return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+@pytest.mark.parametrize("k_len", [12, 64, 100, 130, 192])
+@pytest.mark.parametrize("sink_tiles", [True, False])
+def test_the_reference_quantizes_the_keys_of_its_quantized_tiles_as_the_whole_tensor(k_len, sink_tiles):
+    """prepare(keys=quantized_keys(...)) gives the blocks of those keys bit for bit as quantizing every key does
+    (one global scale per tensor); with sink tiles, no quantized tile means nothing quantized."""
+    recipe = AttentionRecipe(sink_tiles=sink_tiles)
+    q, k, v = attention_inputs(seed=7, heads=2, kv_heads=2, q_len=20, k_len=k_len)
+    keys = quantized_keys(k_len, recipe)
+    tiles = -(-k_len // 64)
+    expected = (64, (k_len // 64) * 64) if sink_tiles else (0, tiles * 64)
+    assert (keys.start, keys.stop) == expected or (not keys and expected[0] >= expected[1])
+    full, some = prepare(q, k, v, recipe), prepare(q, k, v, recipe, keys=keys)
+    if not keys:
+        assert some.q is None and some.k is None and some.v is None
+        return
+    assert torch.equal(some.q.qdata, full.q.qdata) and torch.equal(some.q.scale_codes, full.q.scale_codes)
+    k_full, v_full = full.k.dequantize(), full.v.dequantize()
+    assert torch.equal(some.k.dequantize(), k_full[..., keys.start : keys.stop, :])
+    assert torch.equal(some.v.dequantize(), v_full[..., keys.start : keys.stop])
 
 
 def test_error_floor_per_technique():

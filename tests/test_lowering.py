@@ -10,7 +10,7 @@ import scalesearch_compile
 import scalesearch_compile.ops.lowering
 from scalesearch_compile import ScaleSearchConfig
 from scalesearch_compile.ops.dispatch import lowers
-from scalesearch_compile.ops.lowering import SourceStamp, applies, decompositions
+from scalesearch_compile.ops.lowering import SourceStamp, applies, lowered_functions
 from scalesearch_compile.stamp import source_stamp
 
 # how the generated wrapper calls an op (provenance comments name the lowered op too)
@@ -86,9 +86,13 @@ def test_the_lowering_steps_aside_where_the_op_would_not_run_its_reference():
         fake = mode.from_tensor(x)
         assert lowers("linear", fake, "auto") and lowers("linear", fake, "reference")
         assert not lowers("linear", mode.from_tensor(torch.empty(4, 32, device="meta")), "auto")
-    assert set(decompositions()) == {torch.ops.scalesearch.nvfp4_linear.default}
+    assert set(lowered_functions()) == {torch.ops.scalesearch.nvfp4_linear.default}
     assert applies([x, 3], "auto") and applies([x], "reference")
     assert not applies([x, torch.empty(2, device="meta")], "auto")
+    trained = torch.nn.Parameter(torch.randn(2))  # a gradient wanted: the op keeps its straight-through backward
+    assert not applies([x, trained], "auto")
+    with torch.no_grad():
+        assert applies([x, trained], "auto")
 
 
 def test_the_backend_keeps_the_op_where_the_lowering_does_not_apply(monkeypatch):
