@@ -126,12 +126,12 @@ class ScaleSearchBackend:
         from scalesearch_compile.ops import lowering
 
         mode = torch_kwargs.get("mode")
-        # the CPU lowering (ops.lowering): linear ops swapped for their traced reference, its source in the cache key
+        # the CPU lowering (ops.lowering): linear ops swapped for their traced reference; shared quantizations merged
         lowered = lowering.applies(example_inputs, o.impl)
         if lowered:
             lowering.lower(gm)
-        stamp = lowering.SourceStamp(lowered)
-        patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": stamp}
+        post_grad = lowering.SharedQuantization(lowered)
+        patches = {**(list_mode_options(mode) if mode else {}), "post_grad_custom_post_pass": post_grad}
         return compile_fx(gm, example_inputs, config_patches=patches)
 
     def rewritten(self, kind: str) -> int:

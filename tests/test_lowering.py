@@ -10,7 +10,7 @@ import scalesearch_compile
 import scalesearch_compile.ops.lowering
 from scalesearch_compile import ScaleSearchConfig
 from scalesearch_compile.ops.dispatch import lowers
-from scalesearch_compile.ops.lowering import SourceStamp, applies, lowered_functions
+from scalesearch_compile.ops.lowering import SharedQuantization, applies, lowered_functions
 from scalesearch_compile.stamp import source_stamp
 
 # how the generated wrapper calls an op (provenance comments name the lowered op too)
@@ -79,6 +79,31 @@ def test_backend_lowers_the_linear_ops_it_inserts(activations):
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
+class SharedInput(torch.nn.Module):
+    """Three projections of one input, as an attention layer's q, k and v."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(64, 32) for _ in range(3))
+
+    def forward(self, x):
+        return self.q(x) * self.k(x) + self.v(torch.relu(x))  # v's input differs
+
+
+def test_the_backend_quantizes_shared_activations_once():
+    """q and k quantize the same activations: one op call serves both (v's input is another tensor), with the
+    outputs of the unmerged graph."""
+    torch.manual_seed(0)
+    model, x = SharedInput().eval(), torch.randn(2, 24, 64)
+    with torch.no_grad():
+        unmerged = torch.compile(model, backend=scalesearch_compile.backend(inductor=False))(x)
+        torch._dynamo.reset()
+        b = scalesearch_compile.backend()
+        compiled, code = compiled_run(torch.compile(model, backend=b, fullgraph=True), x)
+    assert b.rewritten("linear") == 3 and code.count(QUANTIZE) == 2 and LINEAR not in code
+    torch.testing.assert_close(compiled, unmerged, rtol=1e-5, atol=1e-5)
+
+
 def test_the_lowering_steps_aside_where_the_op_would_not_run_its_reference():
     x = torch.randn(4, 32)
     assert not lowers("linear", x, "auto")  # a real tensor: eager keeps calling the op
@@ -106,7 +131,7 @@ def test_the_backend_keeps_the_op_where_the_lowering_does_not_apply(monkeypatch)
 
 def test_cache_keys_cover_the_traced_source(monkeypatch):
     assert len(source_stamp()) == 32
-    assert SourceStamp(True).uuid() == f"{source_stamp()}-lowered" != SourceStamp(False).uuid()
+    assert SharedQuantization(True).uuid() == f"{source_stamp()}-lowered" != SharedQuantization(False).uuid()
     w = scalesearch_compile.tensor.quantize_weight(torch.randn(32, 64))
     key = w._stable_hash_for_caching()
     monkeypatch.setattr(scalesearch_compile.tensor, "source_stamp", lambda: "another source")

@@ -19,11 +19,14 @@ Two routes, nothing global changed:
   holds no linear op.
 Wherever the op would not run its reference on a CPU (CUDA tensors, or ``impl="triton"``) the op stays.
 
+After AOTAutograd, the backend's post-grad pass (:class:`SharedQuantization`) merges quantizations of the same
+activations (q, k and v projections share their input), on every device.
+
 Inductor caches compiled graphs by the graph it is given: ``stamp.source_stamp()`` (a hash of the modules that
-define the numbers) goes into the backend's Inductor config (:class:`SourceStamp`, a no-op custom pass whose
-``uuid`` is that hash and whether the graph is lowered) and into the weight tensors' cache key, so a change to
-the reference never reuses a stale compiled graph, and a graph compiled with the op opaque is never reused where
-it should be lowered (nor the other way round).
+define the numbers) goes into the backend's Inductor config (the ``uuid`` of :class:`SharedQuantization`, with
+whether the graph is lowered) and into the weight tensors' cache key, so a change to the reference never reuses
+a stale compiled graph, and a graph compiled with the op opaque is never reused where it should be lowered (nor
+the other way round).
 """
 
 import torch
@@ -60,15 +63,53 @@ def lower(gm: torch.fx.GraphModule) -> int:
     return swapped
 
 
-class SourceStamp(CustomGraphPass):
-    """A custom Inductor pass that changes nothing: its ``uuid`` (``stamp.source_stamp()`` and ``lowered``) puts the
-    lowering's source, and whether this graph's ops are lowered, into Inductor's and AOTAutograd's cache keys."""
+def _key(value):
+    """A hashable stand-in for an FX argument: a node by identity, except a reshape or cast, which stands for what
+    it computes (every projection of one tensor reshapes it anew); lists as tuples."""
+    aten, prims = torch.ops.aten, torch.ops.prims
+    same_values = (
+        aten.reshape.default,
+        aten.view.default,
+        aten._unsafe_view.default,
+        prims.convert_element_type.default,
+    )
+    if isinstance(value, torch.fx.Node) and value.op == "call_function" and value.target in same_values:
+        return (value.target, _key(value.args), _key(value.kwargs))
+    if isinstance(value, list | tuple):
+        return tuple(_key(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _key(v)) for k, v in value.items()))
+    return value
+
+
+def merge_shared_quantization(graph: torch.fx.Graph) -> int:
+    """Merge the calls of ``scalesearch::quantize_nvfp4`` with the same arguments (the q, k and v projections of an
+    attention layer quantize the same activations): the op is a pure function, so the first call's results serve
+    every later one. Returns how many calls were removed."""
+    target, first, merged = torch.ops.scalesearch.quantize_nvfp4.default, {}, 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not target:
+            continue
+        key = (_key(node.args), _key(node.kwargs))
+        if key in first:
+            node.replace_all_uses_with(first[key])
+            graph.erase_node(node)
+            merged += 1
+        else:
+            first[key] = node
+    return merged
+
+
+class SharedQuantization(CustomGraphPass):
+    """The backend's post-grad Inductor pass: :func:`merge_shared_quantization`. Its ``uuid``
+    (``stamp.source_stamp()`` and ``lowered``) puts the lowering's source, and whether this graph's ops are
+    lowered, into Inductor's and AOTAutograd's cache keys."""
 
     def __init__(self, lowered: bool):
         self.lowered = lowered
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        return None
+        merge_shared_quantization(graph)
 
     def uuid(self) -> str:
         return f"{source_stamp()}-{'lowered' if self.lowered else 'opaque'}"
