@@ -3,8 +3,9 @@ unit of work, read from the machine code of sm_90a (Hopper) and sm_100a (Blackwe
 
     python benchmarks/kernel_static.py [--kernel gemm] [--variant w4a16] [--config 4] [--target 90] [--json]
 
-Each kernel is compiled for every GPU autotune config (the kernel modules' ``GPU_CONFIGS``, not the single
-interpreter config) the way a launch specialises it (``_nvfp4.launch_job``: 16-byte-aligned pointers and
+Each kernel is compiled for every GPU autotune config its autotuner tries for the shape (the kernel modules'
+``GPU_CONFIGS``, not the single interpreter config; at decode the GEMM keeps only 16-row tiles,
+``gemm.configs_for_rows``) the way a launch specialises it (``_nvfp4.launch_job``: 16-byte-aligned pointers and
 integers divisible by 16 marked ``tt.divisibility = 16``, integers equal to 1, such as M at decode, made
 constants), on Llama-3-8B-like shapes (``SHAPES``). From the build:
 - registers, spill stores / loads (bytes a thread writes to / reads from local memory) from ``ptxas -v``
@@ -127,8 +128,10 @@ def gemm_cases(target: int, variants, m_override=None):
                 DOT_DTYPE=tl.bfloat16 if a_mode == "float" else tl.float16, INPUT_PRECISION="tf32",
                 DOT_SCALED=a_mode != "float" and target >= 100, SPLIT_K=split, GROUPED=False,
             )  # fmt: skip
+            tried = gemm.configs_for_rows(gemm.GPU_CONFIGS, args["M_BUCKET"])  # what the autotuner keeps for M
             for index, config in enumerate(gemm.GPU_CONFIGS):
-                yield _case("gemm", variant, index, config, target, m, gemm, "_nvfp4_gemm_kernel", args, constexprs)
+                if config in tried:
+                    yield _case("gemm", variant, index, config, target, m, gemm, "_nvfp4_gemm_kernel", args, constexprs)
 
 
 def attention_cases(target: int, variants, m_override=None):

@@ -424,6 +424,18 @@ def test_compiles_for_ampere_hopper_and_blackwell():
     assert fused_hopper.count("fma.rn.f32") == 0 and fused_blackwell.count("fma.rn.f32") == 0
 
 
+def test_decode_autotunes_only_tiles_of_at_most_16_rows():
+    from scalesearch_compile.kernels.gemm import GPU_CONFIGS, _nvfp4_gemm_kernel, _prune_for_rows, configs_for_rows
+
+    for m_bucket in (1, 2, 16):
+        kept = _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket})
+        assert kept == [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] <= 16] and len(kept) == 2
+    assert _prune_for_rows(GPU_CONFIGS, {}, M_BUCKET=32) == GPU_CONFIGS  # M_BUCKET passed as a keyword
+    tall = [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] > 16]
+    assert configs_for_rows(tall, 1) == tall  # never empty
+    assert getattr(_nvfp4_gemm_kernel, "early_config_prune", _prune_for_rows) is _prune_for_rows
+
+
 def test_autotune_key_holds_every_code_changing_constexpr():
     from scalesearch_compile.kernels._nvfp4 import autotune_key_gaps
     from scalesearch_compile.kernels.gemm import _nvfp4_gemm_kernel

@@ -49,6 +49,7 @@ def test_every_kernel_has_cases_for_every_config_and_target(kernel_static):
     decode = [c for c in everything if c.kernel == "gemm" and c.m == 1]
     assert all(c.job[3]["M"] == 1 for c in decode)  # M == 1 is a constant, as a launch makes it
     assert all("M" not in c.job[6] and c.job[6]["K"] == [["tt.divisibility", 16]] for c in decode)
+    assert decode and all(gemm.GPU_CONFIGS[c.config_index].kwargs["BLOCK_M"] <= 16 for c in decode)  # as tuned
 
 
 SASS = """

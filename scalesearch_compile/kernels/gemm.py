@@ -76,6 +76,19 @@ _CONFIGS = autotune_configs(
 )
 
 
+def configs_for_rows(configs: list, m_bucket: int) -> list:
+    """The autotune configs worth trying for ``m_bucket`` rows (M's next power of two): at decode (at most
+    ``DECODE_MAX_M`` rows) only tiles of at most that many rows, since a taller tile multiplies padding rows
+    (127 of 128 at M = 1); above, all. Never empty: with no such tile (the interpreter's one config) all stay."""
+    kept = [c for c in configs if m_bucket > DECODE_MAX_M or c.kwargs["BLOCK_M"] <= DECODE_MAX_M]
+    return kept or configs
+
+
+def _prune_for_rows(configs, named_args, **kwargs):
+    """``early_config_prune`` of the GEMM's autotuner: :func:`configs_for_rows` of the launch's ``M_BUCKET``."""
+    return configs_for_rows(configs, {**named_args, **kwargs}["M_BUCKET"])
+
+
 @triton.jit
 def _load_nvfp4_tile(
     qdata_ptr,
@@ -209,6 +222,7 @@ def _tile_product(
 # Every constexpr the configs do not set is in the key: each changes the generated code.
 @triton.autotune(
     configs=_CONFIGS,
+    prune_configs_by={"early_config_prune": _prune_for_rows},
     key=[
         "M_BUCKET", "N", "K", "A_MODE", "METHOD", "LO", "HI", "HAS_A_PTS", "HAS_W_PTS", "HAS_BIAS",
         "DOT_DTYPE", "INPUT_PRECISION", "DOT_SCALED", "SPLIT_K", "GROUPED",
