@@ -4,10 +4,11 @@ unit of work, read from the machine code of sm_90a (Hopper) and sm_100a (Blackwe
     python benchmarks/kernel_static.py [--kernel gemm] [--variant w4a16] [--config 4] [--target 90] [--json]
 
 Each kernel is compiled for every GPU autotune config its autotuner tries for the shape (the kernel modules'
-``GPU_CONFIGS``, not the single interpreter config; at decode the GEMM keeps only 16-row tiles,
-``gemm.configs_for_rows``) the way a launch specialises it (``_nvfp4.launch_job``: 16-byte-aligned pointers and
-integers divisible by 16 marked ``tt.divisibility = 16``, integers equal to 1, such as M at decode, made
-constants), on Llama-3-8B-like shapes (``SHAPES``). From the build:
+``GPU_CONFIGS``, not the single interpreter config; at decode the GEMM keeps only 16-row tiles, and on sm_100
+the dot_scaled GEMM (above decode) and attention only 128-row tiles, which run the native FP4 MMA:
+``gemm.configs_for_rows``, ``_nvfp4.native_fp4_tiles``) the way a launch specialises it
+(``_nvfp4.launch_job``: 16-byte-aligned pointers and integers divisible by 16 marked ``tt.divisibility = 16``,
+integers equal to 1, such as M at decode, made constants), on Llama-3-8B-like shapes (``SHAPES``). From the build:
 - registers, spill stores / loads (bytes a thread writes to / reads from local memory) from ``ptxas -v``
   (the ptxas bundled with Triton, run by Triton's own compile with its own flags), and the dynamic shared
   memory a launch asks for;
@@ -128,7 +129,7 @@ def gemm_cases(target: int, variants, m_override=None):
                 DOT_DTYPE=tl.bfloat16 if a_mode == "float" else tl.float16, INPUT_PRECISION="tf32",
                 DOT_SCALED=a_mode != "float" and target >= 100, SPLIT_K=split, GROUPED=False,
             )  # fmt: skip
-            tried = gemm.configs_for_rows(gemm.GPU_CONFIGS, args["M_BUCKET"])  # what the autotuner keeps for M
+            tried = gemm.configs_for_rows(gemm.GPU_CONFIGS, args["M_BUCKET"], constexprs["DOT_SCALED"])  # as tuned
             for index, config in enumerate(gemm.GPU_CONFIGS):
                 if config in tried:
                     yield _case("gemm", variant, index, config, target, m, gemm, "_nvfp4_gemm_kernel", args, constexprs)
@@ -139,6 +140,7 @@ def attention_cases(target: int, variants, m_override=None):
     sink tiles, no mask), Llama-3-8B heads (32 query, 8 key/value, head_dim 128)."""
     from scalesearch_compile.attention import TILE
     from scalesearch_compile.kernels import attention
+    from scalesearch_compile.kernels._nvfp4 import native_fp4_tiles
 
     heads, kv_heads, head_dim, length = SHAPES["attention"]
     length = length if m_override is None else m_override
@@ -158,10 +160,11 @@ def attention_cases(target: int, variants, m_override=None):
             METHOD=method, LO=-2 if method == "search" else 0, HI=6 if method == "search" else 0,
             DOT_SCALED=target >= 100,
         )  # fmt: skip
+        tried = native_fp4_tiles(attention.GPU_CONFIGS, constexprs["DOT_SCALED"])  # what the autotuner keeps
         for index, config in enumerate(attention.GPU_CONFIGS):
-            yield _case(
-                "attention", variant, index, config, target, length, attention, "_attention_kernel", args, constexprs
-            )
+            if config in tried:
+                kernel = (attention, "_attention_kernel", args, constexprs)
+                yield _case("attention", variant, index, config, target, length, *kernel)
 
 
 def quantize_cases(target: int, variants, m_override=None):

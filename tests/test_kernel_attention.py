@@ -189,6 +189,15 @@ def test_compiles_for_hopper_and_blackwell():
     assert "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16" in blackwell
 
 
+def test_dot_scaled_autotunes_only_tiles_on_the_native_fp4_mma():
+    from scalesearch_compile.kernels.attention import GPU_CONFIGS, _prune_for_fp4
+
+    assert [c.kwargs["BLOCK_M"] for c in _prune_for_fp4(GPU_CONFIGS, {}, DOT_SCALED=True)] == [128]
+    assert _prune_for_fp4(GPU_CONFIGS, {"DOT_SCALED": False}) == GPU_CONFIGS
+    short = [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] < 128]
+    assert _prune_for_fp4(short, {"DOT_SCALED": True}) == short  # never empty
+
+
 def test_autotune_key_holds_every_code_changing_constexpr():
     from scalesearch_compile.kernels._nvfp4 import autotune_key_gaps
     from scalesearch_compile.kernels.attention import _attention_kernel

@@ -431,6 +431,9 @@ def test_decode_autotunes_only_tiles_of_at_most_16_rows():
         kept = _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket})
         assert kept == [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] <= 16] and len(kept) == 2
     assert _prune_for_rows(GPU_CONFIGS, {}, M_BUCKET=32) == GPU_CONFIGS  # M_BUCKET passed as a keyword
+    native = _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": 2048}, DOT_SCALED=True)  # W4A4 on sm_100
+    assert native == [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] == 128] and len(native) == 2
+    assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": 1, "DOT_SCALED": True}) == configs_for_rows(GPU_CONFIGS, 1)
     tall = [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] > 16]
     assert configs_for_rows(tall, 1) == tall  # never empty
     assert getattr(_nvfp4_gemm_kernel, "early_config_prune", _prune_for_rows) is _prune_for_rows

@@ -309,6 +309,19 @@ def autotune_configs(gpu_configs, interpreter_config):
     return [interpreter_config] if INTERPRET else gpu_configs
 
 
+# Rows of a tile whose tl.dot_scaled of two E2M1 operands Triton 3.9 lowers to sm_100's block-scaled FP4 MMA
+# (tcgen05.mma kind::mxf4nvf4.block_scale.block16, read from the PTX); with fewer rows it upcasts to 16 bits
+# (kind::f16 at 64 rows, mma.sync bf16 at 16).
+NATIVE_FP4_BLOCK_M = 128
+
+
+def native_fp4_tiles(configs: list, dot_scaled: bool) -> list:
+    """Of the autotune ``configs``, those whose dot_scaled runs the native FP4 MMA when ``dot_scaled`` (all
+    otherwise). Never empty: with no such tile all stay."""
+    kept = [c for c in configs if not dot_scaled or c.kwargs["BLOCK_M"] >= NATIVE_FP4_BLOCK_M]
+    return kept or configs
+
+
 def autotune_key_gaps(kernel) -> set[str]:
     """Constexpr parameters of an ``@triton.autotune`` kernel that neither its configs set nor its key holds: a
     launch changing one would reuse the config tuned for other generated code."""

@@ -51,6 +51,7 @@ from scalesearch_compile.kernels._nvfp4 import (
     autotune_configs,
     check_kernel_device,
     dequantize_tile,
+    native_fp4_tiles,
     pack_nibbles,
     quantize_tile,
     unpack_nibbles,
@@ -61,10 +62,17 @@ HP_CHUNK = tl.constexpr(16)  # head_dim columns per float32 product of a high-pr
 KERNEL_TOLERANCE = 1e-5  # relative L2 difference from the reference under the interpreter (module docstring)
 # Query rows per program and warps: FlashAttention-2's usual shapes for head_dim 64/128, not yet timed on a GPU
 # (none was available). Compiled without a GPU, sm_100 lowers DOT_SCALED to the block-scaled NVFP4 tcgen05 MMA
-# only at BLOCK_M = 128 (64 gives f16 MMAs). The interpreter runs the one config it can.
+# only at BLOCK_M = 128 (64 gives f16 MMAs), so with DOT_SCALED the autotuner tries only that tile
+# (_prune_for_fp4). The interpreter runs the one config it can.
 # 128 rows on 4 warps is left out: it spilled 9-11 KB in benchmarks/kernel_static.py's builds (8 warps: 2 KB).
 GPU_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=warps) for m, warps in ((64, 4), (64, 8), (128, 8))]
 _CONFIGS = autotune_configs(GPU_CONFIGS, triton.Config({"BLOCK_M": 64}, num_warps=4))
+
+
+def _prune_for_fp4(configs, named_args, **kwargs):
+    """``early_config_prune`` of the attention autotuner: ``_nvfp4.native_fp4_tiles`` of the launch's
+    ``DOT_SCALED``."""
+    return native_fp4_tiles(configs, {**named_args, **kwargs}["DOT_SCALED"])
 
 
 @triton.jit
@@ -176,6 +184,7 @@ def _attend_tile(
 # reuses its bucket's tuned config; every constexpr the configs do not set is in the key.
 @triton.autotune(
     _CONFIGS,
+    prune_configs_by={"early_config_prune": _prune_for_fp4},
     key=[
         "Q_BUCKET", "K_BUCKET", "HEAD_DIM", "V_DIM", "BLOCK_N", "IS_CAUSAL", "HAS_MASK", "SMOOTH_Q",
         "METHOD", "LO", "HI", "DOT_SCALED",

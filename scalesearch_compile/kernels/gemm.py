@@ -32,6 +32,7 @@ from scalesearch_compile.kernels._nvfp4 import (
     check_kernel_device,
     dequantize_tile,
     dequantize_words,
+    native_fp4_tiles,
     pack_nibbles,
     quantize_tile,
     unpack_nibbles,
@@ -76,17 +77,21 @@ _CONFIGS = autotune_configs(
 )
 
 
-def configs_for_rows(configs: list, m_bucket: int) -> list:
+def configs_for_rows(configs: list, m_bucket: int, dot_scaled: bool = False) -> list:
     """The autotune configs worth trying for ``m_bucket`` rows (M's next power of two): at decode (at most
     ``DECODE_MAX_M`` rows) only tiles of at most that many rows, since a taller tile multiplies padding rows
-    (127 of 128 at M = 1); above, all. Never empty: with no such tile (the interpreter's one config) all stay."""
-    kept = [c for c in configs if m_bucket > DECODE_MAX_M or c.kwargs["BLOCK_M"] <= DECODE_MAX_M]
-    return kept or configs
+    (127 of 128 at M = 1); above, all, or with ``dot_scaled`` (W4A4 on sm_100) the tiles that run the native FP4
+    MMA (``_nvfp4.native_fp4_tiles``). Never empty: with no such tile (the interpreter's one config) all stay."""
+    if m_bucket > DECODE_MAX_M:
+        return native_fp4_tiles(configs, dot_scaled)
+    return [c for c in configs if c.kwargs["BLOCK_M"] <= DECODE_MAX_M] or configs
 
 
 def _prune_for_rows(configs, named_args, **kwargs):
-    """``early_config_prune`` of the GEMM's autotuner: :func:`configs_for_rows` of the launch's ``M_BUCKET``."""
-    return configs_for_rows(configs, {**named_args, **kwargs}["M_BUCKET"])
+    """``early_config_prune`` of the GEMM's autotuner: :func:`configs_for_rows` of the launch's ``M_BUCKET`` and
+    ``DOT_SCALED``."""
+    launch = {**named_args, **kwargs}
+    return configs_for_rows(configs, launch["M_BUCKET"], launch.get("DOT_SCALED", False))
 
 
 @triton.jit
