@@ -161,9 +161,9 @@ def attention_cases(target: int, variants, m_override=None):
             DOT_SCALED=target >= 100,
         )  # fmt: skip
         tried = native_fp4_tiles(attention.GPU_CONFIGS, constexprs["DOT_SCALED"])  # what the autotuner keeps
+        kernel = (attention, "_attention_kernel", args, constexprs)
         for index, config in enumerate(attention.GPU_CONFIGS):
             if config in tried:
-                kernel = (attention, "_attention_kernel", args, constexprs)
                 yield _case("attention", variant, index, config, target, length, *kernel)
 
 

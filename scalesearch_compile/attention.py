@@ -215,7 +215,8 @@ def high_precision_tiles(k_len: int, recipe: AttentionRecipe) -> set:
 def quantized_keys(k_len: int, recipe: AttentionRecipe) -> range:
     """The keys of the KV tiles that are quantized (those not in :func:`high_precision_tiles`), padding
     included: a contiguous range, empty when every tile is kept in float32."""
-    tiles = [t for t in range(-(-k_len // TILE)) if t not in high_precision_tiles(k_len, recipe)]
+    kept_precise = high_precision_tiles(k_len, recipe)
+    tiles = [t for t in range(-(-k_len // TILE)) if t not in kept_precise]
     return range(tiles[0] * TILE, (tiles[-1] + 1) * TILE) if tiles else range(0)
 
 

@@ -190,8 +190,9 @@ def test_compiles_for_hopper_and_blackwell():
 
 
 def test_dot_scaled_autotunes_only_tiles_on_the_native_fp4_mma():
-    from scalesearch_compile.kernels.attention import GPU_CONFIGS, _prune_for_fp4
+    from scalesearch_compile.kernels.attention import GPU_CONFIGS, _attention_kernel, _prune_for_fp4
 
+    assert _attention_kernel.early_config_prune is _prune_for_fp4  # what the autotuner calls
     assert [c.kwargs["BLOCK_M"] for c in _prune_for_fp4(GPU_CONFIGS, {}, DOT_SCALED=True)] == [128]
     assert _prune_for_fp4(GPU_CONFIGS, {"DOT_SCALED": False}) == GPU_CONFIGS
     short = [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] < 128]

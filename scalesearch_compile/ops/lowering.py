@@ -52,28 +52,28 @@ def applies(example_inputs, impl: str) -> bool:
     return {t.device.type for t in tensors} <= {"cpu"} and kernel("linear", impl, torch.device("cpu")) is None
 
 
-def lower(gm: torch.fx.GraphModule) -> int:
-    """Swap every call of a lowered op in ``gm`` for its traceable function (:func:`lowered_functions`); returns
-    how many calls were swapped."""
-    functions, swapped = lowered_functions(), 0
+def lower(gm: torch.fx.GraphModule) -> None:
+    """Swap every call of a lowered op in ``gm`` for its traceable function (:func:`lowered_functions`)."""
+    functions = lowered_functions()
     for node in gm.graph.nodes:
         if node.op == "call_function" and node.target in functions:
-            node.target, swapped = functions[node.target], swapped + 1
+            node.target = functions[node.target]
     gm.recompile()
-    return swapped
+
+
+# ops whose result a quantization's argument key replaces by what they compute (see _key)
+_SAME_VALUES = (
+    torch.ops.aten.reshape.default,
+    torch.ops.aten.view.default,
+    torch.ops.aten._unsafe_view.default,
+    torch.ops.prims.convert_element_type.default,
+)
 
 
 def _key(value):
     """A hashable stand-in for an FX argument: a node by identity, except a reshape or cast, which stands for what
     it computes (every projection of one tensor reshapes it anew); lists as tuples."""
-    aten, prims = torch.ops.aten, torch.ops.prims
-    same_values = (
-        aten.reshape.default,
-        aten.view.default,
-        aten._unsafe_view.default,
-        prims.convert_element_type.default,
-    )
-    if isinstance(value, torch.fx.Node) and value.op == "call_function" and value.target in same_values:
+    if isinstance(value, torch.fx.Node) and value.op == "call_function" and value.target in _SAME_VALUES:
         return (value.target, _key(value.args), _key(value.kwargs))
     if isinstance(value, list | tuple):
         return tuple(_key(v) for v in value)
@@ -82,11 +82,11 @@ def _key(value):
     return value
 
 
-def merge_shared_quantization(graph: torch.fx.Graph) -> int:
+def merge_shared_quantization(graph: torch.fx.Graph) -> None:
     """Merge the calls of ``scalesearch::quantize_nvfp4`` with the same arguments (the q, k and v projections of an
     attention layer quantize the same activations): the op is a pure function, so the first call's results serve
-    every later one. Returns how many calls were removed."""
-    target, first, merged = torch.ops.scalesearch.quantize_nvfp4.default, {}, 0
+    every later one."""
+    target, first = torch.ops.scalesearch.quantize_nvfp4.default, {}
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not target:
             continue
@@ -94,10 +94,8 @@ def merge_shared_quantization(graph: torch.fx.Graph) -> int:
         if key in first:
             node.replace_all_uses_with(first[key])
             graph.erase_node(node)
-            merged += 1
         else:
             first[key] = node
-    return merged
 
 
 class SharedQuantization(CustomGraphPass):
