@@ -83,8 +83,9 @@ ABLATION_LADDER = {
 class PreparedInputs:
     """Step 1 of the numerics. ``q_hp`` (B, Hq, Sq, D), ``k_hp`` (B, Hkv, Skp, D), ``v_hp`` (B, Hkv, Skp, Dv):
     float32 after smoothing and rotation (``q_hp`` before Q smoothing), keys zero-padded to Skp, a multiple of
-    ``TILE``. ``q`` quantizes ``q_hp - q_mean``; ``k`` quantizes ``k_hp[..., keys, :]``; ``v`` quantizes
-    ``v_hp[..., keys, :]^T`` (B, Hkv, Dv, len(keys)), K and V each under the global scale of the whole tensor.
+    ``TILE`` (Skp = Sk, no padding, when no key is quantized). ``q`` quantizes ``q_hp - q_mean``; ``k``
+    quantizes ``k_hp[..., keys, :]``; ``v`` quantizes ``v_hp[..., keys, :]^T`` (B, Hkv, Dv, len(keys)), K and V
+    each under the global scale of the whole tensor.
     ``keys``: the quantized key range (all Skp keys unless :func:`prepare` was given fewer); q, k and v are None
     when it is empty. ``q_mean`` (B, Hq, 1, D) or None."""
 
@@ -175,7 +176,7 @@ def prepare(q, k, v, recipe: AttentionRecipe, quantize=quantize_reference, keys:
     """Step 1 of the module numerics: smoothing, rotation, padding and quantization of Q, K and V (at run time:
     nothing read on the host, NaN/Inf propagate as NaN blocks).
 
-    ``quantize``: :func:`quantize_reference` or the Triton quantize, taking a :class:`QuantizeRequest`.
+    ``quantize``: :func:`quantize_reference` or a kernel computing the same bits, taking a :class:`QuantizeRequest`.
     ``keys``: the keys to quantize (bounds multiples of 16; default all, padding included); none quantizes
     nothing.
     """
@@ -185,13 +186,13 @@ def prepare(q, k, v, recipe: AttentionRecipe, quantize=quantize_reference, keys:
     if recipe.hadamard:
         q = q @ hadamard_matrix(q.shape[-1], q.device)
         k = k @ hadamard_matrix(k.shape[-1], k.device)
-    pad = -k.shape[-2] % TILE
-    k = torch.nn.functional.pad(k, (0, 0, 0, pad))
-    v = torch.nn.functional.pad(v, (0, 0, 0, pad))
     q_mean = q.mean(dim=-2, keepdim=True) if recipe.smooth_q else None
-    keys = range(k.shape[-2]) if keys is None else keys
-    if not keys:
+    padded_len = k.shape[-2] + -k.shape[-2] % TILE
+    keys = range(padded_len) if keys is None else keys
+    if not keys:  # nothing quantized: no padding either
         return PreparedInputs(q, k, v, None, None, None, q_mean, keys)
+    k = torch.nn.functional.pad(k, (0, 0, 0, padded_len - k.shape[-2]))
+    v = torch.nn.functional.pad(v, (0, 0, 0, padded_len - v.shape[-2]))
 
     scales = ScaleChoice.of(recipe)
 
@@ -220,12 +221,12 @@ def quantized_keys(k_len: int, recipe: AttentionRecipe) -> range:
     return range(tiles[0] * TILE, (tiles[-1] + 1) * TILE) if tiles else range(0)
 
 
-def quantize_probabilities(p: torch.Tensor, recipe: AttentionRecipe) -> torch.Tensor:
+def quantize_probabilities(p: torch.Tensor, recipe: AttentionRecipe, quantize=quantize_reference) -> torch.Tensor:
     """NVFP4 round trip of probabilities ``p`` (..., TILE) >= 0 along the last dim, two-level with a per-row
-    first level ``search.global_scale(rowmax)``."""
+    first level ``search.global_scale(rowmax)``; ``quantize`` as :func:`prepare` takes it."""
     row_scale = global_scale(p.amax(dim=-1, keepdim=True))
     request = QuantizeRequest.of(p, ScaleChoice.of(recipe), per_tensor_scale=row_scale, check_finite=False)
-    return quantize_reference(request).dequantize()
+    return quantize(request).dequantize()
 
 
 def nvfp4_attention_reference(
@@ -237,16 +238,18 @@ def nvfp4_attention_reference(
     scale: float | None = None,
     enable_gqa: bool = False,
     recipe: AttentionRecipe = DEFAULT_RECIPE,
+    quantize=quantize_reference,
 ) -> torch.Tensor:
-    """NVFP4 attention as defined in the module docstring; same arguments as SDPA (no dropout) plus ``recipe``."""
+    """NVFP4 attention as defined in the module docstring; same arguments as SDPA (no dropout) plus ``recipe``;
+    every quantization by ``quantize`` (:func:`quantize_reference`, or what computes the same bits)."""
     check_inputs(q, k, v, attn_mask, is_causal, enable_gqa)
     q_len, k_len = q.shape[-2], k.shape[-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    prep = prepare(q, k, v, recipe, keys=quantized_keys(k_len, recipe))
+    prep = prepare(q, k, v, recipe, quantize, keys=quantized_keys(k_len, recipe))
     group = q.shape[1] // k.shape[1]
 
-    def per_query_head(x):  # (B, Hkv, ...) -> (B, Hq, ...)
-        return x.repeat_interleave(group, dim=1)
+    def per_query_head(x):  # (B, Hkv, ...) -> (B, Hq, ...); no copy without grouped heads
+        return x if group == 1 else x.repeat_interleave(group, dim=1)
 
     k_hp, v_hp = per_query_head(prep.k_hp), per_query_head(prep.v_hp)
     if prep.keys:  # indexed by key as k_hp is (zeros before prep.keys, never read)
@@ -270,7 +273,7 @@ def nvfp4_attention_reference(
         alpha = torch.exp(row_max - safe_max)
         p = torch.exp(s - safe_max)
         row_sum = row_sum * alpha + p.sum(dim=-1, keepdim=True)
-        p_t = p if hp else quantize_probabilities(p, recipe)
+        p_t = p if hp else quantize_probabilities(p, recipe, quantize)
         acc = acc * alpha + p_t @ v_t[..., keys, :]
         row_max = new_max
     out = acc / torch.where(row_sum > 0, row_sum, 1.0)  # a row with no key has acc == 0

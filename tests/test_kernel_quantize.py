@@ -15,24 +15,12 @@ if not torch.cuda.is_available():
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
+from quantize_cases import assert_same_blocks, edge_input, ragged_input  # noqa: E402
 
 from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton  # noqa: E402
 from scalesearch_compile.search import QuantizeRequest, ScaleChoice, quantize_blocks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FIELDS = ("qdata", "scale_codes", "offsets")
-
-
-def assert_same_blocks(got, ref):
-    for field in FIELDS:
-        g, r = getattr(got, field).cpu(), getattr(ref, field)
-        assert g.dtype == r.dtype and g.shape == r.shape, field
-        mismatches = (g != r).sum().item()
-        assert mismatches == 0, f"{field}: {mismatches} of {r.numel()} differ"
-    if ref.per_tensor_scale is None:
-        assert got.per_tensor_scale is None
-    else:
-        assert torch.equal(got.per_tensor_scale.cpu(), ref.per_tensor_scale)
 
 
 def triton_blocks(x, method, **kwargs):
@@ -47,29 +35,6 @@ def check(x, method, **kwargs):
     ref = quantize_blocks(x, method, **kwargs)
     assert_same_blocks(got, ref)
     return ref
-
-
-def ragged_input(dtype, rows=37, k=144, seed=0):
-    """Rows not a multiple of the row tile, K = 128 + 16 (a partial column tile), a 1e-4..1e4 spread of scales."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(rows, k, generator=g) * torch.logspace(-4, 4, k)[torch.randperm(k, generator=g)]
-    return x.to(dtype)
-
-
-def edge_input():
-    """Blocks that hit ties and limits: zeros, -0.0, constants, E2M1 midpoints, near 448*6, subnormal scales."""
-    block = torch.arange(16, dtype=torch.float32)
-    rows = [
-        torch.zeros(16),
-        -torch.zeros(16),
-        torch.full((16,), 3.0),
-        torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0] * 2),  # E2M1 ties at scale 1
-        torch.tensor([-6.0, 6.0] + [0.0] * 14),
-        block * 2688.0 / 15,  # block amax 2688: scale 448 without a global scale, so positive offsets overflow
-        (block - 8) * 1e-3,  # tiny: amax code clamps to 8 without a global scale, offsets -2 and -1 are subnormal
-        torch.tensor([1e-30] * 15 + [-1.0]),
-    ]
-    return torch.stack(rows).repeat(1, 2)  # (8, 32)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -162,15 +162,18 @@ def test_f_linear_and_matmul_route_to_the_op():
 
 
 def test_triton_impl_without_kernels_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(dispatch, "_load", lambda op: (None, f"no {op} kernel here"))
+    monkeypatch.setattr(dispatch, "_load", lambda module, name: (None, f"no {name} here"))
+    dispatch._warn_fallback.cache_clear()
     weight = _weight()
-    with pytest.raises(NotImplementedError, match="impl='triton' is not available: no linear kernel here"):
+    with pytest.raises(NotImplementedError, match="impl='triton' is not available: no nvfp4_linear_triton here"):
         nvfp4_linear(torch.randn(2, 64), weight, impl="triton")
-    with pytest.raises(NotImplementedError, match="no quantize kernel here"):
+    with pytest.raises(NotImplementedError, match="no quantize_nvfp4_triton here"):
         nvfp4_quantize(torch.randn(2, 64), impl="triton")
-    # "auto" on CPU is the reference whatever exists
+    # "auto" on CPU is the reference when the C kernel cannot be loaded either (saying so once)
     x = torch.ones(2, 64)
-    assert torch.equal(nvfp4_linear(x, weight), nvfp4_linear(x, weight, impl="reference"))
+    with pytest.warns(RuntimeWarning, match="no quantize_nvfp4_cpu here"):
+        assert torch.equal(nvfp4_linear(x, weight), nvfp4_linear(x, weight, impl="reference"))
+    dispatch._warn_fallback.cache_clear()
 
 
 def test_triton_impl_calls_the_kernel_launcher(monkeypatch):
@@ -180,7 +183,7 @@ def test_triton_impl_calls_the_kernel_launcher(monkeypatch):
         calls.append(request)
         return quantize_reference(request)
 
-    monkeypatch.setattr(dispatch, "_load", lambda op: (launcher, ""))
+    monkeypatch.setattr(dispatch, "_load", lambda module, name: (launcher, ""))
     x, importance = torch.randn(4, 64), torch.rand(64)
     assert torch.equal(nvfp4_quantize(x, impl="triton")[0], nvfp4_quantize(x, impl="reference")[0])
     assert calls[0].scales == ScaleChoice("search", (-2, 6)) and calls[0].per_tensor_scale is not None

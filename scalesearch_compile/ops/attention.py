@@ -1,7 +1,8 @@
 """Custom op ``scalesearch::nvfp4_attention``: NVFP4 attention (ScaleSearchAttention) behind SDPA's contract.
 
-``impl`` chooses :func:`nvfp4_attention_reference` (pure torch) or the Triton kernel (CUDA, or CPU under
-``TRITON_INTERPRET=1``) as :mod:`scalesearch_compile.ops.dispatch` decides. The recipe travels as plain
+``impl`` chooses :func:`nvfp4_attention_reference` (its quantizations by the quantize kernel ``impl`` picks, the
+same bits) or the Triton kernel (CUDA, or CPU under ``TRITON_INTERPRET=1``) as
+:mod:`scalesearch_compile.ops.dispatch` decides. The recipe travels as plain
 arguments (:func:`recipe_args`) because a custom op's schema takes no dataclasses. Backward is a
 straight-through estimate: the gradient of float ``scaled_dot_product_attention`` at the unquantized inputs (so
 a model compiled with the backend runs with grad mode on, and can be fine-tuned through NVFP4 attention as
@@ -11,7 +12,7 @@ quantization-aware training does); masks get no gradient.
 import torch
 
 from scalesearch_compile.attention import DEFAULT_RECIPE, AttentionRecipe, check_inputs, nvfp4_attention_reference
-from scalesearch_compile.ops.dispatch import check_impl, kernel
+from scalesearch_compile.ops.dispatch import check_impl, kernel, quantizer
 
 
 @torch.library.custom_op("scalesearch::nvfp4_attention", mutates_args=())
@@ -40,8 +41,11 @@ def nvfp4_attention_op(
         hadamard=hadamard,
         sink_tiles=sink_tiles,
     )
-    attend = kernel("attention", impl, q.device) or nvfp4_attention_reference
-    return attend(q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe)
+    attend = kernel("attention", impl, q.device)
+    if attend is not None:
+        return attend(q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe)
+    quantize = quantizer(impl, q)
+    return nvfp4_attention_reference(q, k, v, attn_mask, is_causal, scale, enable_gqa, recipe, quantize)
 
 
 def recipe_args(recipe: AttentionRecipe) -> tuple:
@@ -89,7 +93,8 @@ def nvfp4_attention(
     """``F.scaled_dot_product_attention`` (no dropout) with Q, K, V and P in NVFP4 per ``recipe``.
 
     Raises ValueError for unsupported inputs (e.g. a head_dim outside ``HEAD_DIMS``), so a caller can fall back
-    to SDPA. ``impl``: "auto" (Triton on CUDA, reference elsewhere), "reference" or "triton".
+    to SDPA. ``impl``: "auto" (Triton on CUDA; elsewhere the reference, quantizing with the C kernel on a CPU),
+    "reference" or "triton".
     """
     check_impl(impl)
     args = recipe_args(recipe)

@@ -1,9 +1,12 @@
-"""Implementation dispatch: whether an op runs its PyTorch reference or its Triton kernel (decided here only).
+"""Implementation dispatch: whether an op runs its PyTorch reference, its Triton kernel or its C kernel (decided
+here only).
 
-``impl``: "reference" always runs the reference; "triton" runs the kernel or raises NotImplementedError saying
-why it cannot be loaded; "auto" runs the kernel on CUDA tensors and the reference elsewhere, and when the
-kernel cannot be loaded on CUDA it warns once (with the reason) and runs the reference.
-Kernel modules are imported on first use, so the package imports without Triton or a GPU.
+``impl``: "reference" always runs the reference; "triton" runs the Triton kernel or raises NotImplementedError
+saying why it cannot be loaded; "auto" runs the Triton kernel on CUDA tensors, the C kernel on CPU tensors where
+the op has one (quantization: ``kernels.quantize_cpu``, built on first use with the system C compiler), and the
+reference elsewhere; when the kernel it would run cannot be loaded it warns once (with the reason) and runs the
+reference. Every kernel computes the reference's codes and scales bit for bit.
+Kernel modules are imported on first use, so the package imports without Triton, a GPU or a C compiler.
 Where the reference runs on a CPU, a compiled graph gets the reference itself traced in instead of the opaque
 op (:func:`lowers`, :mod:`scalesearch_compile.ops.lowering`), so that Inductor fuses it.
 """
@@ -16,15 +19,20 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
+from scalesearch_compile.layout import NVFP4Blocks
+from scalesearch_compile.search import QuantizeRequest, quantize_reference
+
 IMPLS = ("auto", "reference", "triton")
 
-# op name -> (kernel module, launcher)
+# op name -> (kernel module, launcher) of the Triton kernels
 KERNELS = {
     "quantize": ("scalesearch_compile.kernels.quantize", "quantize_nvfp4_triton"),
     "linear": ("scalesearch_compile.kernels.gemm", "nvfp4_linear_triton"),
     "grouped_linear": ("scalesearch_compile.kernels.gemm", "nvfp4_grouped_linear_triton"),
     "attention": ("scalesearch_compile.kernels.attention", "nvfp4_attention_triton"),
 }
+# op name -> (kernel module, launcher) of the C kernels "auto" runs on CPU tensors
+CPU_KERNELS = {"quantize": ("scalesearch_compile.kernels.quantize_cpu", "quantize_nvfp4_cpu")}
 
 
 def check_impl(impl) -> str:
@@ -35,39 +43,50 @@ def check_impl(impl) -> str:
 
 
 @functools.cache
-def _load(op: str) -> tuple[Callable | None, str]:
-    """The launcher of ``op`` and '' if it can be imported, else None and the reason."""
-    module, name = KERNELS[op]
+def _load(module: str, name: str) -> tuple[Callable | None, str]:
+    """The launcher ``name`` of kernel ``module`` and '' if it can be imported, else None and the reason."""
     try:
         launcher = getattr(importlib.import_module(module), name, None)
-    except Exception as error:  # no Triton, or a Triton too old or broken for the kernel module
+    except Exception as error:  # no Triton (or one too old or broken for the module), or no C compiler
         return None, f"importing {module} failed: {type(error).__name__}: {error}"
     return launcher, "" if launcher is not None else f"{module} has no {name}"
 
 
 @functools.cache
-def _warn_fallback(op: str, reason: str) -> None:
+def _warn_fallback(op: str, device_type: str, reason: str) -> None:
+    remedy = "fix the Triton install" if device_type == "cuda" else "install a C compiler (or set CC)"
     warnings.warn(
-        f"scalesearch {op}: impl='auto' runs the slow PyTorch reference on CUDA because the Triton kernel "
-        f"cannot be loaded ({reason}); pass impl='reference' to silence this, or fix the Triton install",
+        f"scalesearch {op}: impl='auto' runs the slow PyTorch reference on {device_type} because the kernel "
+        f"cannot be loaded ({reason}); pass impl='reference' to silence this, or {remedy}",
         RuntimeWarning,
         stacklevel=3,
     )
 
 
 def kernel(op: str, impl: str, device: torch.device) -> Callable | None:
-    """The Triton launcher ``op`` ("quantize", "linear" or "attention") should run for tensors on ``device``,
-    or None for the PyTorch reference (module docstring)."""
+    """The kernel launcher ``op`` ("quantize", "linear", "grouped_linear" or "attention") should run for
+    tensors on ``device``, or None for the PyTorch reference (module docstring)."""
     check_impl(impl)
-    if impl == "reference" or (impl == "auto" and device.type != "cuda"):
+    if impl == "reference":
         return None
-    launcher, reason = _load(op)
-    if launcher is not None:
-        return launcher
-    if impl == "triton":
-        raise NotImplementedError(f"impl='triton' is not available: {reason}; use impl='reference'")
-    _warn_fallback(op, reason)
-    return None
+    if impl == "auto" and device.type != "cuda":
+        if device.type != "cpu" or op not in CPU_KERNELS:
+            return None
+        launcher, reason = _load(*CPU_KERNELS[op])
+    else:
+        launcher, reason = _load(*KERNELS[op])
+        if launcher is None and impl == "triton":
+            raise NotImplementedError(f"impl='triton' is not available: {reason}; use impl='reference'")
+    if launcher is None:
+        _warn_fallback(op, device.type, reason)
+    return launcher
+
+
+def quantizer(impl: str, x: torch.Tensor) -> Callable[[QuantizeRequest], NVFP4Blocks]:
+    """What quantizes a :class:`QuantizeRequest` of ``x`` for ``impl``: the kernel :func:`kernel` picks for x's
+    device, or :func:`~scalesearch_compile.search.quantize_reference` (the same bits either way); the reference
+    for a fake tensor, as in a backward traced for a compiled graph, since a kernel reads real memory."""
+    return (None if is_fake(x) else kernel("quantize", impl, x.device)) or quantize_reference
 
 
 def lowers(op: str, x: torch.Tensor, impl: str) -> bool:

@@ -20,7 +20,7 @@ the host (a GPU synchronisation in the backward); the Triton kernel reads nothin
 import torch
 
 from scalesearch_compile.layout import NVFP4Weight, expert_of_rows
-from scalesearch_compile.ops.dispatch import check_impl, kernel
+from scalesearch_compile.ops.dispatch import check_impl, kernel, quantizer
 from scalesearch_compile.ops.linear import activation_arguments
 from scalesearch_compile.search import (
     QuantizeRequest,
@@ -66,8 +66,11 @@ def _expert_rows(offsets: torch.Tensor):
         start = max(start, end)
 
 
-def reference_grouped_linear(x: torch.Tensor, offsets: torch.Tensor, weight: NVFP4Weight, act: ScaleChoice | None):
-    """The module docstring's numerics in PyTorch (reads ``offsets`` on the host)."""
+def reference_grouped_linear(
+    x: torch.Tensor, offsets: torch.Tensor, weight: NVFP4Weight, act: ScaleChoice | None, quantize=quantize_reference
+):
+    """The module docstring's numerics in PyTorch (reads ``offsets`` on the host); activations quantized by
+    ``quantize`` (:func:`quantize_reference` or what computes the same bits)."""
     rows = x.float()
     out = rows.new_zeros((x.shape[0], weight.out_features))
     if x.shape[0] == 0:
@@ -76,9 +79,7 @@ def reference_grouped_linear(x: torch.Tensor, offsets: torch.Tensor, weight: NVF
     if act is None:
         x_hat = rows / scales
     else:
-        x_hat = quantize_reference(
-            QuantizeRequest.of(rows, act, per_tensor_scale=scales, check_finite=False)
-        ).unscaled()
+        x_hat = quantize(QuantizeRequest.of(rows, act, per_tensor_scale=scales, check_finite=False)).unscaled()
     w_hat = weight.unscaled()
     for e, mine in _expert_rows(offsets):
         out[mine] = (x_hat[mine] @ w_hat[e].t()) * weight.per_tensor_scale[e] * scales[mine]
@@ -98,8 +99,10 @@ def _grouped_linear_op(
 ) -> torch.Tensor:
     args = (x, offsets, weight_qdata, weight_scale, weight_per_tensor_scale, act_method, act_window, impl)
     weight, act = _checked_arguments(*args)
-    grouped = kernel("grouped_linear", impl, x.device) or reference_grouped_linear
-    return grouped(x, offsets, weight, act)
+    grouped = kernel("grouped_linear", impl, x.device)
+    if grouped is not None:
+        return grouped(x, offsets, weight, act)
+    return reference_grouped_linear(x, offsets, weight, act, quantize=quantizer(impl, x))
 
 
 @_grouped_linear_op.register_fake

@@ -21,11 +21,13 @@ Arguments: x ``(..., K)`` float32/bfloat16/float16; the weight as an
 in x's dtype.
 """
 
+import functools
+
 import torch
 
 import scalesearch_compile.ops.quantize  # noqa: F401  (registers scalesearch::quantize_nvfp4, which lowered_linear calls)
 from scalesearch_compile.layout import NVFP4Blocks, NVFP4Weight
-from scalesearch_compile.ops.dispatch import check_impl, kernel, lowers
+from scalesearch_compile.ops.dispatch import check_impl, kernel, lowers, quantizer
 from scalesearch_compile.search import (
     QuantizeRequest,
     ScaleChoice,
@@ -60,7 +62,7 @@ def reference_linear(
     quantize=quantize_reference,
 ):
     """The module docstring's numerics in PyTorch: ``x @ W^T (+ bias)``, activations quantized per ``act`` by
-    ``quantize`` (:func:`quantize_reference`, or the same through the op: :func:`lowered_linear`)."""
+    ``quantize`` (:func:`quantize_reference`, or what computes the same bits: the C kernel, the op)."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if rows.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], weight.out_features))
@@ -92,16 +94,24 @@ def _linear_op(
 ) -> torch.Tensor:
     args = (x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
     weight, act = _checked_arguments(*args)
-    linear = kernel("linear", impl, x.device) or reference_linear
-    return linear(x, weight, bias, act)
+    return run_linear(x, weight, bias, act, impl)
 
 
-def _quantize_by_op(request: QuantizeRequest) -> NVFP4Blocks:
+def run_linear(x: torch.Tensor, weight: NVFP4Weight, bias: torch.Tensor | None, act: ScaleChoice | None, impl: str):
+    """The linear numerics by the implementation ``impl`` picks for x's device (``ops.dispatch``): the Triton
+    GEMM, or :func:`reference_linear` with its activations quantized by the quantize kernel ``impl`` picks."""
+    linear = kernel("linear", impl, x.device)
+    if linear is not None:
+        return linear(x, weight, bias, act)
+    return reference_linear(x, weight, bias, act, quantize=quantizer(impl, x))
+
+
+def _quantize_by_op(request: QuantizeRequest, impl: str) -> NVFP4Blocks:
     """:func:`quantize_reference` of run-time activations (``request``: global scale from x, no importance) as one
-    call of ``scalesearch::quantize_nvfp4``, which runs that very function: the same numbers (offsets left out)."""
+    call of ``scalesearch::quantize_nvfp4`` with ``impl``: the same numbers (offsets left out)."""
     scales = request.scales
     qdata, scale_codes, pts = torch.ops.scalesearch.quantize_nvfp4(
-        request.x, scales.method, list(scales.window), "tensor", None, None, "reference"
+        request.x, scales.method, list(scales.window), "tensor", None, None, impl
     )
     return NVFP4Blocks(qdata, scale_codes, pts, None)
 
@@ -113,11 +123,12 @@ def lowered_linear(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias,
     past any use (a tiny 2-layer Llama took about 10 minutes to compile on the loaded 2-core CI machine, where the
     opaque op takes seconds). Written with all of a block's candidates at once (about 30 operations), it compiled
     in 3-8 s alone, ran 2x faster than eager on a 192 x 384 input, but took the quickstart's compile from 29 to
-    114 s for no gain end to end (Inductor's CPU loops recompute each block's scale per element). The weight
-    decode, the matmul and the scaling are what Inductor fuses."""
+    114 s for no gain end to end (Inductor's CPU loops recompute each block's scale per element). The op runs the
+    C quantize kernel (``kernels.quantize_cpu``) with ``impl="auto"``. The weight decode, the matmul and the
+    scaling are what Inductor fuses."""
     args = (x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
     weight, act = _checked_arguments(*args)
-    return reference_linear(x, weight, bias, act, quantize=_quantize_by_op)
+    return reference_linear(x, weight, bias, act, quantize=functools.partial(_quantize_by_op, impl=impl))
 
 
 @_linear_op.register_fake
@@ -149,7 +160,8 @@ def nvfp4_linear(
     x: torch.Tensor, weight: ScaleSearchNVFP4Tensor, bias: torch.Tensor | None = None, *, impl: str = "auto"
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through ``scalesearch::nvfp4_linear``: W4A16 when the weight records no
-    activation quantization, W4A4 otherwise. ``impl``: "auto" (Triton on CUDA), "reference" or "triton"."""
+    activation quantization, W4A4 otherwise. ``impl``: "auto" (Triton on CUDA; on a CPU the reference, its
+    activations quantized by the C kernel), "reference" or "triton"."""
     if not isinstance(weight, ScaleSearchNVFP4Tensor):
         raise ValueError(f"weight must be a ScaleSearchNVFP4Tensor, got {type(weight).__name__}")
     w = weight.nvfp4_weight()

@@ -13,15 +13,15 @@ grad`` summed over rows.
 import torch
 
 from scalesearch_compile.layout import NVFP4Weight
-from scalesearch_compile.ops.dispatch import check_impl, kernel
-from scalesearch_compile.ops.linear import reference_linear
-from scalesearch_compile.search import QuantizeRequest, ScaleChoice, check_dtype_and_shape, quantize_reference
+from scalesearch_compile.ops.dispatch import check_impl, quantizer
+from scalesearch_compile.ops.linear import run_linear
+from scalesearch_compile.search import QuantizeRequest, ScaleChoice, check_dtype_and_shape
 
 
 def _quantize(x: torch.Tensor, scales: ScaleChoice, impl: str):
     """Run-time quantization of ``x`` (..., K) by the implementation ``impl`` picks."""
     request = QuantizeRequest.of(x, scales, check_finite=False)
-    return (kernel("quantize", impl, x.device) or quantize_reference)(request)
+    return quantizer(impl, x)(request)
 
 
 def _weight(weight: torch.Tensor, transposed: bool, scales: ScaleChoice, impl: str) -> NVFP4Weight:
@@ -59,8 +59,7 @@ def _qat_op(
 ) -> torch.Tensor:
     _check(x, weight, bias, transposed, impl)
     nvfp4 = _weight(weight, transposed, ScaleChoice(method, window), impl)
-    linear = kernel("linear", impl, x.device) or reference_linear
-    return linear(x, nvfp4, bias, _activation_scales(act_method, act_window))
+    return run_linear(x, nvfp4, bias, _activation_scales(act_method, act_window), impl)
 
 
 @_qat_op.register_fake

@@ -12,12 +12,11 @@ per row ``(..., 1)``. Single-level scaling returns a global scale of 1.0, which 
 import torch
 
 from scalesearch_compile.layout import BLOCK_SIZE
-from scalesearch_compile.ops.dispatch import check_impl, kernel
+from scalesearch_compile.ops.dispatch import check_impl, quantizer
 from scalesearch_compile.search import (
     PerTensorScale,
     QuantizeRequest,
     ScaleChoice,
-    quantize_reference,
 )
 
 # per_tensor_scale as the op's schema carries it: a mode, and the scale itself when one is given
@@ -46,7 +45,7 @@ def _quantize_op(
         importance=importance,
         check_finite=False,
     )
-    blocks = (kernel("quantize", impl, x.device) or quantize_reference)(request)
+    blocks = quantizer(impl, x)(request)
     pts = blocks.per_tensor_scale
     if pts is None:
         pts = torch.ones((), dtype=torch.float32, device=x.device)
@@ -85,8 +84,9 @@ def nvfp4_quantize(
     ``method`` and ``importance`` as :func:`quantize_blocks`. ``per_tensor_scale``: True for torchao's
     ``amax / (448 * 6)``; "row" for one such scale per row (returned ``(..., 1)``); a tensor (one element, or
     ``(..., 1)``) used as given, after checking that it is positive and finite (one read on the host); None or
-    False for single-level scaling (returned as 1.0). ``impl``: "auto" (Triton on CUDA, reference elsewhere),
-    "reference" or "triton". At run time nothing else is read: NaN/Inf in x give NaN blocks (``search``).
+    False for single-level scaling (returned as 1.0). ``impl``: "auto" (Triton on CUDA, the C kernel on a CPU,
+    the same bits; ``ops.dispatch``), "reference" or "triton". At run time nothing else is read: NaN/Inf in x
+    give NaN blocks (``search``).
     """
     scales = ScaleChoice.of(method)
     if isinstance(per_tensor_scale, torch.Tensor):

@@ -1,0 +1,136 @@
+"""The C quantize kernel (``kernels.quantize_cpu``) equals ``quantize_blocks`` bit for bit, and its build is
+cached, atomic and fails with a clear reason."""
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from quantize_cases import assert_same_blocks, edge_input, ragged_input
+
+from scalesearch_compile.kernels import quantize_cpu
+from scalesearch_compile.kernels.quantize_cpu import load_library, quantize_nvfp4_cpu
+from scalesearch_compile.search import METHODS, QuantizeRequest, ScaleChoice, quantize_blocks
+
+
+def check(x, method, **kwargs):
+    """The C kernel vs the PyTorch reference on the same request."""
+    ref = quantize_blocks(x, method, **kwargs)
+    assert_same_blocks(quantize_nvfp4_cpu(QuantizeRequest.of(x, ScaleChoice.of(method), **kwargs)), ref)
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_tensor_scale", [True, None, "row", "tensor", "per row"])
+@pytest.mark.parametrize("method", METHODS)
+def test_bitwise_equal_to_reference(method, per_tensor_scale, dtype):
+    x = ragged_input(dtype)
+    if per_tensor_scale == "tensor":
+        per_tensor_scale = torch.tensor(0.37)
+    elif per_tensor_scale == "per row":
+        per_tensor_scale = torch.rand(x.shape[0], 1, generator=torch.Generator().manual_seed(3)) + 0.01
+    ref = check(x, method, per_tensor_scale=per_tensor_scale)
+    if method != "amax":  # the comparison covers real choices, not only the amax code
+        given = isinstance(per_tensor_scale, torch.Tensor)  # a given scale saturates the widest blocks
+        assert (ref.offsets != 0).float().mean() > (0.02 if given else 0.05)
+
+
+@pytest.mark.parametrize("per_tensor_scale", [True, None])
+@pytest.mark.parametrize("method", METHODS)
+def test_edge_blocks(method, per_tensor_scale):
+    check(edge_input(), method, per_tensor_scale=per_tensor_scale)
+
+
+@pytest.mark.parametrize("window", [(0, 0), (-4, 2), (3, 5), (-8, -1), (-125, 125)])
+def test_windows(window):
+    ref = check(ragged_input(torch.float32, rows=9, k=64), ScaleChoice("search", window))
+    chosen = ref.offsets[ref.offsets != 0]
+    assert chosen.numel() == 0 or (chosen.min() >= window[0] and chosen.max() <= window[1])
+
+
+def test_leading_dimensions_and_strides():
+    x = ragged_input(torch.float32, rows=10, k=48).view(2, 5, 48)
+    got = quantize_nvfp4_cpu(QuantizeRequest.of(x.transpose(0, 1), ScaleChoice()))  # not contiguous
+    assert got.qdata.shape == (5, 2, 24) and got.scale_codes.shape == (5, 2, 3) and got.offsets.shape == (5, 2, 3)
+    assert_same_blocks(got, quantize_blocks(x.transpose(0, 1), "search"))
+
+
+@pytest.mark.parametrize("method", ["four_over_six", "search", "exhaustive"])
+def test_importance_weighted_search(method):
+    x = ragged_input(torch.float32, rows=6, k=80)
+    importance = torch.rand(80, generator=torch.Generator().manual_seed(2)) ** 4  # spread over 4 decades
+    importance[:16] = 0.0  # a block whose error counts for nothing: every candidate ties, the amax code stays
+    weighted = check(x, method, importance=importance)
+    assert (weighted.offsets[:, 0] == 0).all()
+    assert not torch.equal(weighted.offsets, quantize_blocks(x, method).offsets)  # the weights change choices
+
+
+@pytest.mark.parametrize("per_tensor_scale", [True, "row"])
+@pytest.mark.parametrize("method", ["amax", "search"])
+def test_nan_and_inf_blocks_at_run_time(method, per_tensor_scale):
+    x = ragged_input(torch.float32, rows=6, k=64)
+    x[1, 3], x[4, 40], x[4, 41], x[5] = float("nan"), float("inf"), -float("inf"), float("nan")
+    ref = check(x, method, per_tensor_scale=per_tensor_scale, check_finite=False)
+    assert (ref.scale_codes == 127).sum() == 2 + 4 and (ref.offsets[ref.scale_codes == 127] == 0).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(1, 70),
+    blocks=st.integers(1, 20),
+    log_scale=st.floats(-60, 60),
+    seed=st.integers(0, 2**16),
+    method=st.sampled_from(["amax", "four_over_six", "search"]),
+    per_tensor_scale=st.sampled_from([True, None, "row"]),
+    weighted=st.booleans(),
+)
+def test_random_shapes_scales_and_weights(rows, blocks, log_scale, seed, method, per_tensor_scale, weighted):
+    """Any number of blocks (a partial last group of vector lanes), magnitudes from 1e-18 to 1e18, with and
+    without a global scale: the same bits (an FMA contraction or a reassociated sum would flip choices)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 16 * blocks, generator=g) * 2.0**log_scale
+    importance = torch.rand(16 * blocks, generator=g) if weighted else None
+    check(x, method, per_tensor_scale=per_tensor_scale, importance=importance)
+
+
+@pytest.mark.parametrize("per_tensor_scale", [True, "row"])
+def test_chunks_and_threads_give_the_same_bits(monkeypatch, per_tensor_scale):
+    """Rows read in chunks (each its own global-scale slice) and blocks shared between threads: the same bits."""
+    x = ragged_input(torch.bfloat16, rows=37, k=144)
+    request = QuantizeRequest.of(x, ScaleChoice(), per_tensor_scale=per_tensor_scale)
+    whole = quantize_nvfp4_cpu(request)
+    monkeypatch.setattr(quantize_cpu, "CHUNK_VALUES", 5 * 144)  # 8 chunks, the last of 2 rows
+    monkeypatch.setattr(quantize_cpu, "PARALLEL_WORK", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert quantize_cpu.threads_for(5 * 144, ScaleChoice()) == 3
+    assert_same_blocks(quantize_nvfp4_cpu(request), whole)
+
+
+def test_rejects_a_tensor_off_the_cpu():
+    request = QuantizeRequest.of(torch.empty(4, 32, device="meta"), ScaleChoice(), check_finite=False)
+    with pytest.raises(ValueError, match="on meta; the C quantize kernel reads CPU tensors"):
+        quantize_nvfp4_cpu(request)
+
+
+def test_build_is_cached_by_source_and_flags(tmp_path, monkeypatch):
+    monkeypatch.setenv("SCALESEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    first = load_library.__wrapped__()
+    built = sorted(os.listdir(tmp_path / "cache"))
+    assert len(built) == 1 and built[0].startswith("quantize_cpu_") and built[0].endswith(".so")  # no leftovers
+    mtime = (tmp_path / "cache" / built[0]).stat().st_mtime_ns
+    second = load_library.__wrapped__()
+    assert (tmp_path / "cache" / built[0]).stat().st_mtime_ns == mtime  # found, not rebuilt
+    assert first._name == second._name
+
+
+@pytest.mark.parametrize(
+    "compiler, message",
+    [("/nonexistent/cc", "cannot run the C compiler"), ("false", "building quantize_cpu.c failed")],
+)
+def test_build_failure_names_the_reason(tmp_path, monkeypatch, compiler, message):
+    monkeypatch.setenv("SCALESEARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", compiler)
+    with pytest.raises(RuntimeError, match=message):
+        load_library.__wrapped__()
+    assert os.listdir(tmp_path) == []  # nothing half-written left behind
