@@ -1,4 +1,4 @@
-"""ops.dispatch: the one place that chooses between the PyTorch reference, a Triton kernel and a C kernel."""
+"""ops.dispatch: the one place that chooses between the PyTorch reference, a Triton kernel and a C++ kernel."""
 
 import warnings
 
@@ -15,7 +15,7 @@ CUDA = torch.device("cuda")  # only its type is read: no GPU is needed
 
 @pytest.fixture
 def broken_kernels(monkeypatch):
-    """Kernel modules that fail to import, as on a machine with a broken Triton or no C compiler."""
+    """Kernel modules that fail to import, as on a machine with a broken Triton or no C++ compiler."""
     monkeypatch.setattr(dispatch, "_load", lambda module, name: (None, f"importing {module} failed: no toolchain"))
     dispatch._warn_fallback.cache_clear()
     yield
@@ -46,7 +46,7 @@ def test_auto_on_cpu_runs_the_c_quantize_kernel():
 def test_auto_on_cpu_without_a_compiler_warns_once_and_runs_the_reference(broken_kernels):
     from scalesearch_compile.search import quantize_reference
 
-    with pytest.warns(RuntimeWarning, match=r"reference on cpu because .*no toolchain.*install a C compiler"):
+    with pytest.warns(RuntimeWarning, match=r"reference on cpu because .*no toolchain.*install a C\+\+ compiler"):
         assert dispatch.quantizer("auto", torch.ones(1)) is quantize_reference
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -1,4 +1,4 @@
-"""The C quantize kernel (``kernels.quantize_cpu``) equals ``quantize_blocks`` bit for bit, and its build is
+"""The C++ quantize kernel (``kernels.quantize_cpu``) equals ``quantize_blocks`` bit for bit, and its build is
 cached, atomic and fails with a clear reason."""
 
 import os
@@ -15,7 +15,7 @@ from scalesearch_compile.search import METHODS, QuantizeRequest, ScaleChoice, qu
 
 
 def check(x, method, **kwargs):
-    """The C kernel vs the PyTorch reference on the same request."""
+    """The C++ kernel vs the PyTorch reference on the same request."""
     ref = quantize_blocks(x, method, **kwargs)
     assert_same_blocks(quantize_nvfp4_cpu(QuantizeRequest.of(x, ScaleChoice.of(method), **kwargs)), ref)
     return ref
@@ -109,7 +109,7 @@ def test_chunks_and_threads_give_the_same_bits(monkeypatch, per_tensor_scale):
 
 def test_rejects_a_tensor_off_the_cpu():
     request = QuantizeRequest.of(torch.empty(4, 32, device="meta"), ScaleChoice(), check_finite=False)
-    with pytest.raises(ValueError, match="on meta; the C quantize kernel reads CPU tensors"):
+    with pytest.raises(ValueError, match="on meta; the C\\+\\+ quantize kernel reads CPU tensors"):
         quantize_nvfp4_cpu(request)
 
 
@@ -126,11 +126,31 @@ def test_build_is_cached_by_source_and_flags(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize(
     "compiler, message",
-    [("/nonexistent/cc", "cannot run the C compiler"), ("false", "building quantize_cpu.c failed")],
+    [("/nonexistent/c++", "cannot run the C\\+\\+ compiler"), ("false", "building quantize_cpu.cpp failed")],
 )
 def test_build_failure_names_the_reason(tmp_path, monkeypatch, compiler, message):
     monkeypatch.setenv("SCALESEARCH_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("CC", compiler)
+    monkeypatch.setenv("CXX", compiler)
     with pytest.raises(RuntimeError, match=message):
         load_library.__wrapped__()
     assert os.listdir(tmp_path) == []  # nothing half-written left behind
+
+
+CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]  # each machine runs the builds up to its own
+
+
+@pytest.mark.parametrize("capability", CAPABILITIES)
+def test_every_vector_width_gives_the_same_bits(tmp_path, monkeypatch, capability):
+    """The 16-, 8- and 4-lane builds (AVX-512, AVX2, the compiler's default) all compute the reference's bits."""
+    own = torch.backends.cpu.get_cpu_capability()
+    if own not in CAPABILITIES or CAPABILITIES.index(capability) > CAPABILITIES.index(own):
+        pytest.skip(f"this CPU runs {own} code")
+    monkeypatch.setenv("SCALESEARCH_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    library = load_library.__wrapped__()  # built for `capability`
+    monkeypatch.setattr(quantize_cpu, "load_library", lambda: library)
+    x = ragged_input(torch.float32, rows=19, k=112)  # 133 blocks: a partial last group at every width
+    x[3, 5] = float("nan")
+    for method in ("amax", "search"):
+        check(x, method, per_tensor_scale="row", check_finite=False)
+        check(x[:, 16:], method, importance=torch.rand(96), check_finite=False)

@@ -169,7 +169,7 @@ def test_triton_impl_without_kernels_is_a_clear_error(monkeypatch):
         nvfp4_linear(torch.randn(2, 64), weight, impl="triton")
     with pytest.raises(NotImplementedError, match="no quantize_nvfp4_triton here"):
         nvfp4_quantize(torch.randn(2, 64), impl="triton")
-    # "auto" on CPU is the reference when the C kernel cannot be loaded either (saying so once)
+    # "auto" on CPU is the reference when the C++ kernel cannot be loaded either (saying so once)
     x = torch.ones(2, 64)
     with pytest.warns(RuntimeWarning, match="no quantize_nvfp4_cpu here"):
         assert torch.equal(nvfp4_linear(x, weight), nvfp4_linear(x, weight, impl="reference"))

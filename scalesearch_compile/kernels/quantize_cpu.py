@@ -1,12 +1,12 @@
-"""NVFP4 quantization with scale search on a CPU, in C (``quantize_cpu.c``): bit for bit
+"""NVFP4 quantization with scale search on a CPU, in C++ (``quantize_cpu.cpp``): bit for bit
 ``search.quantize_reference`` on qdata, scale codes and offsets, for every method, importance weighting and
 global-scale mode, finite or not.
 
 The PyTorch reference runs each candidate scale as a dozen whole-tensor operations (about 1100 operator calls
-for a 9-candidate search of a 192 x 384 activation); the C loop keeps a block's 16 values in registers and
+for a 9-candidate search of a 192 x 384 activation); the C++ loop keeps a block's 16 values in registers and
 tries every candidate on them in one pass.
 
-Built on first use with the system C compiler (``$CC``, else ``cc``), as Inductor builds its CPU kernels, into
+Built on first use with the system C++ compiler (``$CXX``, else ``c++``), as Inductor builds its CPU kernels, into
 ``$SCALESEARCH_CACHE_DIR`` (default ``~/.cache/scalesearch_compile``), as a library named by a hash of the
 source and the build command, written to a temporary file and renamed (concurrent first uses are safe).
 ``-ffp-contract=off`` and no ``-ffast-math`` keep every float32 operation the reference's; the build targets the
@@ -31,19 +31,21 @@ import torch
 
 from scalesearch_compile.formats import E4M3_MAX_CODE
 from scalesearch_compile.layout import NVFP4Blocks
-from scalesearch_compile.search import QuantizeRequest, ScaleChoice, normaliser
+from scalesearch_compile.search import QuantizeRequest, ScaleChoice
 
-SOURCE = Path(__file__).with_name("quantize_cpu.c")
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c11", "-pthread", "-ffp-contract=off", "-fno-fast-math")
+SOURCE = Path(__file__).with_name("quantize_cpu.cpp")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread", "-ffp-contract=off", "-fno-fast-math")
 # One build for the widest vectors: a 192 x 384 search took 243 us built for AVX-512 (16 lanes) against 365 us
-# for AVX2 (8 lanes), and 476 us with GCC's target_clones of both in one library.
+# for AVX2 (8 lanes), and 476 us with GCC's target_clones of both in one library (measured on the C version).
 ARCH_FLAGS = {"AVX512": ("-march=x86-64-v4",), "AVX2": ("-march=x86-64-v3",)}
 METHOD_IDS = {"amax": 0, "search": 1, "four_over_six": 2, "exhaustive": 3}
 # Rows are read as float32 in chunks of about this many values, so the extra memory is bounded whatever the
 # input's size and dtype (at most one float32 chunk a call).
 CHUNK_VALUES = 1 << 20
 # The blocks are shared between torch.get_num_threads() threads only for at least this many value-candidate
-# evaluations (a thread costs some 20 us to start).
+# evaluations: a thread costs 60-100 us to start and join on the 2-core CI machine, where a 192 x 384 search
+# (0.66M evaluations) took 0.21 ms on two threads against 0.22 ms on one, and a 192 x 1536 one (2.7M) 0.53
+# against 0.83 ms.
 PARALLEL_WORK = 1 << 20
 
 
@@ -54,7 +56,7 @@ def cache_dir() -> Path:
 
 
 def _build_command(output: Path) -> list[str]:
-    compiler = shlex.split(os.environ.get("CC", "cc"))
+    compiler = shlex.split(os.environ.get("CXX", "c++"))
     arch = ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
     return [*compiler, *FLAGS, *arch, str(SOURCE), "-o", str(output)]
 
@@ -72,14 +74,14 @@ def load_library() -> ctypes.CDLL:
             try:
                 result = subprocess.run(_build_command(built), capture_output=True, text=True)
             except OSError as error:
-                raise RuntimeError(f"cannot run the C compiler ({error}); set CC to one") from error
+                raise RuntimeError(f"cannot run the C++ compiler ({error}); set CXX to one") from error
             if result.returncode:
                 raise RuntimeError(f"building {SOURCE.name} failed: {result.stderr.strip()[-2000:]}")
             os.replace(built, library)
     lib = ctypes.CDLL(str(library))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.scalesearch_quantize.restype = None
-    lib.scalesearch_quantize.argtypes = [pointer, size, size, pointer, pointer, size, pointer]
+    lib.scalesearch_quantize.argtypes = [pointer, size, size, pointer, size, pointer]
     lib.scalesearch_quantize.argtypes += [ctypes.c_int] * 4 + [pointer] * 3 + [ctypes.c_int]
     return lib
 
@@ -101,15 +103,12 @@ def quantize_nvfp4_cpu(request: QuantizeRequest) -> NVFP4Blocks:
     tensor that is not on the CPU; RuntimeError if the kernel cannot be built (:func:`load_library`)."""
     x, pts, weights = request.x, request.per_tensor_scale, request.importance
     if x.device.type != "cpu":
-        raise ValueError(f"input is on {x.device}; the C quantize kernel reads CPU tensors")
+        raise ValueError(f"input is on {x.device}; the C++ quantize kernel reads CPU tensors")
     lib = load_library()
     k = x.shape[-1]
     rows = x.reshape(-1, k)
-    global_scale = torch.ones((), device=x.device) if pts is None else pts
-    norm = normaliser(global_scale)
-    normalised = (global_scale * norm).reshape(-1).contiguous()
-    norm = norm.reshape(-1).contiguous()
-    pts_stride = 0 if global_scale.dim() == 0 else 1
+    global_scale = (torch.ones((), device=x.device) if pts is None else pts).reshape(-1).contiguous()
+    pts_stride = 0 if global_scale.numel() == 1 else 1
     weights = None if weights is None else weights.reshape(-1).contiguous()
     out = NVFP4Blocks.empty(x.shape, pts, x.device)
     qdata, scale_codes, offsets = (t.view(rows.shape[0], -1) for t in (out.qdata, out.scale_codes, out.offsets))
@@ -121,8 +120,7 @@ def quantize_nvfp4_cpu(request: QuantizeRequest) -> NVFP4Blocks:
             chunk.data_ptr(),
             chunk.shape[0],
             k,
-            normalised[start * pts_stride :].data_ptr(),
-            norm[start * pts_stride :].data_ptr(),
+            global_scale[start * pts_stride :].data_ptr(),
             pts_stride,
             None if weights is None else weights.data_ptr(),
             method,

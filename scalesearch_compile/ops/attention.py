@@ -93,7 +93,7 @@ def nvfp4_attention(
     """``F.scaled_dot_product_attention`` (no dropout) with Q, K, V and P in NVFP4 per ``recipe``.
 
     Raises ValueError for unsupported inputs (e.g. a head_dim outside ``HEAD_DIMS``), so a caller can fall back
-    to SDPA. ``impl``: "auto" (Triton on CUDA; elsewhere the reference, quantizing with the C kernel on a CPU),
+    to SDPA. ``impl``: "auto" (Triton on CUDA; elsewhere the reference, quantizing with the C++ kernel on a CPU),
     "reference" or "triton".
     """
     check_impl(impl)

@@ -1,12 +1,12 @@
-"""Implementation dispatch: whether an op runs its PyTorch reference, its Triton kernel or its C kernel (decided
+"""Implementation dispatch: whether an op runs its PyTorch reference, its Triton kernel or its C++ kernel (decided
 here only).
 
 ``impl``: "reference" always runs the reference; "triton" runs the Triton kernel or raises NotImplementedError
-saying why it cannot be loaded; "auto" runs the Triton kernel on CUDA tensors, the C kernel on CPU tensors where
-the op has one (quantization: ``kernels.quantize_cpu``, built on first use with the system C compiler), and the
+saying why it cannot be loaded; "auto" runs the Triton kernel on CUDA tensors, the C++ kernel on CPU tensors where
+the op has one (quantization: ``kernels.quantize_cpu``, built on first use with the system C++ compiler), and the
 reference elsewhere; when the kernel it would run cannot be loaded it warns once (with the reason) and runs the
 reference. Every kernel computes the reference's codes and scales bit for bit.
-Kernel modules are imported on first use, so the package imports without Triton, a GPU or a C compiler.
+Kernel modules are imported on first use, so the package imports without Triton, a GPU or a C++ compiler.
 Where the reference runs on a CPU, a compiled graph gets the reference itself traced in instead of the opaque
 op (:func:`lowers`, :mod:`scalesearch_compile.ops.lowering`), so that Inductor fuses it.
 """
@@ -31,7 +31,7 @@ KERNELS = {
     "grouped_linear": ("scalesearch_compile.kernels.gemm", "nvfp4_grouped_linear_triton"),
     "attention": ("scalesearch_compile.kernels.attention", "nvfp4_attention_triton"),
 }
-# op name -> (kernel module, launcher) of the C kernels "auto" runs on CPU tensors
+# op name -> (kernel module, launcher) of the C++ kernels "auto" runs on CPU tensors
 CPU_KERNELS = {"quantize": ("scalesearch_compile.kernels.quantize_cpu", "quantize_nvfp4_cpu")}
 
 
@@ -47,14 +47,14 @@ def _load(module: str, name: str) -> tuple[Callable | None, str]:
     """The launcher ``name`` of kernel ``module`` and '' if it can be imported, else None and the reason."""
     try:
         launcher = getattr(importlib.import_module(module), name, None)
-    except Exception as error:  # no Triton (or one too old or broken for the module), or no C compiler
+    except Exception as error:  # no Triton (or one too old or broken for the module), or no C++ compiler
         return None, f"importing {module} failed: {type(error).__name__}: {error}"
     return launcher, "" if launcher is not None else f"{module} has no {name}"
 
 
 @functools.cache
 def _warn_fallback(op: str, device_type: str, reason: str) -> None:
-    remedy = "fix the Triton install" if device_type == "cuda" else "install a C compiler (or set CC)"
+    remedy = "fix the Triton install" if device_type == "cuda" else "install a C++ compiler (or set CXX)"
     warnings.warn(
         f"scalesearch {op}: impl='auto' runs the slow PyTorch reference on {device_type} because the kernel "
         f"cannot be loaded ({reason}); pass impl='reference' to silence this, or {remedy}",

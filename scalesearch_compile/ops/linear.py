@@ -62,7 +62,7 @@ def reference_linear(
     quantize=quantize_reference,
 ):
     """The module docstring's numerics in PyTorch: ``x @ W^T (+ bias)``, activations quantized per ``act`` by
-    ``quantize`` (:func:`quantize_reference`, or what computes the same bits: the C kernel, the op)."""
+    ``quantize`` (:func:`quantize_reference`, or what computes the same bits: the C++ kernel, the op)."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if rows.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], weight.out_features))
@@ -124,7 +124,7 @@ def lowered_linear(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias,
     opaque op takes seconds). Written with all of a block's candidates at once (about 30 operations), it compiled
     in 3-8 s alone, ran 2x faster than eager on a 192 x 384 input, but took the quickstart's compile from 29 to
     114 s for no gain end to end (Inductor's CPU loops recompute each block's scale per element). The op runs the
-    C quantize kernel (``kernels.quantize_cpu``) with ``impl="auto"``. The weight decode, the matmul and the
+    C++ quantize kernel (``kernels.quantize_cpu``) with ``impl="auto"``. The weight decode, the matmul and the
     scaling are what Inductor fuses."""
     args = (x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
     weight, act = _checked_arguments(*args)
@@ -161,7 +161,7 @@ def nvfp4_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through ``scalesearch::nvfp4_linear``: W4A16 when the weight records no
     activation quantization, W4A4 otherwise. ``impl``: "auto" (Triton on CUDA; on a CPU the reference, its
-    activations quantized by the C kernel), "reference" or "triton"."""
+    activations quantized by the C++ kernel), "reference" or "triton"."""
     if not isinstance(weight, ScaleSearchNVFP4Tensor):
         raise ValueError(f"weight must be a ScaleSearchNVFP4Tensor, got {type(weight).__name__}")
     w = weight.nvfp4_weight()

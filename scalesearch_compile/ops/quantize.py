@@ -84,7 +84,7 @@ def nvfp4_quantize(
     ``method`` and ``importance`` as :func:`quantize_blocks`. ``per_tensor_scale``: True for torchao's
     ``amax / (448 * 6)``; "row" for one such scale per row (returned ``(..., 1)``); a tensor (one element, or
     ``(..., 1)``) used as given, after checking that it is positive and finite (one read on the host); None or
-    False for single-level scaling (returned as 1.0). ``impl``: "auto" (Triton on CUDA, the C kernel on a CPU,
+    False for single-level scaling (returned as 1.0). ``impl``: "auto" (Triton on CUDA, the C++ kernel on a CPU,
     the same bits; ``ops.dispatch``), "reference" or "triton". At run time nothing else is read: NaN/Inf in x
     give NaN blocks (``search``).
     """
