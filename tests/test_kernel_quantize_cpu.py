@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from quantize_cases import assert_same_blocks, edge_input, ragged_input
 
 from scalesearch_compile.kernels import quantize_cpu
-from scalesearch_compile.kernels.quantize_cpu import load_library, quantize_nvfp4_cpu
-from scalesearch_compile.search import METHODS, QuantizeRequest, ScaleChoice, quantize_blocks
+from scalesearch_compile.kernels.quantize_cpu import finite_amax_cpu, load_library, quantize_nvfp4_cpu
+from scalesearch_compile.ops.quantize import nvfp4_quantize
+from scalesearch_compile.search import METHODS, QuantizeRequest, ScaleChoice, finite_amax, quantize_blocks
 
 
 def check(x, method, **kwargs):
@@ -105,6 +106,30 @@ def test_chunks_and_threads_give_the_same_bits(monkeypatch, per_tensor_scale):
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     assert quantize_cpu.threads_for(5 * 144, ScaleChoice()) == 3
     assert_same_blocks(quantize_nvfp4_cpu(request), whole)
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4096 + 7])
+def test_finite_amax_equals_the_reference(n):
+    """Every length (vector body and scalar tail), NaN and +-Inf ignored, -0.0 and all-non-finite inputs."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, generator=g) * torch.logspace(-30, 30, n)
+    x[torch.randperm(n, generator=g)[: n // 3]] = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(n)[
+        : n // 3
+    ]
+    for t in (x, -x, x[:, None].expand(n, 2).t(), torch.full((n,), float("nan")), torch.full((n,), -0.0)):
+        assert torch.equal(finite_amax_cpu(t), finite_amax(t))
+    assert torch.equal(finite_amax_cpu(x.bfloat16()), finite_amax(x.bfloat16()))  # the reference's ops
+
+
+def test_run_time_op_takes_its_global_scale_from_the_amax_kernel():
+    """``nvfp4_quantize`` at run time (impl "auto": the C++ amax and quantize kernels) equals the reference's op,
+    global scale included, with a row of NaN and Inf values and in every dtype."""
+    x = ragged_input(torch.float32, rows=9, k=64)
+    x[2, :5] = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30, -3.0])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for method in ("amax", "search"):
+            got, ref = nvfp4_quantize(x.to(dtype), method), nvfp4_quantize(x.to(dtype), method, impl="reference")
+            assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))
 
 
 def test_rejects_a_tensor_off_the_cpu():

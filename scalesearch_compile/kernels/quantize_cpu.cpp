@@ -15,6 +15,7 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -232,4 +233,24 @@ extern "C" void scalesearch_quantize(const float *x, int64_t rows, int64_t k, co
         if (!started[t]) run_job(&jobs[t]);
     for (int t = 1; t < threads; t++)
         if (started[t]) pthread_join(ids[t], 0);
+}
+
+/* The largest |x| over the finite values of x (n floats), 0 when there are none: search.finite_amax in one pass
+ * (a maximum is exact in any order). */
+extern "C" float scalesearch_finite_amax(const float *x, int64_t n) {
+    vf best = {};
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vf v;
+        memcpy(&v, x + i, sizeof v);
+        vf m = ((vi)v & 0x7F800000) != 0x7F800000 ? magnitude(v) : vf{};
+        best = m > best ? m : best;
+    }
+    float result = 0.0f;
+    for (int j = 0; j < LANES; j++) result = best[j] > result ? best[j] : result;
+    for (; i < n; i++) {
+        float m = std::isfinite(x[i]) ? std::fabs(x[i]) : 0.0f;
+        result = m > result ? m : result;
+    }
+    return result;
 }

@@ -31,7 +31,7 @@ import torch
 
 from scalesearch_compile.formats import E4M3_MAX_CODE
 from scalesearch_compile.layout import NVFP4Blocks
-from scalesearch_compile.search import QuantizeRequest, ScaleChoice
+from scalesearch_compile.search import QuantizeRequest, ScaleChoice, finite_amax
 
 SOURCE = Path(__file__).with_name("quantize_cpu.cpp")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread", "-ffp-contract=off", "-fno-fast-math")
@@ -43,10 +43,11 @@ METHOD_IDS = {"amax": 0, "search": 1, "four_over_six": 2, "exhaustive": 3}
 # input's size and dtype (at most one float32 chunk a call).
 CHUNK_VALUES = 1 << 20
 # The blocks are shared between torch.get_num_threads() threads only for at least this many value-candidate
-# evaluations: a thread costs 60-100 us to start and join on the 2-core CI machine, where a 192 x 384 search
-# (0.66M evaluations) took 0.21 ms on two threads against 0.22 ms on one, and a 192 x 1536 one (2.7M) 0.53
-# against 0.83 ms.
-PARALLEL_WORK = 1 << 20
+# evaluations. A thread costs 60-100 us to start and join on the 2-core CI machine: alone, a 192 x 1536 search
+# (2.7M evaluations) took 0.53 ms on two threads against 0.83 ms on one, but inside a compiled model, between
+# Inductor's OpenMP kernels, splitting at 2^20 slowed the small Llama of benchmarks/linear.py (W4A4 search,
+# 256 x 512 activations, 1.2M) from 65.8 to 76.8 ms a forward; a 2048 x 4096 search (75M) took 13.4 against 24.9 ms.
+PARALLEL_WORK = 1 << 24
 
 
 def cache_dir() -> Path:
@@ -83,6 +84,8 @@ def load_library() -> ctypes.CDLL:
     lib.scalesearch_quantize.restype = None
     lib.scalesearch_quantize.argtypes = [pointer, size, size, pointer, size, pointer]
     lib.scalesearch_quantize.argtypes += [ctypes.c_int] * 4 + [pointer] * 3 + [ctypes.c_int]
+    lib.scalesearch_finite_amax.restype = ctypes.c_float
+    lib.scalesearch_finite_amax.argtypes = [pointer, size]
     return lib
 
 
@@ -133,6 +136,15 @@ def quantize_nvfp4_cpu(request: QuantizeRequest) -> NVFP4Blocks:
             threads_for(chunk.numel(), request.scales),
         )
     return out
+
+
+def finite_amax_cpu(x: torch.Tensor) -> torch.Tensor:
+    """``search.finite_amax(x)`` (float32 0-d: the largest finite magnitude, 0 if none) in one pass with no
+    temporaries for a float32 CPU tensor (a maximum is exact in any order); other tensors by the reference's ops."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return finite_amax(x)
+    x = x.contiguous()
+    return torch.tensor(load_library().scalesearch_finite_amax(x.data_ptr(), x.numel()), dtype=torch.float32)
 
 
 # Built (or found in the cache) on import: ops.dispatch imports this module on first use, and runs the reference,

@@ -31,8 +31,12 @@ KERNELS = {
     "grouped_linear": ("scalesearch_compile.kernels.gemm", "nvfp4_grouped_linear_triton"),
     "attention": ("scalesearch_compile.kernels.attention", "nvfp4_attention_triton"),
 }
-# op name -> (kernel module, launcher) of the C++ kernels "auto" runs on CPU tensors
-CPU_KERNELS = {"quantize": ("scalesearch_compile.kernels.quantize_cpu", "quantize_nvfp4_cpu")}
+# op name -> (kernel module, launcher) of the C++ kernels "auto" runs on CPU tensors ("finite_amax":
+# search.finite_amax, the run-time global scale's amax)
+CPU_KERNELS = {
+    "quantize": ("scalesearch_compile.kernels.quantize_cpu", "quantize_nvfp4_cpu"),
+    "finite_amax": ("scalesearch_compile.kernels.quantize_cpu", "finite_amax_cpu"),
+}
 
 
 def check_impl(impl) -> str:
@@ -53,32 +57,33 @@ def _load(module: str, name: str) -> tuple[Callable | None, str]:
 
 
 @functools.cache
-def _warn_fallback(op: str, device_type: str, reason: str) -> None:
+def _warn_fallback(module: str, device_type: str, reason: str) -> None:
+    """Say once per kernel module that its ops run their references instead."""
     remedy = "fix the Triton install" if device_type == "cuda" else "install a C++ compiler (or set CXX)"
     warnings.warn(
-        f"scalesearch {op}: impl='auto' runs the slow PyTorch reference on {device_type} because the kernel "
-        f"cannot be loaded ({reason}); pass impl='reference' to silence this, or {remedy}",
+        f"scalesearch: impl='auto' runs the slow PyTorch reference on {device_type} because {module} cannot be "
+        f"loaded ({reason}); pass impl='reference' to silence this, or {remedy}",
         RuntimeWarning,
         stacklevel=3,
     )
 
 
 def kernel(op: str, impl: str, device: torch.device) -> Callable | None:
-    """The kernel launcher ``op`` ("quantize", "linear", "grouped_linear" or "attention") should run for
-    tensors on ``device``, or None for the PyTorch reference (module docstring)."""
+    """The kernel launcher ``op`` ("quantize", "linear", "grouped_linear", "attention" or "finite_amax") should
+    run for tensors on ``device``, or None for the PyTorch reference (module docstring; an op without a kernel for
+    the device, or for Triton, runs its reference)."""
     check_impl(impl)
     if impl == "reference":
         return None
-    if impl == "auto" and device.type != "cuda":
-        if device.type != "cpu" or op not in CPU_KERNELS:
-            return None
-        launcher, reason = _load(*CPU_KERNELS[op])
-    else:
-        launcher, reason = _load(*KERNELS[op])
-        if launcher is None and impl == "triton":
-            raise NotImplementedError(f"impl='triton' is not available: {reason}; use impl='reference'")
+    on_cpu = impl == "auto" and device.type != "cuda"
+    kernels = (CPU_KERNELS if device.type == "cpu" else {}) if on_cpu else KERNELS
+    if op not in kernels:
+        return None
+    launcher, reason = _load(*kernels[op])
+    if launcher is None and impl == "triton":
+        raise NotImplementedError(f"impl='triton' is not available: {reason}; use impl='reference'")
     if launcher is None:
-        _warn_fallback(op, device.type, reason)
+        _warn_fallback(kernels[op][0], device.type, reason)
     return launcher
 
 

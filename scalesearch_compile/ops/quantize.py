@@ -12,11 +12,13 @@ per row ``(..., 1)``. Single-level scaling returns a global scale of 1.0, which 
 import torch
 
 from scalesearch_compile.layout import BLOCK_SIZE
-from scalesearch_compile.ops.dispatch import check_impl, quantizer
+from scalesearch_compile.ops.dispatch import check_impl, kernel, quantizer
 from scalesearch_compile.search import (
     PerTensorScale,
     QuantizeRequest,
     ScaleChoice,
+    check_dtype_and_shape,
+    global_scale,
 )
 
 # per_tensor_scale as the op's schema carries it: a mode, and the scale itself when one is given
@@ -26,6 +28,13 @@ _SCALE_MODES = {True: "tensor", "row": "row", None: "none", False: "none"}
 def _per_tensor_scale(scale_mode: str, given_scale: torch.Tensor | None):
     """The ``per_tensor_scale`` argument of :meth:`QuantizeRequest.of` for the op's mode and given scale."""
     return given_scale if scale_mode == "given" else {"tensor": True, "row": "row", "none": None}[scale_mode]
+
+
+def _run_time_scale(x: torch.Tensor, scale_mode: str, given_scale: torch.Tensor | None, impl: str):
+    """:func:`_per_tensor_scale`, with the "tensor" mode's global scale resolved here when ``impl`` has an amax
+    kernel for x's device (a C++ pass on a CPU; the same value as ``search.finite_amax``)."""
+    amax = kernel("finite_amax", impl, x.device) if scale_mode == "tensor" else None
+    return global_scale(amax(x)) if amax is not None else _per_tensor_scale(scale_mode, given_scale)
 
 
 @torch.library.custom_op("scalesearch::quantize_nvfp4", mutates_args=())
@@ -38,10 +47,11 @@ def _quantize_op(
     importance: torch.Tensor | None,
     impl: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_dtype_and_shape(x)  # before the amax kernel reads x
     request = QuantizeRequest.of(
         x,
         ScaleChoice(method, window),
-        per_tensor_scale=_per_tensor_scale(scale_mode, given_scale),
+        per_tensor_scale=_run_time_scale(x, scale_mode, given_scale, impl),
         importance=importance,
         check_finite=False,
     )
