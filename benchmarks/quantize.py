@@ -1,4 +1,5 @@
-"""Time and peak memory of NVFP4 quantization: our methods against torchao's own amax quantizer.
+"""Time and peak memory of NVFP4 quantization: our methods against torchao's own amax quantizer; and the
+run-time quantize op on a CPU, its C++ kernel against its PyTorch reference.
 
     python benchmarks/quantize.py [--rows 4096 --cols 4096 --repeats 5]
 
@@ -6,7 +7,11 @@ Times are medians of ``--repeats`` runs in this process, after one warm-up run, 
 torchao's ``NVFP4Tensor.to_nvfp4`` with its two-level global scale on the same bf16 tensor. Peak extra memory
 is how far the resident set's high-water mark (Linux VmHWM, reset through /proc/self/clear_refs) rises above
 the resident set while quantizing once, as a multiple of the input's size, each method in a fresh process
-(``--memory-of METHOD`` prints just that number; tests/test_search.py runs it too).
+(``--memory-of METHOD`` prints just that number; tests/test_search.py runs it too). The second table times
+``nvfp4_quantize`` (the op activations go through at run time, global scale from x) with ``impl="auto"`` (on a
+CPU the C++ kernel, ``scalesearch_compile/kernels/quantize_cpu.cpp``) and ``impl="reference"`` on float32
+activation shapes, alternated, each the fastest of 30 runs (``--repeats`` for the largest shape); the two give
+the same bits (tests/test_kernel_quantize_cpu.py).
 """
 
 import argparse
@@ -23,7 +28,7 @@ import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import,
 import torch  # noqa: E402
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor, per_tensor_amax_to_scale  # noqa: E402
 
-from scalesearch_compile import quantize_nvfp4  # noqa: E402
+from scalesearch_compile import nvfp4_quantize, quantize_nvfp4  # noqa: E402
 from scalesearch_demo import markdown_table  # noqa: E402
 
 
@@ -68,6 +73,29 @@ def peak_extra_memory(fn, x) -> float:
     return (_status_kib("VmHWM") - before) * 1024 / (x.numel() * x.element_size())
 
 
+RUN_TIME_SHAPES = [(192, 384), (192, 1536), (256, 512), (2048, 4096)]  # MiniLM, the small Llama, a prefill
+
+
+def run_time_table(repeats: int) -> str:
+    """Fastest time of the run-time quantize op with its C++ kernel and with its reference, per shape and method."""
+    rows = []
+    for shape in RUN_TIME_SHAPES:
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        for method in ("amax", "search"):
+            best = {"auto": float("inf"), "reference": float("inf")}
+            for impl in best:
+                nvfp4_quantize(x, method, impl=impl)  # warm-up (builds the C++ kernel on first use)
+            for _ in range(repeats if x.numel() >= 1 << 20 else 30):
+                for impl in best:
+                    start = time.perf_counter()
+                    nvfp4_quantize(x, method, impl=impl)
+                    best[impl] = min(best[impl], time.perf_counter() - start)
+            kernel, reference = 1e3 * best["auto"], 1e3 * best["reference"]
+            speed_up = f"{reference / kernel:.1f}x"
+            rows.append([f"{shape[0]}x{shape[1]}", method, f"{kernel:.3f}", f"{reference:.3f}", speed_up])
+    return markdown_table(["float32 input", "method", "C++ kernel ms", "reference ms", "speed-up"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=4096)
@@ -91,6 +119,8 @@ def main() -> None:
     header = ["method", "time (s)", "time / torchao amax", "peak extra memory / input"]
     rows = [[name, f"{seconds[name]:.3f}", f"{seconds[name] / base:.2f}", f"{memory[name]:.2f}"] for name in QUANTIZERS]
     print(markdown_table(header, rows))
+    print("\nRun-time quantization (nvfp4_quantize, global scale from x), fastest of 30 runs (largest: --repeats)")
+    print(run_time_table(args.repeats))
 
 
 if __name__ == "__main__":
