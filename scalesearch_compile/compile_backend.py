@@ -83,6 +83,7 @@ class BackendOptions(ScaleChoice):
             activation_kwargs(self.activations, scales),
             ModulePatterns(self.skip_modules),
             frozenset(self.skip_shapes),
+            self.impl,
         )
 
     def attention_recipe(self) -> AttentionRecipe | None:

@@ -18,6 +18,7 @@ import torch
 from torchao.prototype.mx_formats.nvfp4_tensor import NVFP4Tensor
 
 from scalesearch_compile.layout import BLOCK_SIZE
+from scalesearch_compile.ops.dispatch import check_impl, quantizer
 from scalesearch_compile.search import SUPPORTED_DTYPES, NonFiniteError, ScaleChoice
 from scalesearch_compile.tensor import (
     NVFP4ActivationKwargs,
@@ -102,13 +103,18 @@ def is_nvfp4(weight) -> bool:
 @dataclass(frozen=True)
 class LinearPolicy:
     """How linear weights and experts' weights are quantized (``scales`` for the weight, ``act_quant_kwargs``
-    recorded for the activations: None is weight-only) and which are left: modules matching ``exclude``, routers
+    recorded for the activations: None is weight-only; a linear weight by the quantize kernel ``impl`` picks for
+    its device, the same bits as the reference) and which are left: modules matching ``exclude``, routers
     (:data:`ROUTER_NAMES`), and ``skip_shapes`` ((out_features, in_features) pairs)."""
 
     scales: ScaleChoice = ScaleChoice()
     act_quant_kwargs: NVFP4ActivationKwargs | None = None
     exclude: ModulePatterns = ModulePatterns()
     skip_shapes: frozenset = field(default_factory=frozenset)
+    impl: str = "auto"
+
+    def __post_init__(self):
+        check_impl(self.impl)
 
     def quantize(self, weight, path: str, importance: torch.Tensor | None = None) -> ScaleSearchNVFP4Tensor | str:
         """The NVFP4 weight of the linear layer at module ``path`` (float weight ``(out_features, in_features)``,
@@ -117,7 +123,10 @@ class LinearPolicy:
         if reason is not None:
             return reason
         try:
-            return quantize_weight(weight, self.scales, importance=importance, act_quant_kwargs=self.act_quant_kwargs)
+            quantize = quantizer(self.impl, weight)
+            return quantize_weight(
+                weight, self.scales, importance=importance, act_quant_kwargs=self.act_quant_kwargs, quantize=quantize
+            )
         except NonFiniteError:
             return "NaN or Inf in the weight"
 

@@ -20,7 +20,7 @@ from torchao.quantization.quantize_.common import QuantizeTensorKwargs
 from torchao.utils import TorchAOBaseTensor
 
 from scalesearch_compile.layout import BLOCK_SIZE, NVFP4Weight, is_transposed
-from scalesearch_compile.search import PerTensorScale, ScaleChoice, quantize_blocks
+from scalesearch_compile.search import PerTensorScale, QuantizeRequest, ScaleChoice, quantize_blocks, quantize_reference
 from scalesearch_compile.stamp import source_stamp
 
 ACTIVATIONS = ("nvfp4", None)
@@ -203,14 +203,16 @@ def quantize_weight(
     *,
     importance: torch.Tensor | None = None,
     act_quant_kwargs: NVFP4ActivationKwargs | None = None,
+    quantize=quantize_reference,
 ) -> ScaleSearchNVFP4Tensor:
     """Quantize a 2-D linear weight (N, K) with torchao's two-level scaling and ``method``'s block scales
-    (ValueError naming NaN/Inf, a bad shape or dtype)."""
+    (ValueError naming NaN/Inf, a bad shape or dtype), by ``quantize``: the reference, or a kernel computing the
+    same bits (``ops.dispatch.quantizer``)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(
             f"a linear weight is 2-D (out_features, in_features), got shape {tuple(getattr(weight, 'shape', ()))}"
         )
-    blocks = quantize_blocks(weight, method, importance=importance)
+    blocks = quantize(QuantizeRequest.of(weight, ScaleChoice.of(method), importance=importance))
     return ScaleSearchNVFP4Tensor.from_weight(NVFP4Weight.from_blocks(blocks), weight.dtype, act_quant_kwargs)
 
 

@@ -108,3 +108,26 @@ def test_torchao_quantize_with_the_linear_layer_filter_quantizes_conv1d():
     conv1d = [m for m in model.modules() if type(m).__name__ == "Conv1D"]
     assert len(conv1d) == 8 and all(isinstance(m.weight, ScaleSearchNVFP4Tensor) for m in conv1d)
     assert isinstance(model.lm_head.weight, ScaleSearchNVFP4Tensor)
+
+
+def test_weights_are_quantized_by_the_kernel_impl_picks_with_the_references_bits(monkeypatch):
+    """On a CPU "auto" quantizes a linear weight with the C++ kernel, "reference" with the PyTorch reference:
+    the same codes, scales and global scale; an unknown impl is refused."""
+    from scalesearch_compile.kernels import quantize_cpu
+
+    calls = []
+    kernel = quantize_cpu.quantize_nvfp4_cpu
+    monkeypatch.setattr(quantize_cpu, "quantize_nvfp4_cpu", lambda request: calls.append(request) or kernel(request))
+    from scalesearch_compile.ops import dispatch
+
+    dispatch._load.cache_clear()
+    weight = torch.randn(48, 64, generator=torch.Generator().manual_seed(0)) * torch.logspace(-2, 2, 64)
+    importance = torch.rand(64, generator=torch.Generator().manual_seed(1))
+    got = LinearPolicy(ScaleChoice("search")).quantize(weight, "q_proj", importance)
+    ref = LinearPolicy(ScaleChoice("search"), impl="reference").quantize(weight, "q_proj", importance)
+    dispatch._load.cache_clear()
+    assert len(calls) == 1 and calls[0].importance is not None
+    for a, b in zip(got.nvfp4_weight().__dict__.values(), ref.nvfp4_weight().__dict__.values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="unknown impl 'fast'"):
+        LinearPolicy(impl="fast")
