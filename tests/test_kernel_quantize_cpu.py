@@ -161,6 +161,13 @@ def test_build_failure_names_the_reason(tmp_path, monkeypatch, compiler, message
     assert os.listdir(tmp_path) == []  # nothing half-written left behind
 
 
+def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("SCALESEARCH_CACHE_DIR", str(tmp_path / "file" / "cache"))  # under a file: cannot exist
+    with pytest.raises(RuntimeError, match="cannot write the kernel cache .*set SCALESEARCH_CACHE_DIR"):
+        load_library.__wrapped__()
+
+
 CAPABILITIES = ["DEFAULT", "AVX2", "AVX512"]  # each machine runs the builds up to its own
 
 

@@ -69,9 +69,15 @@ def load_library() -> ctypes.CDLL:
     directory = cache_dir()
     library = directory / f"quantize_cpu_{key}_{sys.platform}.so"
     if not library.exists():
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=directory) as scratch:
-            built = Path(scratch) / library.name
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            scratch = tempfile.TemporaryDirectory(dir=directory)
+        except OSError as error:
+            raise RuntimeError(
+                f"cannot write the kernel cache {directory} ({error}); set SCALESEARCH_CACHE_DIR to a writable one"
+            ) from error
+        with scratch:
+            built = Path(scratch.name) / library.name
             try:
                 result = subprocess.run(_build_command(built), capture_output=True, text=True)
             except OSError as error:

@@ -59,7 +59,9 @@ def _load(module: str, name: str) -> tuple[Callable | None, str]:
 @functools.cache
 def _warn_fallback(module: str, device_type: str, reason: str) -> None:
     """Say once per kernel module that its ops run their references instead."""
-    remedy = "fix the Triton install" if device_type == "cuda" else "install a C++ compiler (or set CXX)"
+    remedy = "fix the Triton install"
+    if device_type != "cuda":
+        remedy = "install a C++ compiler, or set CXX or SCALESEARCH_CACHE_DIR as the reason says"
     warnings.warn(
         f"scalesearch: impl='auto' runs the slow PyTorch reference on {device_type} because {module} cannot be "
         f"loaded ({reason}); pass impl='reference' to silence this, or {remedy}",
