@@ -3,8 +3,8 @@
 global-scale mode, finite or not.
 
 The PyTorch reference runs each candidate scale as a dozen whole-tensor operations (about 1100 operator calls
-for a 9-candidate search of a 192 x 384 activation); the C++ loop keeps a block's 16 values in registers and
-tries every candidate on them in one pass.
+for a 9-candidate search of a 192 x 384 activation); the C++ loop keeps 16 blocks in registers (one a vector
+lane) and tries every candidate on them in one pass.
 
 Built on first use with the system C++ compiler (``$CXX``, else ``c++``), as Inductor builds its CPU kernels, into
 ``$SCALESEARCH_CACHE_DIR`` (default ``~/.cache/scalesearch_compile``), as a library named by a hash of the
