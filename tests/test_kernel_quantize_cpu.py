@@ -1,6 +1,7 @@
 """The C++ quantize kernel (``kernels.quantize_cpu``) equals ``quantize_blocks`` bit for bit, and its build is
 cached, atomic and fails with a clear reason."""
 
+import logging
 import os
 
 import pytest
@@ -138,9 +139,11 @@ def test_rejects_a_tensor_off_the_cpu():
         quantize_nvfp4_cpu(request)
 
 
-def test_build_is_cached_by_source_and_flags(tmp_path, monkeypatch):
+def test_build_is_cached_by_source_and_flags(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SCALESEARCH_CACHE_DIR", str(tmp_path / "cache"))
-    first = load_library.__wrapped__()
+    with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
+        first = load_library.__wrapped__()
+    assert "building the C++ quantize kernel" in caplog.text  # a first use says why it takes seconds
     built = sorted(os.listdir(tmp_path / "cache"))
     assert len(built) == 1 and built[0].startswith("quantize_cpu_") and built[0].endswith(".so")  # no leftovers
     mtime = (tmp_path / "cache" / built[0]).stat().st_mtime_ns

@@ -20,6 +20,7 @@ Layouts: reads x ``(..., K)`` float32/bfloat16/float16 as float32 ``(M, K)`` row
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shlex
 import subprocess
@@ -32,6 +33,8 @@ import torch
 from scalesearch_compile.formats import E4M3_MAX_CODE
 from scalesearch_compile.layout import NVFP4Blocks
 from scalesearch_compile.search import QuantizeRequest, ScaleChoice, finite_amax
+
+logger = logging.getLogger("scalesearch_compile")
 
 SOURCE = Path(__file__).with_name("quantize_cpu.cpp")
 FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread", "-ffp-contract=off", "-fno-fast-math")
@@ -78,6 +81,7 @@ def load_library() -> ctypes.CDLL:
             ) from error
         with scratch:
             built = Path(scratch.name) / library.name
+            logger.info("building the C++ quantize kernel (once, a few seconds): %s", library)
             try:
                 result = subprocess.run(_build_command(built), capture_output=True, text=True)
             except OSError as error:
