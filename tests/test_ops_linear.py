@@ -2,6 +2,7 @@
 dequantize-then-matmul, opcheck, implementation choice, routing of F.linear, and input errors."""
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -169,10 +170,15 @@ def test_triton_impl_without_kernels_is_a_clear_error(monkeypatch):
         nvfp4_linear(torch.randn(2, 64), weight, impl="triton")
     with pytest.raises(NotImplementedError, match="no quantize_nvfp4_triton here"):
         nvfp4_quantize(torch.randn(2, 64), impl="triton")
-    # "auto" on CPU is the reference when the C++ kernel cannot be loaded either (saying so once)
+    # "auto" on CPU is the reference when the C++ kernel cannot be loaded either: W4A4 says so once, W4A16 needs
+    # no quantize kernel and says nothing
     x = torch.ones(2, 64)
-    with pytest.warns(RuntimeWarning, match="no quantize_nvfp4_cpu here"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         assert torch.equal(nvfp4_linear(x, weight), nvfp4_linear(x, weight, impl="reference"))
+    w4a4 = _weight(act=NVFP4ActivationKwargs())
+    with pytest.warns(RuntimeWarning, match="no quantize_nvfp4_cpu here"):
+        assert torch.equal(nvfp4_linear(x, w4a4), nvfp4_linear(x, w4a4, impl="reference"))
     dispatch._warn_fallback.cache_clear()
 
 

@@ -99,11 +99,12 @@ def _linear_op(
 
 def run_linear(x: torch.Tensor, weight: NVFP4Weight, bias: torch.Tensor | None, act: ScaleChoice | None, impl: str):
     """The linear numerics by the implementation ``impl`` picks for x's device (``ops.dispatch``): the Triton
-    GEMM, or :func:`reference_linear` with its activations quantized by the quantize kernel ``impl`` picks."""
+    GEMM, or :func:`reference_linear` with its activations (W4A4) quantized by the quantize kernel ``impl`` picks
+    (W4A16 loads no quantize kernel)."""
     linear = kernel("linear", impl, x.device)
     if linear is not None:
         return linear(x, weight, bias, act)
-    return reference_linear(x, weight, bias, act, quantize=quantizer(impl, x))
+    return reference_linear(x, weight, bias, act, quantize=quantize_reference if act is None else quantizer(impl, x))
 
 
 def _quantize_by_op(request: QuantizeRequest, impl: str) -> NVFP4Blocks:
