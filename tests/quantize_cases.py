@@ -1,6 +1,9 @@
-"""Inputs and checks shared by the tests of the quantize kernels (Triton, C) against ``search.quantize_blocks``."""
+"""Inputs and checks shared by the tests of the quantize kernels (Triton, C++) against ``search.quantize_blocks``:
+``check(x, method, **kwargs)`` is a test module's own comparison of its kernel with the reference."""
 
 import torch
+
+from scalesearch_compile.search import ScaleChoice, quantize_blocks
 
 FIELDS = ("qdata", "scale_codes", "offsets")
 
@@ -38,3 +41,21 @@ def edge_input():
         torch.tensor([1e-30] * 15 + [-1.0]),
     ]
     return torch.stack(rows).repeat(1, 2)  # (8, 32)
+
+
+def windows_case(check, window):
+    """A search window: the kernel agrees with the reference, and every chosen offset lies inside the window."""
+    ref = check(ragged_input(torch.float32, rows=9, k=64), ScaleChoice("search", window))
+    chosen = ref.offsets[ref.offsets != 0]
+    assert chosen.numel() == 0 or (chosen.min() >= window[0] and chosen.max() <= window[1])
+
+
+def importance_weighted_case(check, method):
+    """An importance-weighted search: the kernel agrees with the reference; a block of zero weight keeps its amax
+    code, and the weights change choices."""
+    x = ragged_input(torch.float32, rows=6, k=80)
+    importance = torch.rand(80, generator=torch.Generator().manual_seed(2)) ** 4  # spread over 4 decades
+    importance[:16] = 0.0  # a block whose error counts for nothing: every candidate ties, the amax code stays
+    weighted = check(x, method, importance=importance)
+    assert (weighted.offsets[:, 0] == 0).all()
+    assert not torch.equal(weighted.offsets, quantize_blocks(x, method).offsets)

@@ -15,7 +15,13 @@ if not torch.cuda.is_available():
 
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-from quantize_cases import assert_same_blocks, edge_input, ragged_input  # noqa: E402
+from quantize_cases import (  # noqa: E402
+    assert_same_blocks,
+    edge_input,
+    importance_weighted_case,
+    ragged_input,
+    windows_case,
+)
 
 from scalesearch_compile.kernels.quantize import quantize_nvfp4_triton  # noqa: E402
 from scalesearch_compile.search import QuantizeRequest, ScaleChoice, quantize_blocks  # noqa: E402
@@ -61,9 +67,7 @@ def test_exhaustive_small():
 
 @pytest.mark.parametrize("window", [(0, 0), (-4, 2), (3, 5), (-8, -1)])
 def test_windows(window):
-    ref = check(ragged_input(torch.float32, rows=9, k=64), ScaleChoice("search", window))
-    chosen = ref.offsets[ref.offsets != 0]
-    assert chosen.numel() == 0 or (chosen.min() >= window[0] and chosen.max() <= window[1])
+    windows_case(check, window)
 
 
 def test_leading_dimensions_kept():
@@ -145,12 +149,7 @@ def test_compiles_for_hopper_and_blackwell_without_fma():
 
 @pytest.mark.parametrize("method", ["four_over_six", "search", "exhaustive"])
 def test_importance_weighted_search(method):
-    x = ragged_input(torch.float32, rows=6, k=80)
-    importance = torch.rand(80, generator=torch.Generator().manual_seed(2)) ** 4  # spread over 4 decades
-    importance[:16] = 0.0  # a block whose error counts for nothing: every candidate ties, the amax code stays
-    weighted = check(x, method, importance=importance)
-    assert (weighted.offsets[:, 0] == 0).all()
-    assert not torch.equal(weighted.offsets, quantize_blocks(x, method).offsets)  # the weights change choices
+    importance_weighted_case(check, method)
 
 
 def test_autotune_key_holds_every_code_changing_constexpr():

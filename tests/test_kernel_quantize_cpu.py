@@ -8,7 +8,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from quantize_cases import assert_same_blocks, edge_input, ragged_input
+from quantize_cases import (
+    assert_same_blocks,
+    edge_input,
+    importance_weighted_case,
+    ragged_input,
+    windows_case,
+)
 
 from scalesearch_compile.kernels import quantize_cpu
 from scalesearch_compile.kernels.quantize_cpu import finite_amax_cpu, load_library, quantize_nvfp4_cpu
@@ -46,9 +52,7 @@ def test_edge_blocks(method, per_tensor_scale):
 
 @pytest.mark.parametrize("window", [(0, 0), (-4, 2), (3, 5), (-8, -1), (-125, 125)])
 def test_windows(window):
-    ref = check(ragged_input(torch.float32, rows=9, k=64), ScaleChoice("search", window))
-    chosen = ref.offsets[ref.offsets != 0]
-    assert chosen.numel() == 0 or (chosen.min() >= window[0] and chosen.max() <= window[1])
+    windows_case(check, window)
 
 
 def test_leading_dimensions_and_strides():
@@ -60,12 +64,7 @@ def test_leading_dimensions_and_strides():
 
 @pytest.mark.parametrize("method", ["four_over_six", "search", "exhaustive"])
 def test_importance_weighted_search(method):
-    x = ragged_input(torch.float32, rows=6, k=80)
-    importance = torch.rand(80, generator=torch.Generator().manual_seed(2)) ** 4  # spread over 4 decades
-    importance[:16] = 0.0  # a block whose error counts for nothing: every candidate ties, the amax code stays
-    weighted = check(x, method, importance=importance)
-    assert (weighted.offsets[:, 0] == 0).all()
-    assert not torch.equal(weighted.offsets, quantize_blocks(x, method).offsets)  # the weights change choices
+    importance_weighted_case(check, method)
 
 
 @pytest.mark.parametrize("per_tensor_scale", [True, "row"])

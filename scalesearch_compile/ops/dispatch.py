@@ -77,15 +77,18 @@ def kernel(op: str, impl: str, device: torch.device) -> Callable | None:
     check_impl(impl)
     if impl == "reference":
         return None
-    on_cpu = impl == "auto" and device.type != "cuda"
-    kernels = (CPU_KERNELS if device.type == "cpu" else {}) if on_cpu else KERNELS
+    if impl == "auto" and device.type != "cuda":
+        kernels = CPU_KERNELS if device.type == "cpu" else {}
+    else:
+        kernels = KERNELS
     if op not in kernels:
         return None
-    launcher, reason = _load(*kernels[op])
-    if launcher is None and impl == "triton":
-        raise NotImplementedError(f"impl='triton' is not available: {reason}; use impl='reference'")
+    module, name = kernels[op]
+    launcher, reason = _load(module, name)
     if launcher is None:
-        _warn_fallback(kernels[op][0], device.type, reason)
+        if impl == "triton":
+            raise NotImplementedError(f"impl='triton' is not available: {reason}; use impl='reference'")
+        _warn_fallback(module, device.type, reason)
     return launcher
 
 
