@@ -105,7 +105,7 @@ GEMM_VARIANTS = {  # variant: (A_MODE, M values); W4A4 reads quantized activatio
 
 def gemm_cases(target: int, variants, m_override=None):
     """The GEMM as ``gemm._launch`` calls it: bf16 activations, no bias, per-tensor global scales, the default
-    split-K at decode (float32 partials), W4A4 through dot_scaled on sm_100."""
+    split-K at decode (float32 partials), W4A4 and W4A16 through dot_scaled on sm_100."""
     from scalesearch_compile.kernels import gemm
 
     n, k = SHAPES["gemm"]
@@ -127,9 +127,9 @@ def gemm_cases(target: int, variants, m_override=None):
                 A_MODE=a_mode, METHOD="search" if search else "amax", LO=-2 if search else 0, HI=6 if search else 0,
                 HAS_A_PTS=True, HAS_W_PTS=True, HAS_BIAS=False,
                 DOT_DTYPE=tl.bfloat16 if a_mode == "float" else tl.float16, INPUT_PRECISION="tf32",
-                DOT_SCALED=a_mode != "float" and target >= 100, SPLIT_K=split, GROUPED=False,
+                DOT_SCALED=target >= 100, SPLIT_K=split, GROUPED=False,
             )  # fmt: skip
-            tried = gemm.configs_for_rows(gemm.GPU_CONFIGS, args["M_BUCKET"], constexprs["DOT_SCALED"])  # as tuned
+            tried = gemm.configs_for_rows(gemm.GPU_CONFIGS, args["M_BUCKET"], constexprs["DOT_SCALED"], a_mode)
             for index, config in enumerate(gemm.GPU_CONFIGS):
                 if config in tried:
                     yield _case("gemm", variant, index, config, target, m, gemm, "_nvfp4_gemm_kernel", args, constexprs)

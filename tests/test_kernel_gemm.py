@@ -244,6 +244,15 @@ def test_dot_scaled_refused_without_blackwell():
     w = make_weight(8, 64)
     with pytest.raises(ValueError, match="compute capability 10.x or 12.x"):
         nvfp4_linear_triton(torch.randn(4, 64, device=DEVICE), device_weight(w), use_dot_scaled=True)
+    with pytest.raises(ValueError, match="compute capability 10.x or 12.x"):
+        x = torch.randn(4, 64, device=DEVICE, dtype=torch.bfloat16)
+        nvfp4_linear_triton(x, device_weight(w), act=None, use_dot_scaled=True)
+
+
+def test_dot_scaled_w4a16_refuses_float32_activations():
+    w = make_weight(8, 64)
+    with pytest.raises(ValueError, match="W4A16 needs bfloat16 or float16 activations, got float32"):
+        nvfp4_linear_triton(torch.randn(4, 64, device=DEVICE), device_weight(w), act=None, use_dot_scaled=True)
 
 
 @pytest.mark.skipif(not BLACKWELL, reason="needs a Blackwell GPU (compute capability 10.x / 12.x) for tl.dot_scaled")
@@ -256,6 +265,12 @@ def test_dot_scaled_matches_float64(m, n, k):
             x.to(DEVICE), device_weight(w), fuse_act_quant=fuse, use_dot_scaled=True, out_dtype=torch.float32
         )
         assert relative_error(out, reference(a.dequantize(), w)) < 1e-5
+    for dtype in (torch.bfloat16, torch.float16):  # W4A16: the weight converted in hardware
+        x16 = x.to(dtype)
+        out = nvfp4_linear_triton(
+            x16.to(DEVICE), device_weight(w), act=None, use_dot_scaled=True, out_dtype=torch.float32
+        )
+        assert relative_error(out, reference(x16, w)) < 1e-5
 
 
 @pytest.mark.usefixtures("one_gemm_config")
@@ -355,6 +370,8 @@ def gemm_job(
     import triton.language as tl
 
     a_type = "*u8" if a_mode == "nvfp4" else "*fp32" if dot_dtype == "fp32" else "*bf16"
+    if a_mode == "float":
+        a_type = f"*{dot_dtype}"
     signature = {"a_ptr": a_type, "a_scale_ptr": "*u8", "a_pts_ptr": "*fp32", "w_ptr": "*u8", "w_scale_ptr": "*u8"}
     signature.update(w_pts_ptr="*fp32", bias_ptr="*bf16", row_expert_ptr="*i32", out_ptr="*bf16")
     signature.update(partial_ptr="*fp32", ticket_ptr="*i32")
@@ -386,8 +403,9 @@ def gemm_job(
 def test_compiles_for_ampere_hopper_and_blackwell():
     """Every GPU autotune config and every A mode builds (no GPU needed): the interpreter misses compile errors.
 
-    Blackwell's W4A4 lowers to tcgen05 block-scaled MMAs and Hopper's large tiles to wgmma; the fused prologue
-    keeps its block errors free of FMA contraction.
+    Blackwell's W4A4 lowers to tcgen05 block-scaled MMAs, its W4A16 to the hardware E2M1 conversion and 16-bit
+    tcgen05 MMAs, and Hopper's large tiles to wgmma; the fused prologue keeps its block errors free of FMA
+    contraction.
     """
     from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, int32_pointer_offsets
     from scalesearch_compile.kernels.gemm import GPU_CONFIGS
@@ -412,30 +430,45 @@ def test_compiles_for_ampere_hopper_and_blackwell():
         gemm_job(90, "nvfp4", grouped=True, tile=(128, 128, 128, 8), warps=8),
         gemm_job(90, "float", dot_dtype="bf16", grouped=True),
         gemm_job(100, "nvfp4", dot_scaled=True, grouped=True, tile=(128, 128, 128, 8)),
+        gemm_job(100, "float", dot_scaled=True, dot_dtype="bf16", tile=(16, 64, 256, 1), stages=2),
+        gemm_job(100, "float", dot_scaled=True, dot_dtype="fp16", tile=(128, 128, 64, 8), warps=8),
     ]
     code = compile_for_gpu(configs + modes)
     assert all(int32_pointer_offsets(c["ttir"]) == [] for c in code)  # 64-bit element offsets
     ptx = [c["ptx"] for c in code]
     hopper_large = ptx[0]
     assert "wgmma" in hopper_large
-    *_, fused_hopper, blackwell, fused_blackwell, grouped_hopper, _, grouped_blackwell = ptx
+    *_, fused_hopper, blackwell, fused_blackwell, grouped_hopper, _, grouped_blackwell, w4a16_bf16, w4a16_fp16 = ptx
     assert "wgmma" in grouped_hopper and "tcgen05.mma" in grouped_blackwell
+    # W4A16 on sm_100: weight codes converted by the hardware, two a conversion, and a 16-bit tcgen05 MMA
+    assert "cvt.rn.bf16x2.e2m1x2" in w4a16_bf16 and "cvt.rn.f16x2.e2m1x2" in w4a16_fp16
+    assert "tcgen05.mma.cta_group::1.kind::f16" in w4a16_bf16 and "tcgen05.mma.cta_group::1.kind::f16" in w4a16_fp16
     assert "tcgen05.mma" in blackwell
     assert fused_hopper.count("fma.rn.f32") == 0 and fused_blackwell.count("fma.rn.f32") == 0
 
 
-def test_decode_autotunes_only_tiles_of_at_most_16_rows():
-    from scalesearch_compile.kernels.gemm import GPU_CONFIGS, _nvfp4_gemm_kernel, _prune_for_rows, configs_for_rows
+def test_each_launch_autotunes_only_its_own_tiles():
+    from scalesearch_compile.kernels.gemm import (
+        CONVERTED_DECODE_CONFIGS,
+        DECODE_CONFIGS,
+        GPU_CONFIGS,
+        LARGE_CONFIGS,
+        _nvfp4_gemm_kernel,
+        _prune_for_rows,
+        configs_for_rows,
+    )
 
+    assert all(c.kwargs["BLOCK_M"] <= 16 for c in DECODE_CONFIGS + CONVERTED_DECODE_CONFIGS)
     for m_bucket in (1, 2, 16):
-        kept = _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket})
-        assert kept == [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] <= 16] and len(kept) == 2
-    assert _prune_for_rows(GPU_CONFIGS, {}, M_BUCKET=32) == GPU_CONFIGS  # M_BUCKET passed as a keyword
-    native = _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": 2048}, DOT_SCALED=True)  # W4A4 on sm_100
+        assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket}) == DECODE_CONFIGS
+        assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket, "DOT_SCALED": True}) == DECODE_CONFIGS  # W4A4
+        w4a16 = {"M_BUCKET": m_bucket, "DOT_SCALED": True, "A_MODE": "float"}  # sm_100: converted in hardware
+        assert _prune_for_rows(GPU_CONFIGS, w4a16) == CONVERTED_DECODE_CONFIGS
+        assert _prune_for_rows(GPU_CONFIGS, {**w4a16, "DOT_SCALED": False}) == DECODE_CONFIGS
+    assert _prune_for_rows(GPU_CONFIGS, {}, M_BUCKET=32) == LARGE_CONFIGS + DECODE_CONFIGS  # a keyword M_BUCKET
+    native = _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": 2048}, DOT_SCALED=True)  # sm_100
     assert native == [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] == 128] and len(native) == 2
-    assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": 1, "DOT_SCALED": True}) == configs_for_rows(GPU_CONFIGS, 1)
-    tall = [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] > 16]
-    assert configs_for_rows(tall, 1) == tall  # never empty
+    assert configs_for_rows(LARGE_CONFIGS, 1) == LARGE_CONFIGS  # never empty
     assert _nvfp4_gemm_kernel.early_config_prune is _prune_for_rows  # what the autotuner calls
 
 

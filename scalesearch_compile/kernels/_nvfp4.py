@@ -39,12 +39,12 @@ GLOBAL_SCALE_MIN = tl.constexpr(2.0**-126)  # search.GLOBAL_SCALE_MIN
 def e2m1_round(a):
     """Nearest E2M1 magnitude of float32 ``a >= 0``, ties to even, saturating at 6 (``formats.e2m1_round``).
 
-    Adding and removing ``2**22 * spacing`` (spacing 0.5 / 1 / 2 read from the exponent bits) makes float32's
+    Adding and removing ``2**22 * spacing`` (spacing 0.5 / 1 / 2: half the power of two at or below
+    ``max(y, 1)``, read from its exponent bits; y <= 6 keeps that power at most 4) makes float32's
     round-to-nearest-even land on the E2M1 grid.
     """
     y = tl.minimum(a, E2M1_MAX)
-    magic = (y.to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
-    magic = tl.minimum(tl.maximum(magic, 1.0), 4.0) * 4194304.0  # 2**22
+    magic = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) * 4194304.0
     return (y + magic) - magic
 
 

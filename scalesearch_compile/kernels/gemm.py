@@ -9,8 +9,10 @@ dots the activation in its own dtype with the dequantized weight (float32 activa
 no TF32; under the interpreter, whose bf16 dot is wrong, bf16 activations in float32, which is exact). The
 fused prologue quantizes each activation tile exactly as ``quantize_nvfp4_triton`` (``_nvfp4.quantize_tile``),
 so it equals quantize-then-GEMM bit for bit.
-Paths: on compute capability 10.x / 12.x, W4A4 uses ``tl.dot_scaled(..., "e2m1", ...)`` with E4M3 scales;
-elsewhere (Hopper, Ampere, the interpreter) tiles are dequantized in registers and fed to ``tl.dot``.
+Paths: on compute capability 10.x / 12.x, W4A4 uses ``tl.dot_scaled(..., "e2m1", ...)`` with E4M3 scales, and
+so does W4A16 with bfloat16 / float16 activations (the weight converted by the hardware's E2M1 conversion and
+scaled in the activation's dtype, exact); elsewhere (Hopper, Ampere, the interpreter, float32 W4A16) tiles are
+dequantized in registers and fed to ``tl.dot``.
 Decode shapes (M <= 16) split K across programs: each stores its float32 partial sum, and the program that
 finishes a tile last (an atomic ticket per tile) adds the partials in split order, adds the bias and casts, so
 the result is deterministic and needs no further launch. An activation block holding NaN or Inf (scale code
@@ -57,41 +59,59 @@ DECODE_MAX_M = 16
 # separate pass costs one write and one read of the (N, K) weight in 16 bits, 4 bytes a value. A paper choice
 # (weights dequantized at least four times), not yet timed on a GPU; ``benchmarks/gpu_check.sh`` times both.
 DEQUANTIZE_MIN_M = 512
-NO_SEARCH = ScaleChoice("amax", (0, 0))  # the scale-choice constexprs of launches that quantize nothing
+NO_SEARCH = ScaleChoice("amax", (0, 0))
+# Triton 3.9's interpreter multiplies bfloat16 tensors wrongly (the products overflow), so there the kernel
+# multiplies in float32 and rounds once to bfloat16, which is what a GPU's bf16 multiply computes.
+BF16_MULTIPLY = tl.constexpr(not INTERPRET)  # the scale-choice constexprs of launches that quantize nothing
 
 # Tile shapes from Triton's Hopper matmul tutorial (128x128 / 128x64 / 64x128 with 4-8 warps, 3-4 stages),
-# with BLOCK_K 64-128 (whole 16-element scale blocks; dot_scaled wants K >= 64) and BLOCK_M 16 for decode;
-# the large tiles run 8 warps (and 128x128 a K tile of 64) because with 4 warps (or K 128) they spilled up to
-# 448 bytes in benchmarks/kernel_static.py's sm_90a builds. None has been timed on a GPU yet. The interpreter
-# runs one shape that still splits the test shapes.
-GPU_CONFIGS = [
+# with BLOCK_K 64-128 (whole 16-element scale blocks; dot_scaled wants K >= 64); the large tiles run 8 warps (and
+# 128x128 a K tile of 64) because with 4 warps (or K 128) they spilled up to 448 bytes in
+# benchmarks/kernel_static.py's sm_90a builds. None has been timed on a GPU yet. The interpreter runs one shape
+# that still splits the test shapes.
+LARGE_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=3),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, num_warps=8, num_stages=4),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
+]
+# Decode (M <= 16): 16-row tiles, since a taller tile multiplies padding rows (127 of 128 at M = 1).
+DECODE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=3),
 ]
+# W4A16 decode through dot_scaled (sm_100), whose loop converts a weight byte in one instruction: a K tile of 256
+# spreads the loop's fixed cost (barriers, MMA issue) over twice the bytes, 4.4 thread-instructions per weight
+# byte against 6.2-6.9 with the tiles above; K 512 spills with float16 activations, 3 stages cost 4.5.
+CONVERTED_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=2),
+]
+GPU_CONFIGS = LARGE_CONFIGS + DECODE_CONFIGS + CONVERTED_DECODE_CONFIGS
 _CONFIGS = autotune_configs(
     GPU_CONFIGS, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4)
 )
 
 
-def configs_for_rows(configs: list, m_bucket: int, dot_scaled: bool = False) -> list:
-    """The autotune configs worth trying for ``m_bucket`` rows (M's next power of two): at decode (at most
-    ``DECODE_MAX_M`` rows) only tiles of at most that many rows, since a taller tile multiplies padding rows
-    (127 of 128 at M = 1); above, all, or with ``dot_scaled`` (W4A4 on sm_100) the tiles that run the native FP4
-    MMA (``_nvfp4.native_fp4_tiles``). Never empty: with no such tile (the interpreter's one config) all stay."""
+def configs_for_rows(configs: list, m_bucket: int, dot_scaled: bool = False, a_mode: str = "nvfp4") -> list:
+    """Of the autotune ``configs``, those worth trying for ``m_bucket`` rows (M's next power of two): at decode (at
+    most ``DECODE_MAX_M`` rows) the decode tiles, W4A16 through ``dot_scaled`` (``a_mode`` "float") its own;
+    above, the configs that are not for W4A16's converted decode, with ``dot_scaled`` only those that run
+    the native FP4 MMA (``_nvfp4.native_fp4_tiles``). Never empty: with no such tile (the interpreter's one
+    config) all stay."""
     if m_bucket > DECODE_MAX_M:
-        return native_fp4_tiles(configs, dot_scaled)
-    return [c for c in configs if c.kwargs["BLOCK_M"] <= DECODE_MAX_M] or configs
+        kept = native_fp4_tiles([c for c in configs if c not in CONVERTED_DECODE_CONFIGS], dot_scaled)
+    elif dot_scaled and a_mode == "float":
+        kept = [c for c in configs if c in CONVERTED_DECODE_CONFIGS]
+    else:
+        kept = [c for c in configs if c in DECODE_CONFIGS]
+    return kept or configs
 
 
 def _prune_for_rows(configs, named_args, **kwargs):
-    """``early_config_prune`` of the GEMM's autotuner: :func:`configs_for_rows` of the launch's ``M_BUCKET`` and
-    ``DOT_SCALED``."""
+    """``early_config_prune`` of the GEMM's autotuner: :func:`configs_for_rows` of the launch's ``M_BUCKET``,
+    ``DOT_SCALED`` and ``A_MODE``."""
     launch = {**named_args, **kwargs}
-    return configs_for_rows(configs, launch["M_BUCKET"], launch.get("DOT_SCALED", False))
+    return configs_for_rows(configs, launch["M_BUCKET"], launch.get("DOT_SCALED", False), launch.get("A_MODE", "nvfp4"))
 
 
 @triton.jit
@@ -167,6 +187,7 @@ def _tile_product(
     """float32 ``[BLOCK_M, BLOCK_N]``: the rows ``row_ok`` of A times the weight rows ``cols`` over K tiles
     ``first_tile`` until ``last_tile``, global scales not applied (the kernel's docstring)."""
     SWAP_AB: tl.constexpr = BLOCK_M <= 16 and not DOT_SCALED
+    A_FORMAT: tl.constexpr = "bf16" if DOT_DTYPE == tl.bfloat16 else "fp16"  # of a W4A16 dot_scaled
     a_norm = tl.math.div_rn(1.0, a_pts)  # "float" mode: a power of two, so exact
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP_AB: the transposed product
@@ -187,7 +208,12 @@ def _tile_product(
             a_offsets = rows[:, None] * K + ks[None, :]
             a = tl.load(a_ptr + a_offsets, mask=row_ok[:, None] & (ks < K)[None, :], other=0.0)
             if A_MODE == "float" and HAS_A_PTS:
-                a = (a.to(tl.float32) * a_norm).to(a.dtype)
+                # Exact but for results below the dtype's subnormals, rounded once either way. bf16 has float32's
+                # exponent range, so the power of two is a bf16: one bf16x2 multiply per two values.
+                if a.dtype == tl.bfloat16 and BF16_MULTIPLY:
+                    a = a * a_norm.to(tl.bfloat16)
+                else:
+                    a = (a.to(tl.float32) * a_norm).to(a.dtype)
             if A_MODE == "quantize":
                 a_codes, a_scales, _ = quantize_tile(
                     a.to(tl.float32), a_pts, HAS_A_PTS, METHOD, LO, HI, BLOCK_M, BLOCK_K
@@ -196,7 +222,13 @@ def _tile_product(
                     a_packed = pack_nibbles(a_codes, BLOCK_M, BLOCK_K)
                 else:
                     a = dequantize_tile(a_codes, a_scales, BLOCK_M, BLOCK_K)
-        if DOT_SCALED:
+        if DOT_SCALED and A_MODE == "float":
+            # W4A16 on sm_100: the weight's codes converted in hardware (cvt.rn.bf16x2.e2m1x2) and multiplied by
+            # their E4M3 scales in the activation's dtype (exact, as dequantize_tile), then a 16-bit MMA.
+            acc = tl.dot_scaled(
+                a, None, A_FORMAT, tl.trans(w_packed), w_scales.to(tl.float8e4nv, bitcast=True), "e2m1", acc
+            )
+        elif DOT_SCALED:
             # The dequantizing path turns scale code 127 into NaN itself; here the rows are marked instead of
             # relying on how the block-scaled MMA treats a NaN scale.
             nan_rows = tl.maximum(nan_rows, tl.max((a_scales.to(tl.int32) == 127).to(tl.int32), axis=1))
@@ -218,7 +250,7 @@ def _tile_product(
     if SWAP_AB:
         acc = tl.trans(acc_t)
     if DOT_SCALED:
-        acc = tl.where(nan_rows[:, None] > 0, float("nan"), acc)
+        acc = tl.where(nan_rows[:, None] > 0, float("nan"), acc)  # W4A16: no row marked
     else:
         acc = acc * DEQUANTIZED_SCALE  # a power of two: exact
     return acc
@@ -287,7 +319,9 @@ def _nvfp4_gemm_kernel(
     (``ticket_ptr[tile]``, zero before the launch and again after it); the split that draws the last ticket sums
     the partials in split order and stores the finished tile. Otherwise a program stores its tile at once.
     """
-    tl.static_assert(not (DOT_SCALED and A_MODE == "float"), "dot_scaled needs an NVFP4 activation")
+    tl.static_assert(
+        not (DOT_SCALED and A_MODE == "float" and DOT_DTYPE == tl.float32), "W4A16 dot_scaled needs 16-bit activations"
+    )
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     pid = tl.program_id(0)
@@ -409,13 +443,16 @@ def _dequantized_linear(rows, weight: NVFP4Weight, bias, act_scale, out_dtype) -
     return acc.to(out_dtype)
 
 
-def _use_dot_scaled(requested: bool | None, device: torch.device) -> bool:
-    """Whether W4A4 runs on ``tl.dot_scaled``: where it exists (compute capability 10.x / 12.x) unless refused."""
+def _use_dot_scaled(requested: bool | None, device: torch.device, w4a16_dtype: torch.dtype | None = None) -> bool:
+    """Whether the GEMM runs on ``tl.dot_scaled``: where it exists (compute capability 10.x / 12.x) unless refused;
+    for W4A16 (``w4a16_dtype``, the activation's dtype) only with 16-bit activations, which it takes as they are."""
+    if requested and w4a16_dtype == torch.float32:
+        raise ValueError("use_dot_scaled=True with W4A16 needs bfloat16 or float16 activations, got float32")
     available = not INTERPRET and torch.cuda.get_device_capability(device)[0] in (10, 12)
     if requested and not available:
         # Triton 3.9's interpreter would run it and silently return garbage: it reads E4M3 scales as E8M0.
         raise ValueError("use_dot_scaled=True needs a GPU of compute capability 10.x or 12.x (Blackwell)")
-    return available if requested is None else requested
+    return (available and w4a16_dtype != torch.float32) if requested is None else requested
 
 
 def _split_k(requested: int | None, m: int, n: int, k: int, device: torch.device) -> int:
@@ -588,8 +625,9 @@ def nvfp4_linear_triton(
     ``benchmarks/kernel_static.py``) or, by default, by ``quantize_nvfp4_triton`` first, once per row block;
     both give the same bits. ``act=None`` (W4A16): x
     (float32 / bfloat16 / float16) is multiplied as is. ``split_k`` (default: more than 1 only for M <= 16)
-    splits the reduction across programs. ``use_dot_scaled``: None picks ``tl.dot_scaled`` for W4A4 where the
-    GPU has it; False forces dequantize. Reads nothing on the host.
+    splits the reduction across programs. ``use_dot_scaled``: None picks ``tl.dot_scaled`` where the GPU has it
+    (W4A4; W4A16 with bfloat16 / float16 x, whose weight codes are then converted in hardware); False forces
+    dequantize. Reads nothing on the host.
     """
     if act is not None and not isinstance(act, ScaleChoice):
         raise ValueError(f"act must be a ScaleChoice (W4A4) or None (weight-only W4A16), got {act!r}")
@@ -600,7 +638,7 @@ def nvfp4_linear_triton(
     k = x.shape[-1]
     m, n = x.numel() // k, weight.out_features
     split = _split_k(split_k, m, n, k, x.device)
-    dot_scaled = act is not None and _use_dot_scaled(use_dot_scaled, x.device)
+    dot_scaled = _use_dot_scaled(use_dot_scaled, x.device, None if act is not None else x.dtype)
     if m == 0:
         return torch.empty((*x.shape[:-1], n), dtype=out_dtype, device=x.device)
 
@@ -627,6 +665,7 @@ def _linear(rows, weight, bias, act, act_scale, out_dtype, split: int, fuse: boo
             split,
             a_pts=act_scale,
             dot_dtype=rows.dtype,
+            dot_scaled=dot_scaled,
             row_experts=row_experts,
         )
     request = QuantizeRequest.of(rows, act, per_tensor_scale=act_scale, check_finite=False)
@@ -668,7 +707,7 @@ def nvfp4_grouped_linear_triton(
         raise ValueError(f"offsets must be int32/int64 of shape ({weight.num_experts},), got {offsets!r}")
     (m, k), n = x.shape, weight.out_features
     split = _split_k(split_k, m, n, k, x.device)
-    dot_scaled = act is not None and _use_dot_scaled(use_dot_scaled, x.device)
+    dot_scaled = _use_dot_scaled(use_dot_scaled, x.device, None if act is not None else x.dtype)
     if m == 0:
         return x.new_empty((0, n))
     rows = x.contiguous()
