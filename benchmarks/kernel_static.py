@@ -13,8 +13,9 @@ integers equal to 1, such as M at decode, made constants), on Llama-3-8B-like sh
   (the ptxas bundled with Triton, run by Triton's own compile with its own flags), and the dynamic shared
   memory a launch asks for;
 - SASS from the bundled ``cuobjdump -sass``; the steady-state loop is the last outermost backward branch of
-  the kernel's main body (barrier spin-waits nest inside it, a prologue loop such as attention's two
-  high-precision tiles comes before it; subroutines after the last EXIT are left out), or
+  the kernel's main body (barrier spin-waits nest inside it, any prologue loop comes before it; subroutines
+  after the last EXIT are left out; attention's high-precision tiles run in a kernel of their own, variant
+  "attention-precise", whose loop is the two tiles), or
   the whole main body for a kernel without a loop (quantize: one tile a program). Its instruction count is
   per thread (a warp issues each instruction once for 32 threads), so ``loop_instructions_per_unit`` =
   instructions x threads per program / units per iteration: thread-instructions per weight byte (GEMM: E2M1
@@ -144,21 +145,29 @@ def attention_cases(target: int, variants, m_override=None):
 
     heads, kv_heads, head_dim, length = SHAPES["attention"]
     length = length if m_override is None else m_override
-    args = dict(
-        q_codes_ptr="*u8", q_scales_ptr="*u8", q_hp_ptr="*fp32", q_mean_ptr="*fp32", k_codes_ptr="*u8",
-        k_scales_ptr="*u8", k_hp_ptr="*fp32", v_codes_ptr="*u8", v_scales_ptr="*u8", v_hp_ptr="*fp32",
-        global_scales_ptr="*fp32", mask_ptr="*fp32", out_ptr="*fp32", mask_stride_b=0, mask_stride_h=0,
-        mask_stride_m=0, mask_stride_n=0, num_heads=heads, group=heads // kv_heads, q_len=length, k_len=length,
-        padded_len=triton.cdiv(length, TILE) * TILE, sink_end=TILE,
+    lengths = dict(
+        mask_stride_b=0, mask_stride_h=0, mask_stride_m=0, mask_stride_n=0, num_heads=heads, group=heads // kv_heads,
+        q_len=length, k_len=length, padded_len=triton.cdiv(length, TILE) * TILE, sink_end=TILE,
         tail_start=length // TILE * TILE if length % TILE else -1, sm_scale=head_dim**-0.5,
-        Q_BUCKET=triton.next_power_of_2(length), K_BUCKET=triton.next_power_of_2(length),
     )  # fmt: skip
+    shape = dict(HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_N=TILE, IS_CAUSAL=True, HAS_MASK=False)
     for variant in variants:
+        if variant == "attention-precise":  # one launch shape, no autotuner
+            config = triton.Config({"BLOCK_M": attention.PRECISE_BLOCK_M}, num_warps=attention.PRECISE_WARPS)
+            pointers = ("q_hp", "k_hp", "v_hp", "mask", "max", "sum", "acc")
+            args = {**{f"{name}_ptr": "*fp32" for name in pointers}, **lengths}
+            yield _case("attention", variant, 0, config, target, length, attention, "_precise_kernel", args, shape)
+            continue
+        args = dict(
+            q_codes_ptr="*u8", q_scales_ptr="*u8", q_mean_ptr="*fp32", k_codes_ptr="*u8", k_scales_ptr="*u8",
+            v_codes_ptr="*u8", v_scales_ptr="*u8", global_scales_ptr="*fp32", mask_ptr="*fp32", max_ptr="*fp32",
+            sum_ptr="*fp32", out_ptr="*fp32", **lengths,
+            Q_BUCKET=triton.next_power_of_2(length), K_BUCKET=triton.next_power_of_2(length),
+        )  # fmt: skip
         method = "search" if variant == "attention" else "amax"
         constexprs = dict(
-            HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_N=TILE, IS_CAUSAL=True, HAS_MASK=False, SMOOTH_Q=False,
-            METHOD=method, LO=-2 if method == "search" else 0, HI=6 if method == "search" else 0,
-            DOT_SCALED=target >= 100,
+            **shape, SMOOTH_Q=False, METHOD=method, LO=-2 if method == "search" else 0,
+            HI=6 if method == "search" else 0, DOT_SCALED=target >= 100, MERGE_PRECISE=True,
         )  # fmt: skip
         tried = native_fp4_tiles(attention.GPU_CONFIGS, constexprs["DOT_SCALED"])  # what the autotuner keeps
         kernel = (attention, "_attention_kernel", args, constexprs)
@@ -201,7 +210,7 @@ def _case(kernel, variant, index, config, target, m, module, name, args, constex
 
 KERNELS = {
     "gemm": (gemm_cases, tuple(GEMM_VARIANTS)),
-    "attention": (attention_cases, ("attention", "attention-amax")),
+    "attention": (attention_cases, ("attention", "attention-amax", "attention-precise")),
     "quantize": (quantize_cases, ("quantize-amax", "quantize-search")),
 }
 
@@ -241,7 +250,7 @@ def steady_state_loop(instructions: list[tuple[int, str]]) -> list[tuple[int, st
     if not loops:
         return body
     outermost = [a for a in loops if not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in loops)]
-    start, end = max(outermost)  # the last: a main loop follows any prologue loop (attention's precise tiles)
+    start, end = max(outermost)  # the last: a main loop follows any prologue loop
     return body[start : end + 1]
 
 

@@ -156,37 +156,57 @@ def test_p_quantization_is_bitwise_the_reference(recipe):
     assert torch.equal(quantize_probabilities(p, recipe), expected.dequantize())
 
 
+LENGTHS = ("q_len", "k_len", "padded_len", "sink_end", "tail_start")
+
+
 def compile_job(capability, head_dim=64, block_m=64, dot_scaled=False):
-    """A compile job for ``_attention_kernel`` with every feature on (causal, mask, Q smoothing, search)."""
+    """A compile job for ``_attention_kernel`` with every feature on (causal, mask, Q smoothing, search, merging
+    the high-precision tiles)."""
     signature = {f"{t}_{kind}_ptr": "*u8" for t in "qkv" for kind in ("codes", "scales")}
-    signature.update({f"{name}_ptr": "*fp32" for name in ("q_hp", "q_mean", "k_hp", "v_hp", "global_scales", "mask")})
-    signature.update(out_ptr="*fp32", sm_scale="fp32")
-    for name in ("b", "h", "m", "n"):
-        signature[f"mask_stride_{name}"] = "i32"
-    lengths = ("q_len", "k_len", "padded_len", "sink_end", "tail_start", "Q_BUCKET", "K_BUCKET")
-    for name in ("num_heads", "group", *lengths):
-        signature[name] = "i32"
+    signature.update({f"{name}_ptr": "*fp32" for name in ("q_mean", "global_scales", "mask", "max", "sum", "out")})
+    signature.update({f"mask_stride_{name}": "i32" for name in "bhmn"}, sm_scale="fp32")
+    signature.update({name: "i32" for name in ("num_heads", "group", *LENGTHS, "Q_BUCKET", "K_BUCKET")})
     constexprs = dict(
         HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=TILE, IS_CAUSAL=True, HAS_MASK=True,
-        SMOOTH_Q=True, METHOD="search", LO=-2, HI=6, DOT_SCALED=dot_scaled,
+        SMOOTH_Q=True, METHOD="search", LO=-2, HI=6, DOT_SCALED=dot_scaled, MERGE_PRECISE=True,
     )  # fmt: skip
     options = {"num_warps": 4, "enable_fp_fusion": False}
     return ("scalesearch_compile.kernels.attention", "_attention_kernel", signature, constexprs, capability, options)
 
 
+def precise_job(capability, head_dim=64):
+    """A compile job for ``_precise_kernel`` as the launcher runs it (causal, with a mask)."""
+    from scalesearch_compile.kernels.attention import PRECISE_BLOCK_M, PRECISE_WARPS
+
+    signature = {f"{name}_ptr": "*fp32" for name in ("q_hp", "k_hp", "v_hp", "mask", "max", "sum", "acc")}
+    signature.update({f"mask_stride_{name}": "i32" for name in "bhmn"}, sm_scale="fp32")
+    signature.update({name: "i32" for name in ("num_heads", "group", *LENGTHS)})
+    constexprs = dict(
+        HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_M=PRECISE_BLOCK_M, BLOCK_N=TILE, IS_CAUSAL=True, HAS_MASK=True
+    )
+    options = {"num_warps": PRECISE_WARPS, "enable_fp_fusion": False}
+    return ("scalesearch_compile.kernels.attention", "_precise_kernel", signature, constexprs, capability, options)
+
+
 def test_compiles_for_hopper_and_blackwell():
     """The GPU builds (no GPU needed; the interpreter accepts code a compiler rejects): Hopper's NVFP4 tiles run
     on wgmma, Blackwell's dot_scaled lowers to the block-scaled NVFP4 MMA, and the only FMAs are those of the two
-    float32 high-precision dots (BLOCK_M x TILE x D multiply-adds each over 128 threads), none in the P search."""
+    float32 high-precision dots (BLOCK_M x TILE x D multiply-adds each over the threads), all in their own
+    kernel: none in the NVFP4 kernel, so none in the P search."""
     from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, int32_pointer_offsets
+    from scalesearch_compile.kernels.attention import PRECISE_BLOCK_M, PRECISE_WARPS
 
-    hopper, blackwell = compile_for_gpu([compile_job(90), compile_job(100, block_m=128, dot_scaled=True)])
+    jobs = [compile_job(90), compile_job(100, block_m=128, dot_scaled=True), precise_job(90), precise_job(100)]
+    code = compile_for_gpu(jobs)
     # 64-bit element offsets: 8 x 32 x 8192 x 128 elements pass 2**31
-    assert int32_pointer_offsets(hopper["ttir"]) == [] and int32_pointer_offsets(blackwell["ttir"]) == []
-    hopper, blackwell = hopper["ptx"], blackwell["ptx"]
+    assert all(int32_pointer_offsets(c["ttir"]) == [] for c in code)
+    hopper, blackwell, *precise = (c["ptx"] for c in code)
     assert "wgmma" in hopper and ".local" not in hopper
-    assert hopper.count("fma.rn.f32") == 2 * 64 * TILE * 64 // 128  # one copy of the precise tiles
+    assert hopper.count("fma.rn.f32") == 0 and blackwell.count("fma.rn.f32") == 0
     assert "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16" in blackwell
+    products = 2 * PRECISE_BLOCK_M * TILE * 64 // (32 * PRECISE_WARPS)  # a thread's share of the two dots
+    assert precise[0].count("fma.rn.f32") == products
+    assert 0.9 * products < precise[1].count("fma.rn.f32") <= products  # sm_100: a few folded into multiplies
 
 
 def test_dot_scaled_autotunes_only_tiles_on_the_native_fp4_mma():

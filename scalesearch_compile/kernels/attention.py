@@ -2,13 +2,15 @@
 
 Numerics: those of :mod:`scalesearch_compile.attention` (its docstring is the definition). The launcher runs
 step 1 there (:func:`prepare`: smoothing and Hadamard in torch, Q, K and V quantized by the fused Triton
-quantize kernel, bit for bit ``quantize_blocks``) and ``_attention_kernel`` runs step 2: one program per
-(BLOCK_M queries, batch * head) walks the KV tiles of ``BLOCK_N == TILE`` keys with an online softmax in
-float32, skipping the tiles above the diagonal when causal. P is quantized in the kernel by
-``_nvfp4.quantize_tile``, which copies the arithmetic of ``formats.py`` / ``search.py`` exactly (E2M1 rounding
-by adding and subtracting ``2**22 * spacing``, E4M3 rounding on the float32 bit pattern, IEEE divisions, block
-errors summed in pairs 16 -> 8 -> 4 -> 2 -> 1, a candidate kept only if strictly better so the amax code wins
-ties); the launch sets ``enable_fp_fusion=False`` so no FMA changes those bits on a GPU.
+quantize kernel, bit for bit ``quantize_blocks``) and two kernels run step 2, one program per (BLOCK_M
+queries, batch * head) each, with an online softmax in float32 over KV tiles of ``BLOCK_N == TILE`` keys,
+skipping the tiles above the diagonal when causal: ``_precise_kernel`` over the high-precision tiles (when the
+recipe keeps them), ``_attention_kernel`` over the NVFP4 tiles, merging the two row states at its end. P is
+quantized in the kernel by ``_nvfp4.quantize_tile``, which copies the arithmetic of ``formats.py`` /
+``search.py`` exactly (E2M1 rounding by adding and subtracting ``2**22 * spacing``, E4M3 rounding on the float32
+bit pattern, IEEE divisions, block errors summed in pairs 16 -> 8 -> 4 -> 2 -> 1, a candidate kept only if
+strictly better so the amax code wins ties); the launch sets ``enable_fp_fusion=False`` so no FMA changes those
+bits on a GPU.
 
 NVFP4 tiles are multiplied as ``global scales * dot(e2m1 * e4m3, e2m1 * e4m3)``: each product of an E2M1 value
 and an E4M3 scale is exact in float16, so the float16 ``tl.dot`` with float32 accumulation loses nothing, and
@@ -66,6 +68,8 @@ KERNEL_TOLERANCE = 1e-5  # relative L2 difference from the reference under the i
 # (_prune_for_fp4). The interpreter runs the one config it can.
 # 128 rows on 4 warps is left out: it spilled 9-11 KB in benchmarks/kernel_static.py's builds (8 warps: 2 KB).
 GPU_CONFIGS = [triton.Config({"BLOCK_M": m}, num_warps=warps) for m, warps in ((64, 4), (64, 8), (128, 8))]
+# _precise_kernel's rows per program and warps (one launch shape: it runs at most two tiles a row)
+PRECISE_BLOCK_M, PRECISE_WARPS = 16, 4
 _CONFIGS = autotune_configs(GPU_CONFIGS, triton.Config({"BLOCK_M": 64}, num_warps=4))
 
 
@@ -180,6 +184,66 @@ def _attend_tile(
     return new_max, l_i, acc
 
 
+@triton.jit
+def _program_rows(num_heads, group, q_len, k_len, BLOCK_M: tl.constexpr, IS_CAUSAL: tl.constexpr):
+    """The program's (batch * head, batch, head, key/value head, query rows, which rows exist, the rows' indices
+    into the (B * Hq * Sq) row space (rows past the end re-read the last one, never stored), the keys it attends up
+    to). Element offsets in int64: batch x heads x seq x head_dim passes 2**31 at realistic sizes."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    batch = pid_bh // num_heads
+    head = pid_bh % num_heads
+    kv_bh = batch * (num_heads // group) + head // group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < q_len
+    q_rows = pid_bh * q_len + tl.minimum(rows, q_len - 1)
+    end = k_len
+    if IS_CAUSAL:
+        end = tl.minimum(k_len, (pid_m + 1) * BLOCK_M)
+    return pid_bh, batch, head, kv_bh, rows, row_ok, q_rows, end
+
+
+@triton.jit
+def _precise_kernel(
+    q_hp_ptr, k_hp_ptr, v_hp_ptr, mask_ptr, max_ptr, sum_ptr, acc_ptr,
+    mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
+    num_heads, group, q_len, k_len, padded_len, sink_end, tail_start, sm_scale,
+    HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """The online softmax over the high-precision tiles (the sink tile and a trailing partial tile) of
+    ``BLOCK_M`` query rows, from the start: row max, row sum (float32 ``(B * Hq * Sq,)``) and output accumulator
+    (float32 ``(B * Hq * Sq, Dv)``) stored for ``_attention_kernel`` to merge with its NVFP4 tiles'. A kernel of
+    its own: its float32 FMA products need registers the NVFP4 loop would otherwise spill to local memory."""
+    pid_bh, batch, head, kv_bh, rows, row_ok, q_rows, end = _program_rows(
+        num_heads, group, q_len, k_len, BLOCK_M, IS_CAUSAL
+    )
+    v_dims = tl.arange(0, V_DIM)
+    state = (
+        tl.full([BLOCK_M], float("-inf"), tl.float32),
+        tl.zeros([BLOCK_M], tl.float32),
+        tl.zeros([BLOCK_M, V_DIM], tl.float32),
+    )
+    args = (
+        q_rows, rows, row_ok, None, v_dims, kv_bh, batch, head, k_len, padded_len, None, None, None, None, None,
+        None, sm_scale, q_hp_ptr, None, None, k_hp_ptr, None, None, v_hp_ptr, mask_ptr, mask_stride_b,
+        mask_stride_h, mask_stride_m, mask_stride_n,
+    )  # fmt: skip
+    has_tail = (tail_start >= sink_end) & (tail_start < end)
+    for i in range(0, 2):
+        if ((i == 0) & (sink_end > 0)) | ((i == 1) & has_tail):
+            start = tl.where(i == 0, 0, tail_start)
+            state = _attend_tile(
+                state, start, *args, True, HEAD_DIM, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK, False, "amax",
+                0, 0, False,
+            )  # fmt: skip
+    m_i, l_i, acc = state
+    out_rows = pid_bh * q_len + rows
+    tl.store(max_ptr + out_rows, m_i, mask=row_ok)
+    tl.store(sum_ptr + out_rows, l_i, mask=row_ok)
+    tl.store(acc_ptr + (out_rows[:, None] * V_DIM + v_dims[None, :]), acc, mask=row_ok[:, None])
+
+
 # Sequence lengths enter the key as powers of two (Q_BUCKET, K_BUCKET), so a new length (every decode step)
 # reuses its bucket's tuned config; every constexpr the configs do not set is in the key.
 @triton.autotune(
@@ -187,33 +251,30 @@ def _attend_tile(
     prune_configs_by={"early_config_prune": _prune_for_fp4},
     key=[
         "Q_BUCKET", "K_BUCKET", "HEAD_DIM", "V_DIM", "BLOCK_N", "IS_CAUSAL", "HAS_MASK", "SMOOTH_Q",
-        "METHOD", "LO", "HI", "DOT_SCALED",
+        "METHOD", "LO", "HI", "DOT_SCALED", "MERGE_PRECISE",
     ],
 )  # fmt: skip
 @triton.jit
 def _attention_kernel(
-    q_codes_ptr, q_scales_ptr, q_hp_ptr, q_mean_ptr,
-    k_codes_ptr, k_scales_ptr, k_hp_ptr,
-    v_codes_ptr, v_scales_ptr, v_hp_ptr,
-    global_scales_ptr, mask_ptr, out_ptr,
+    q_codes_ptr, q_scales_ptr, q_mean_ptr,
+    k_codes_ptr, k_scales_ptr,
+    v_codes_ptr, v_scales_ptr,
+    global_scales_ptr, mask_ptr, max_ptr, sum_ptr, out_ptr,
     mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
     num_heads, group, q_len, k_len, padded_len, sink_end, tail_start, sm_scale, Q_BUCKET, K_BUCKET,
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SMOOTH_Q: tl.constexpr,
     METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DOT_SCALED: tl.constexpr,
+    MERGE_PRECISE: tl.constexpr,
 ):  # fmt: skip
-    # Element offsets in int64: batch x heads x seq x head_dim passes 2**31 at realistic sizes (8 x 32 x 8192 x 128).
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1).to(tl.int64)
-    batch = pid_bh // num_heads
-    head = pid_bh % num_heads
-    kv_bh = batch * (num_heads // group) + head // group
+    """The online softmax over the NVFP4 KV tiles of ``BLOCK_M`` query rows, then the output. MERGE_PRECISE: the
+    result is merged with the high-precision tiles' state that ``_precise_kernel`` left in ``max_ptr``, ``sum_ptr``
+    and ``out_ptr`` (its accumulator), as two halves of a split softmax are (rescaled to the larger row max)."""
+    pid_bh, batch, head, kv_bh, rows, row_ok, q_rows, end = _program_rows(
+        num_heads, group, q_len, k_len, BLOCK_M, IS_CAUSAL
+    )
     dims = tl.arange(0, HEAD_DIM)
     v_dims = tl.arange(0, V_DIM)
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < q_len
-    q_rows = pid_bh * q_len + tl.minimum(rows, q_len - 1)  # rows past the end re-read the last one, never stored
-
     q_packed, q_scale_codes = _load_nvfp4(q_codes_ptr, q_scales_ptr, q_rows, HEAD_DIM, 0, HEAD_DIM)
     q_mean = tl.zeros([HEAD_DIM], tl.float32)
     if SMOOTH_Q:
@@ -225,26 +286,12 @@ def _attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, V_DIM], tl.float32)
-    end = k_len
-    if IS_CAUSAL:
-        end = tl.minimum(k_len, (pid_m + 1) * BLOCK_M)
-    # The high-precision tiles (the sink tile and a trailing partial tile) run first, in a loop of their own, so
-    # the main loop's body is the NVFP4 path alone: fewer registers live across it and no float32 FMA dots in
-    # it. (The online softmax gives the same result in any tile order, up to float32 rounding.)
     state = (m_i, l_i, acc)
     args = (
         q_rows, rows, row_ok, dims, v_dims, kv_bh, batch, head, k_len, padded_len, q_packed, q_scale_codes,
-        q_mean, q_scale, k_scale, v_scale, sm_scale, q_hp_ptr, k_codes_ptr, k_scales_ptr, k_hp_ptr, v_codes_ptr,
-        v_scales_ptr, v_hp_ptr, mask_ptr, mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
+        q_mean, q_scale, k_scale, v_scale, sm_scale, None, k_codes_ptr, k_scales_ptr, None, v_codes_ptr,
+        v_scales_ptr, None, mask_ptr, mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
     )  # fmt: skip
-    has_tail = (tail_start >= sink_end) & (tail_start < end)
-    for i in range(0, 2):
-        if ((i == 0) & (sink_end > 0)) | ((i == 1) & has_tail):
-            start = tl.where(i == 0, 0, tail_start)
-            state = _attend_tile(
-                state, start, *args, True, HEAD_DIM, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK, SMOOTH_Q, METHOD,
-                LO, HI, DOT_SCALED,
-            )  # fmt: skip
     main_end = end
     if tail_start >= 0:
         main_end = tl.minimum(end, tail_start)
@@ -255,8 +302,16 @@ def _attention_kernel(
         )  # fmt: skip
     m_i, l_i, acc = state
 
+    out_rows = pid_bh * q_len + rows
+    out_offsets = out_rows[:, None] * V_DIM + v_dims[None, :]
+    if MERGE_PRECISE:  # after the loop, so that none of this is live across it
+        precise_max = tl.load(max_ptr + out_rows, mask=row_ok, other=float("-inf"))
+        new_max = tl.maximum(m_i, precise_max)
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        alpha, beta = tl.exp(m_i - safe_max), tl.exp(precise_max - safe_max)
+        l_i = l_i * alpha + tl.load(sum_ptr + out_rows, mask=row_ok, other=0.0) * beta
+        acc = acc * alpha[:, None] + tl.load(out_ptr + out_offsets, mask=row_ok[:, None], other=0.0) * beta[:, None]
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key has acc == 0: zeros, as SDPA
-    out_offsets = (pid_bh * q_len + rows)[:, None] * V_DIM + v_dims[None, :]
     tl.store(out_ptr + out_offsets, out, mask=row_ok[:, None])
 
 
@@ -289,20 +344,28 @@ def nvfp4_attention_triton(
         mask = mask.reshape((1,) * (4 - mask.dim()) + mask.shape).expand(batch, num_heads, q_len, k_len)
     sink_end = TILE if recipe.sink_tiles else 0
     tail_start = k_len // TILE * TILE if recipe.sink_tiles and k_len % TILE else -1
+    rows = batch * num_heads * q_len
     out = torch.empty((batch, num_heads, q_len, v_dim), dtype=torch.float32, device=q.device)
+    row_max = row_sum = out  # placeholders, never read without precise tiles
+    mask_args = (out if mask is None else mask, *(mask.stride() if mask is not None else (0, 0, 0, 0)))
+    lengths = (num_heads, num_heads // kv_heads, q_len, k_len, padded_len, sink_end, tail_start)
+    sm_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    shape = dict(HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_N=TILE, IS_CAUSAL=is_causal, HAS_MASK=mask is not None)
+    if recipe.sink_tiles:
+        row_max, row_sum = torch.empty((2, rows), dtype=torch.float32, device=q.device)
+        _precise_kernel[(triton.cdiv(q_len, PRECISE_BLOCK_M), batch * num_heads)](
+            prep.q_hp.contiguous(), prep.k_hp.contiguous(), prep.v_hp.contiguous(), mask_args[0], row_max, row_sum,
+            out, *mask_args[1:], *lengths, sm_scale, BLOCK_M=PRECISE_BLOCK_M, **shape,
+            num_warps=PRECISE_WARPS, enable_fp_fusion=False,
+        )  # fmt: skip
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * num_heads)  # noqa: E731
     _attention_kernel[grid](
-        prep.q.qdata, prep.q.scale_codes, prep.q_hp.contiguous(), q_mean.contiguous(),
-        prep.k.qdata, prep.k.scale_codes, prep.k_hp.contiguous(),
-        prep.v.qdata, prep.v.scale_codes, prep.v_hp.contiguous(),
-        global_scales, out if mask is None else mask, out,
-        *(mask.stride() if mask is not None else (0, 0, 0, 0)),
-        num_heads, num_heads // kv_heads, q_len, k_len, padded_len, sink_end, tail_start,
-        1.0 / math.sqrt(head_dim) if scale is None else float(scale),
-        triton.next_power_of_2(q_len), triton.next_power_of_2(k_len),
-        HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_N=TILE,
-        IS_CAUSAL=is_causal, HAS_MASK=mask is not None, SMOOTH_Q=prep.q_mean is not None,
-        METHOD=recipe.method, LO=recipe.window[0], HI=recipe.window[1],
-        DOT_SCALED=_use_dot_scaled(q.device), enable_fp_fusion=False,
+        prep.q.qdata, prep.q.scale_codes, q_mean.contiguous(),
+        prep.k.qdata, prep.k.scale_codes,
+        prep.v.qdata, prep.v.scale_codes,
+        global_scales, mask_args[0], row_max, row_sum, out, *mask_args[1:], *lengths, sm_scale,
+        triton.next_power_of_2(q_len), triton.next_power_of_2(k_len), **shape,
+        SMOOTH_Q=prep.q_mean is not None, METHOD=recipe.method, LO=recipe.window[0], HI=recipe.window[1],
+        DOT_SCALED=_use_dot_scaled(q.device), MERGE_PRECISE=recipe.sink_tiles, enable_fp_fusion=False,
     )  # fmt: skip
     return out.to(q.dtype)
