@@ -67,10 +67,11 @@ static INLINE vi amax_code(vf block_amax, float divisor, vf pts) {
 }
 
 /* Nearest E2M1 magnitude of a >= 0, ties to even, saturating at 6 (formats.e2m1_round): adding and subtracting
- * 2**22 times the grid spacing rounds to the grid. */
+ * 2**22 times the grid spacing (half the power of two at or below max(y, 1), at most 4 since y <= 6) rounds to
+ * the grid. */
 static INLINE vf e2m1_round(vf a) {
     vf y = a > 6.0f ? 6.0f : a;
-    vf magic = clamp_f((vf)((vi)y & 0x7F800000), 1.0f, 4.0f) * 0x1p22f;
+    vf magic = (vf)((vi)(y < 1.0f ? 1.0f : y) & 0x7F800000) * 0x1p22f;
     return (y + magic) - magic;
 }
 
@@ -93,7 +94,6 @@ static INLINE vf block_error(const vf *m, const vf *w, vi code, vf pts, vf inver
     return e[0];
 }
 
-/* Quantize LANES consecutive blocks starting at block g0 (count of them valid). */
 /* 2**-e for a float32 global scale: e is its exponent plus 12, clamped to -114..126 (search.normaliser). */
 static INLINE float normaliser(float pts) {
     int32_t bits;
