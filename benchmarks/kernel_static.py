@@ -16,11 +16,14 @@ integers equal to 1, such as M at decode, made constants), on Llama-3-8B-like sh
   the kernel's main body (barrier spin-waits nest inside it, any prologue loop comes before it; subroutines
   after the last EXIT are left out; attention's high-precision tiles run in a kernel of their own, variant
   "attention-precise", whose loop is the two tiles), or
-  the whole main body for a kernel without a loop (quantize: one tile a program). Its instruction count is
-  per thread (a warp issues each instruction once for 32 threads), so ``loop_instructions_per_unit`` =
-  instructions x threads per program / units per iteration: thread-instructions per weight byte (GEMM: E2M1
-  codes plus E4M3 scale bytes of one K tile), per score (attention: BLOCK_M x BLOCK_N) or per element
-  (quantize). A static count: both sides of a branch inside the loop count, and no instruction's latency.
+  the whole main body for a kernel without a loop over its work (quantize: one tile a program). The scale
+  search loops over its candidates (a loop, not unrolled, keeps one candidate's temporaries live at a time):
+  that nested loop, the largest in the region, counts once per candidate it tries beyond the amax code
+  (HI - LO times). The count is per thread (a warp issues each instruction once for 32 threads), so
+  ``loop_instructions_per_unit`` = instructions x threads per program / units per iteration:
+  thread-instructions per weight byte (GEMM: E2M1 codes plus E4M3 scale bytes of one K tile), per score
+  (attention: BLOCK_M x BLOCK_N) or per element (quantize). A static count: both sides of a branch inside the
+  loop count, and no instruction's latency.
 - occupancy: programs per SM from registers (allocated per warp in units of 256), shared memory (228 KB per
   SM, 1 KB reserved per program), 64 warps and 32 programs per SM (H100 and B200 alike);
 - ceiling: the share of the memory roofline an SM can reach when it must issue that many instructions per
@@ -80,6 +83,8 @@ class Case:
     unit: str
     units_per_iteration: int
     threads: int
+    main_loop: bool  # False: the kernel has no loop over its work (quantize: one tile a program)
+    candidate_trips: int  # times the scale search's loop runs its candidate body (1 without a search)
 
 
 def _config_text(kernel: str, config) -> str:
@@ -154,7 +159,7 @@ def attention_cases(target: int, variants, m_override=None):
     for variant in variants:
         if variant == "attention-precise":  # one launch shape, no autotuner
             config = triton.Config({"BLOCK_M": attention.PRECISE_BLOCK_M}, num_warps=attention.PRECISE_WARPS)
-            pointers = ("q_hp", "k_hp", "v_hp", "mask", "max", "sum", "acc")
+            pointers = ("q_hp", "k_hp", "v_hp", "mask", "max", "sum", "out")
             args = {**{f"{name}_ptr": "*fp32" for name in pointers}, **lengths}
             yield _case("attention", variant, 0, config, target, length, attention, "_precise_kernel", args, shape)
             continue
@@ -167,7 +172,7 @@ def attention_cases(target: int, variants, m_override=None):
         method = "search" if variant == "attention" else "amax"
         constexprs = dict(
             **shape, SMOOTH_Q=False, METHOD=method, LO=-2 if method == "search" else 0,
-            HI=6 if method == "search" else 0, DOT_SCALED=target >= 100, MERGE_PRECISE=True,
+            HI=6 if method == "search" else 0, DOT_SCALED=target >= 100, LEAVE_STATE=True,
         )  # fmt: skip
         tried = native_fp4_tiles(attention.GPU_CONFIGS, constexprs["DOT_SCALED"])  # what the autotuner keeps
         kernel = (attention, "_attention_kernel", args, constexprs)
@@ -205,7 +210,9 @@ def _case(kernel, variant, index, config, target, m, module, name, args, constex
     else:
         unit, units = "element", kw["BLOCK_M"] * kw["BLOCK_K"]
     threads = 32 * config.num_warps
-    return Case(kernel, variant, index, _config_text(kernel, config), target, m, job, unit, units, threads)
+    trips = constexprs["HI"] - constexprs["LO"] if constexprs.get("METHOD") == "search" else 1
+    text = _config_text(kernel, config)
+    return Case(kernel, variant, index, text, target, m, job, unit, units, threads, kernel != "quantize", trips)
 
 
 KERNELS = {
@@ -236,22 +243,39 @@ def sass_instructions(sass: str) -> list[tuple[int, str]]:
     return [(int(m.group(1), 16), m.group(2)) for m in map(_INSTRUCTION.match, sass.splitlines()) if m]
 
 
-def steady_state_loop(instructions: list[tuple[int, str]]) -> list[tuple[int, str]]:
-    """The instructions of the last outermost backward branch's range in the main body (up to the last EXIT),
-    or the whole main body when it has no loop."""
-    last_exit = max(i for i, (_, text) in enumerate(instructions) if re.search(r"\bEXIT\b", text))
-    body = instructions[: last_exit + 1]
-    index_of = {address: i for i, (address, _) in enumerate(body)}
+def _loops(instructions: list[tuple[int, str]]) -> list[tuple[int, int]]:
+    """(first, last) indices of each backward branch's range: a loop."""
+    index_of = {address: i for i, (address, _) in enumerate(instructions)}
     loops = []
-    for i, (address, text) in enumerate(body):
+    for i, (address, text) in enumerate(instructions):
         branch = re.search(r"\b(?:BRA|JMP)\b[^;]*?(0x[0-9a-f]+)\s*$", text)
         if branch and int(branch.group(1), 16) < address and int(branch.group(1), 16) in index_of:
             loops.append((index_of[int(branch.group(1), 16)], i))
-    if not loops:
+    return loops
+
+
+def steady_state_loop(instructions: list[tuple[int, str]], main_loop: bool = True) -> list[tuple[int, str]]:
+    """The instructions of the last outermost backward branch's range in the main body (up to the last EXIT),
+    or the whole main body when it has no loop or, ``main_loop`` False, its loops are not over its work."""
+    last_exit = max(i for i, (_, text) in enumerate(instructions) if re.search(r"\bEXIT\b", text))
+    body = instructions[: last_exit + 1]
+    loops = _loops(body)
+    if not loops or not main_loop:
         return body
     outermost = [a for a in loops if not any(b != a and b[0] <= a[0] and a[1] <= b[1] for b in loops)]
     start, end = max(outermost)  # the last: a main loop follows any prologue loop
     return body[start : end + 1]
+
+
+def issued_instructions(region: list[tuple[int, str]], candidate_trips: int) -> int:
+    """Instructions a thread issues in one pass over ``region``, its largest nested loop (the scale search's
+    candidate loop: hundreds of instructions, against a few for a barrier's spin-wait) counted
+    ``candidate_trips`` times."""
+    inner = [loop for loop in _loops(region) if loop != (0, len(region) - 1)]
+    if candidate_trips <= 1 or not inner:
+        return len(region)
+    first, last = max(inner, key=lambda loop: loop[1] - loop[0])
+    return len(region) + (candidate_trips - 1) * (last - first + 1)
 
 
 def ptxas_numbers(log: str) -> dict:
@@ -290,7 +314,8 @@ def analyse(case: Case) -> dict:
 
     (code,) = compile_for_gpu([case.job], stages=("cubin",))
     numbers = ptxas_numbers(code["ptxas_log"])
-    loop = steady_state_loop(sass_instructions(cuobjdump_sass(code["cubin"])))
+    loop = steady_state_loop(sass_instructions(cuobjdump_sass(code["cubin"])), case.main_loop)
+    issued = issued_instructions(loop, case.candidate_trips)
     record = {
         "kernel": case.kernel,
         "variant": case.variant,
@@ -300,12 +325,12 @@ def analyse(case: Case) -> dict:
         "registers": numbers["registers"],
         "spill_bytes": numbers["spill_stores"],
         "shared_bytes": code["shared"],
-        "loop_instructions_per_unit": round(len(loop) * case.threads / case.units_per_iteration, 2),
+        "loop_instructions_per_unit": round(issued * case.threads / case.units_per_iteration, 2),
         "unit": case.unit,
     }
     extra = {
         "spill_loads": numbers["spill_loads"],
-        "loop_instructions": len(loop),
+        "loop_instructions": issued,
         "programs_per_sm": programs_per_sm(numbers["registers"], code["shared"], case.threads // 32),
         "warps": case.threads // 32,
         "capability": case.target,

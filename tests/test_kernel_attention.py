@@ -160,15 +160,15 @@ LENGTHS = ("q_len", "k_len", "padded_len", "sink_end", "tail_start")
 
 
 def compile_job(capability, head_dim=64, block_m=64, dot_scaled=False):
-    """A compile job for ``_attention_kernel`` with every feature on (causal, mask, Q smoothing, search, merging
-    the high-precision tiles)."""
+    """A compile job for ``_attention_kernel`` with every feature on (causal, mask, Q smoothing, search, leaving
+    its row state for the high-precision tiles)."""
     signature = {f"{t}_{kind}_ptr": "*u8" for t in "qkv" for kind in ("codes", "scales")}
     signature.update({f"{name}_ptr": "*fp32" for name in ("q_mean", "global_scales", "mask", "max", "sum", "out")})
     signature.update({f"mask_stride_{name}": "i32" for name in "bhmn"}, sm_scale="fp32")
     signature.update({name: "i32" for name in ("num_heads", "group", *LENGTHS, "Q_BUCKET", "K_BUCKET")})
     constexprs = dict(
         HEAD_DIM=head_dim, V_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=TILE, IS_CAUSAL=True, HAS_MASK=True,
-        SMOOTH_Q=True, METHOD="search", LO=-2, HI=6, DOT_SCALED=dot_scaled, MERGE_PRECISE=True,
+        SMOOTH_Q=True, METHOD="search", LO=-2, HI=6, DOT_SCALED=dot_scaled, LEAVE_STATE=True,
     )  # fmt: skip
     options = {"num_warps": 4, "enable_fp_fusion": False}
     return ("scalesearch_compile.kernels.attention", "_attention_kernel", signature, constexprs, capability, options)
@@ -178,7 +178,7 @@ def precise_job(capability, head_dim=64):
     """A compile job for ``_precise_kernel`` as the launcher runs it (causal, with a mask)."""
     from scalesearch_compile.kernels.attention import PRECISE_BLOCK_M, PRECISE_WARPS
 
-    signature = {f"{name}_ptr": "*fp32" for name in ("q_hp", "k_hp", "v_hp", "mask", "max", "sum", "acc")}
+    signature = {f"{name}_ptr": "*fp32" for name in ("q_hp", "k_hp", "v_hp", "mask", "max", "sum", "out")}
     signature.update({f"mask_stride_{name}": "i32" for name in "bhmn"}, sm_scale="fp32")
     signature.update({name: "i32" for name in ("num_heads", "group", *LENGTHS)})
     constexprs = dict(

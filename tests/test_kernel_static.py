@@ -84,6 +84,18 @@ def test_steady_state_loop_is_the_last_outermost_backward_branch(kernel_static):
     assert [address for address, _ in loop] == [0x20, 0x30, 0x40, 0x50]
     no_loop = [(a, t) for a, t in instructions if "BRA" not in t]
     assert len(kernel_static.steady_state_loop(no_loop)) == 5  # the main body up to EXIT
+    assert len(kernel_static.steady_state_loop(instructions, main_loop=False)) == 7  # loops not over the work
+
+
+def test_the_candidate_loop_counts_once_per_candidate(kernel_static):
+    """The largest loop nested in the region (the search's candidates) issues its body ``trips`` times; the
+    region's own back branch is not nested in it."""
+    instructions = kernel_static.sass_instructions(SASS)
+    outer = kernel_static.steady_state_loop(instructions)  # 0x20..0x50, the inner loop 0x20..0x30
+    assert kernel_static.issued_instructions(outer, 1) == 4
+    assert kernel_static.issued_instructions(outer, 8) == 4 + 7 * 2
+    whole = kernel_static.steady_state_loop(instructions, main_loop=False)  # the outer loop is now nested
+    assert kernel_static.issued_instructions(whole, 3) == 7 + 2 * 4
 
 
 def test_ptxas_log_and_occupancy(kernel_static):

@@ -205,7 +205,9 @@ def quantize_tile(
             err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
             best_code, best_err = _keep_better(best_code, best_err, code, err)
         if METHOD == "search":
-            for offset in tl.static_range(LO, HI + 1):
+            # A loop, not unrolled: one candidate's temporaries are live at a time (unrolled, the attention
+            # kernel's P search spilled 40-92 bytes in benchmarks/kernel_static.py's builds).
+            for offset in range(LO, HI + 1):
                 if offset != 0:
                     code = first_code + offset
                     err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)

@@ -4,13 +4,13 @@ Numerics: those of :mod:`scalesearch_compile.attention` (its docstring is the de
 step 1 there (:func:`prepare`: smoothing and Hadamard in torch, Q, K and V quantized by the fused Triton
 quantize kernel, bit for bit ``quantize_blocks``) and two kernels run step 2, one program per (BLOCK_M
 queries, batch * head) each, with an online softmax in float32 over KV tiles of ``BLOCK_N == TILE`` keys,
-skipping the tiles above the diagonal when causal: ``_precise_kernel`` over the high-precision tiles (when the
-recipe keeps them), ``_attention_kernel`` over the NVFP4 tiles, merging the two row states at its end. P is
-quantized in the kernel by ``_nvfp4.quantize_tile``, which copies the arithmetic of ``formats.py`` /
-``search.py`` exactly (E2M1 rounding by adding and subtracting ``2**22 * spacing``, E4M3 rounding on the float32
-bit pattern, IEEE divisions, block errors summed in pairs 16 -> 8 -> 4 -> 2 -> 1, a candidate kept only if
-strictly better so the amax code wins ties); the launch sets ``enable_fp_fusion=False`` so no FMA changes those
-bits on a GPU.
+skipping the tiles above the diagonal when causal: ``_attention_kernel`` over the NVFP4 tiles, then (when the
+recipe keeps them) ``_precise_kernel`` over the high-precision tiles, merging the two row states and writing
+the output. P is quantized in the kernel by ``_nvfp4.quantize_tile``, which copies the arithmetic of
+``formats.py`` / ``search.py`` exactly (E2M1 rounding by adding and subtracting ``2**22 * spacing``, E4M3
+rounding on the float32 bit pattern, IEEE divisions, block errors summed in pairs 16 -> 8 -> 4 -> 2 -> 1, a
+candidate kept only if strictly better so the amax code wins ties); the launch sets ``enable_fp_fusion=False``
+so no FMA changes those bits on a GPU.
 
 NVFP4 tiles are multiplied as ``global scales * dot(e2m1 * e4m3, e2m1 * e4m3)``: each product of an E2M1 value
 and an E4M3 scale is exact in float16, so the float16 ``tl.dot`` with float32 accumulation loses nothing, and
@@ -204,17 +204,24 @@ def _program_rows(num_heads, group, q_len, k_len, BLOCK_M: tl.constexpr, IS_CAUS
 
 
 @triton.jit
+def _store_output(out_ptr, out_offsets, acc, l_i, row_ok):
+    """The attention output ``acc / l`` of the rows; a row with no key has acc == 0: zeros, as SDPA."""
+    tl.store(out_ptr + out_offsets, acc / tl.where(l_i > 0, l_i, 1.0)[:, None], mask=row_ok[:, None])
+
+
+@triton.jit
 def _precise_kernel(
-    q_hp_ptr, k_hp_ptr, v_hp_ptr, mask_ptr, max_ptr, sum_ptr, acc_ptr,
+    q_hp_ptr, k_hp_ptr, v_hp_ptr, mask_ptr, max_ptr, sum_ptr, out_ptr,
     mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
     num_heads, group, q_len, k_len, padded_len, sink_end, tail_start, sm_scale,
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
 ):  # fmt: skip
     """The online softmax over the high-precision tiles (the sink tile and a trailing partial tile) of
-    ``BLOCK_M`` query rows, from the start: row max, row sum (float32 ``(B * Hq * Sq,)``) and output accumulator
-    (float32 ``(B * Hq * Sq, Dv)``) stored for ``_attention_kernel`` to merge with its NVFP4 tiles'. A kernel of
-    its own: its float32 FMA products need registers the NVFP4 loop would otherwise spill to local memory."""
+    ``BLOCK_M`` query rows, merged with the NVFP4 tiles' row state that ``_attention_kernel`` left (row max and
+    row sum float32 ``(B * Hq * Sq,)`` in ``max_ptr`` and ``sum_ptr``, its unnormalised accumulator in
+    ``out_ptr``) as two halves of a split softmax are (rescaled to the larger row max), then the output. A kernel
+    of its own, run second: its float32 FMA products need registers the NVFP4 loop would otherwise spill."""
     pid_bh, batch, head, kv_bh, rows, row_ok, q_rows, end = _program_rows(
         num_heads, group, q_len, k_len, BLOCK_M, IS_CAUSAL
     )
@@ -239,9 +246,14 @@ def _precise_kernel(
             )  # fmt: skip
     m_i, l_i, acc = state
     out_rows = pid_bh * q_len + rows
-    tl.store(max_ptr + out_rows, m_i, mask=row_ok)
-    tl.store(sum_ptr + out_rows, l_i, mask=row_ok)
-    tl.store(acc_ptr + (out_rows[:, None] * V_DIM + v_dims[None, :]), acc, mask=row_ok[:, None])
+    out_offsets = out_rows[:, None] * V_DIM + v_dims[None, :]
+    nvfp4_max = tl.load(max_ptr + out_rows, mask=row_ok, other=float("-inf"))
+    new_max = tl.maximum(m_i, nvfp4_max)
+    safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    alpha, beta = tl.exp(m_i - safe_max), tl.exp(nvfp4_max - safe_max)
+    l_i = l_i * alpha + tl.load(sum_ptr + out_rows, mask=row_ok, other=0.0) * beta
+    acc = acc * alpha[:, None] + tl.load(out_ptr + out_offsets, mask=row_ok[:, None], other=0.0) * beta[:, None]
+    _store_output(out_ptr, out_offsets, acc, l_i, row_ok)
 
 
 # Sequence lengths enter the key as powers of two (Q_BUCKET, K_BUCKET), so a new length (every decode step)
@@ -251,7 +263,7 @@ def _precise_kernel(
     prune_configs_by={"early_config_prune": _prune_for_fp4},
     key=[
         "Q_BUCKET", "K_BUCKET", "HEAD_DIM", "V_DIM", "BLOCK_N", "IS_CAUSAL", "HAS_MASK", "SMOOTH_Q",
-        "METHOD", "LO", "HI", "DOT_SCALED", "MERGE_PRECISE",
+        "METHOD", "LO", "HI", "DOT_SCALED", "LEAVE_STATE",
     ],
 )  # fmt: skip
 @triton.jit
@@ -265,11 +277,11 @@ def _attention_kernel(
     HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SMOOTH_Q: tl.constexpr,
     METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DOT_SCALED: tl.constexpr,
-    MERGE_PRECISE: tl.constexpr,
+    LEAVE_STATE: tl.constexpr,
 ):  # fmt: skip
-    """The online softmax over the NVFP4 KV tiles of ``BLOCK_M`` query rows, then the output. MERGE_PRECISE: the
-    result is merged with the high-precision tiles' state that ``_precise_kernel`` left in ``max_ptr``, ``sum_ptr``
-    and ``out_ptr`` (its accumulator), as two halves of a split softmax are (rescaled to the larger row max)."""
+    """The online softmax over the NVFP4 KV tiles of ``BLOCK_M`` query rows, then the output, or with LEAVE_STATE
+    the row state for ``_precise_kernel`` to merge: row max and row sum in ``max_ptr`` and ``sum_ptr``, the
+    unnormalised accumulator in ``out_ptr``."""
     pid_bh, batch, head, kv_bh, rows, row_ok, q_rows, end = _program_rows(
         num_heads, group, q_len, k_len, BLOCK_M, IS_CAUSAL
     )
@@ -304,15 +316,12 @@ def _attention_kernel(
 
     out_rows = pid_bh * q_len + rows
     out_offsets = out_rows[:, None] * V_DIM + v_dims[None, :]
-    if MERGE_PRECISE:  # after the loop, so that none of this is live across it
-        precise_max = tl.load(max_ptr + out_rows, mask=row_ok, other=float("-inf"))
-        new_max = tl.maximum(m_i, precise_max)
-        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
-        alpha, beta = tl.exp(m_i - safe_max), tl.exp(precise_max - safe_max)
-        l_i = l_i * alpha + tl.load(sum_ptr + out_rows, mask=row_ok, other=0.0) * beta
-        acc = acc * alpha[:, None] + tl.load(out_ptr + out_offsets, mask=row_ok[:, None], other=0.0) * beta[:, None]
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # a row with no key has acc == 0: zeros, as SDPA
-    tl.store(out_ptr + out_offsets, out, mask=row_ok[:, None])
+    if LEAVE_STATE:
+        tl.store(max_ptr + out_rows, m_i, mask=row_ok)
+        tl.store(sum_ptr + out_rows, l_i, mask=row_ok)
+        tl.store(out_ptr + out_offsets, acc, mask=row_ok[:, None])
+    else:
+        _store_output(out_ptr, out_offsets, acc, l_i, row_ok)
 
 
 def _use_dot_scaled(device: torch.device) -> bool:
@@ -353,11 +362,6 @@ def nvfp4_attention_triton(
     shape = dict(HEAD_DIM=head_dim, V_DIM=v_dim, BLOCK_N=TILE, IS_CAUSAL=is_causal, HAS_MASK=mask is not None)
     if recipe.sink_tiles:
         row_max, row_sum = torch.empty((2, rows), dtype=torch.float32, device=q.device)
-        _precise_kernel[(triton.cdiv(q_len, PRECISE_BLOCK_M), batch * num_heads)](
-            prep.q_hp.contiguous(), prep.k_hp.contiguous(), prep.v_hp.contiguous(), mask_args[0], row_max, row_sum,
-            out, *mask_args[1:], *lengths, sm_scale, BLOCK_M=PRECISE_BLOCK_M, **shape,
-            num_warps=PRECISE_WARPS, enable_fp_fusion=False,
-        )  # fmt: skip
     grid = lambda meta: (triton.cdiv(q_len, meta["BLOCK_M"]), batch * num_heads)  # noqa: E731
     _attention_kernel[grid](
         prep.q.qdata, prep.q.scale_codes, q_mean.contiguous(),
@@ -366,6 +370,12 @@ def nvfp4_attention_triton(
         global_scales, mask_args[0], row_max, row_sum, out, *mask_args[1:], *lengths, sm_scale,
         triton.next_power_of_2(q_len), triton.next_power_of_2(k_len), **shape,
         SMOOTH_Q=prep.q_mean is not None, METHOD=recipe.method, LO=recipe.window[0], HI=recipe.window[1],
-        DOT_SCALED=_use_dot_scaled(q.device), MERGE_PRECISE=recipe.sink_tiles, enable_fp_fusion=False,
+        DOT_SCALED=_use_dot_scaled(q.device), LEAVE_STATE=recipe.sink_tiles, enable_fp_fusion=False,
     )  # fmt: skip
+    if recipe.sink_tiles:
+        _precise_kernel[(triton.cdiv(q_len, PRECISE_BLOCK_M), batch * num_heads)](
+            prep.q_hp.contiguous(), prep.k_hp.contiguous(), prep.v_hp.contiguous(), mask_args[0], row_max, row_sum,
+            out, *mask_args[1:], *lengths, sm_scale, BLOCK_M=PRECISE_BLOCK_M, **shape,
+            num_warps=PRECISE_WARPS, enable_fp_fusion=False,
+        )  # fmt: skip
     return out.to(q.dtype)
