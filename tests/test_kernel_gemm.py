@@ -461,7 +461,8 @@ def test_each_launch_autotunes_only_its_own_tiles():
     assert all(c.kwargs["BLOCK_M"] <= 16 for c in DECODE_CONFIGS + CONVERTED_DECODE_CONFIGS)
     for m_bucket in (1, 2, 16):
         assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket}) == DECODE_CONFIGS
-        assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket, "DOT_SCALED": True}) == DECODE_CONFIGS  # W4A4
+        native = [c for c in DECODE_CONFIGS if c.kwargs["BLOCK_N"] == 128]  # W4A4 on sm_100: 128 weight rows
+        assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket, "DOT_SCALED": True}) == native and native
         w4a16 = {"M_BUCKET": m_bucket, "DOT_SCALED": True, "A_MODE": "float"}  # sm_100: converted in hardware
         assert _prune_for_rows(GPU_CONFIGS, w4a16) == CONVERTED_DECODE_CONFIGS
         assert _prune_for_rows(GPU_CONFIGS, {**w4a16, "DOT_SCALED": False}) == DECODE_CONFIGS

@@ -53,13 +53,15 @@ def test_every_kernel_has_cases_for_every_config_and_target(kernel_static):
 
 
 def test_every_sm100_build_the_autotuners_try_runs_dot_scaled_on_the_native_fp4_mma(kernel_static):
-    """What the dot_scaled prunes rely on: each sm_100 W4A4 GEMM (above decode) and attention build they keep lowers
-    tl.dot_scaled to the block-scaled NVFP4 tcgen05 MMA, with no 16-bit MMA beside it."""
+    """What the dot_scaled prunes rely on: each sm_100 W4A4 GEMM (at decode, with the weight rows as the MMA's M,
+    and above), fused-prologue and attention build they keep lowers tl.dot_scaled to the block-scaled NVFP4
+    tcgen05 MMA, with no 16-bit MMA beside it."""
     from scalesearch_compile.kernels._nvfp4 import compile_for_gpu
 
     kept = kernel_static.cases(kernels=["gemm"], variants=["w4a4"], targets=[100], m=2048)
+    kept += kernel_static.cases(kernels=["gemm"], variants=["w4a4", "fused"], targets=[100], m=1)
     kept += kernel_static.cases(kernels=["attention"], variants=["attention"], targets=[100])
-    assert len(kept) == 3  # 128 x 128 and 128 x 64 GEMM tiles, the 128-row attention tile
+    assert len(kept) == 5  # 128 x 128 and 128 x 64 GEMM tiles, 16 x 128 at decode twice, the 128-row attention
     for ptx in compile_for_gpu([case.job for case in kept], stages=("ptx",)):
         assert "kind::mxf4nvf4.block_scale.block16" in ptx["ptx"] and "kind::f16" not in ptx["ptx"]
 

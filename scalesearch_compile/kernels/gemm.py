@@ -30,6 +30,7 @@ import triton.language as tl
 from scalesearch_compile.kernels._nvfp4 import (
     DEQUANTIZED_SCALE,
     INTERPRET,
+    NATIVE_FP4_BLOCK_M,
     autotune_configs,
     check_kernel_device,
     dequantize_tile,
@@ -94,16 +95,17 @@ _CONFIGS = autotune_configs(
 
 def configs_for_rows(configs: list, m_bucket: int, dot_scaled: bool = False, a_mode: str = "nvfp4") -> list:
     """Of the autotune ``configs``, those worth trying for ``m_bucket`` rows (M's next power of two): at decode (at
-    most ``DECODE_MAX_M`` rows) the decode tiles, W4A16 through ``dot_scaled`` (``a_mode`` "float") its own;
-    above, the configs that are not for W4A16's converted decode, with ``dot_scaled`` only those that run
-    the native FP4 MMA (``_nvfp4.native_fp4_tiles``). Never empty: with no such tile (the interpreter's one
-    config) all stay."""
+    most ``DECODE_MAX_M`` rows) the decode tiles, with ``dot_scaled`` those whose 128 weight rows run the native
+    FP4 MMA and for W4A16 (``a_mode`` "float") its own; above, the configs that are not for W4A16's converted
+    decode, with ``dot_scaled`` only those whose 128 activation rows run the native FP4 MMA
+    (``_nvfp4.native_fp4_tiles``). Never empty: with no such tile (the interpreter's one config) all stay."""
     if m_bucket > DECODE_MAX_M:
         kept = native_fp4_tiles([c for c in configs if c not in CONVERTED_DECODE_CONFIGS], dot_scaled)
     elif dot_scaled and a_mode == "float":
         kept = [c for c in configs if c in CONVERTED_DECODE_CONFIGS]
-    else:
-        kept = [c for c in configs if c in DECODE_CONFIGS]
+    else:  # W4A4 through dot_scaled computes the product transposed: the weight rows must fill the FP4 MMA
+        native = [c for c in DECODE_CONFIGS if not dot_scaled or c.kwargs["BLOCK_N"] >= NATIVE_FP4_BLOCK_M]
+        kept = [c for c in configs if c in native]
     return kept or configs
 
 
@@ -186,7 +188,9 @@ def _tile_product(
 ):
     """float32 ``[BLOCK_M, BLOCK_N]``: the rows ``row_ok`` of A times the weight rows ``cols`` over K tiles
     ``first_tile`` until ``last_tile``, global scales not applied (the kernel's docstring)."""
-    SWAP_AB: tl.constexpr = BLOCK_M <= 16 and not DOT_SCALED
+    # At decode the weight rows are the MMA's M (wgmma on Hopper; on sm_100 the native FP4 MMA for W4A4, which
+    # needs 128 of them), the activation rows its N; W4A16's converted dot_scaled builds better unswapped.
+    SWAP_AB: tl.constexpr = BLOCK_M <= 16 and not (DOT_SCALED and A_MODE == "float")
     A_FORMAT: tl.constexpr = "bf16" if DOT_DTYPE == tl.bfloat16 else "fp16"  # of a W4A16 dot_scaled
     a_norm = tl.math.div_rn(1.0, a_pts)  # "float" mode: a power of two, so exact
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -232,15 +236,12 @@ def _tile_product(
             # The dequantizing path turns scale code 127 into NaN itself; here the rows are marked instead of
             # relying on how the block-scaled MMA treats a NaN scale.
             nan_rows = tl.maximum(nan_rows, tl.max((a_scales.to(tl.int32) == 127).to(tl.int32), axis=1))
-            acc = tl.dot_scaled(
-                a_packed,
-                a_scales.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
-                "e2m1",
-                tl.trans(w_packed),
-                w_scales.to(tl.float8e4nv, bitcast=True),
-                "e2m1",
-                acc,
-            )
+            a_scales = a_scales.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+            w_scales = w_scales.to(tl.float8e4nv, bitcast=True)
+            if SWAP_AB:
+                acc_t = tl.dot_scaled(w_packed, w_scales, "e2m1", tl.trans(a_packed), a_scales, "e2m1", acc_t)
+            else:
+                acc = tl.dot_scaled(a_packed, a_scales, "e2m1", tl.trans(w_packed), w_scales, "e2m1", acc)
         else:
             w = dequantize_words(w_packed, w_scales, BLOCK_N, BLOCK_K)  # divided by DEQUANTIZED_SCALE
             if SWAP_AB:
