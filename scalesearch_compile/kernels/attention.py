@@ -106,43 +106,16 @@ def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.co
 
 
 @triton.jit
-def _attend_tile(
-    state, start,
-    q_rows, rows, row_ok, dims, v_dims, kv_bh, batch, head, k_len, padded_len, q_packed, q_scale_codes,
-    q_mean, q_scale, k_scale, v_scale, sm_scale, q_hp_ptr, k_codes_ptr, k_scales_ptr, k_hp_ptr, v_codes_ptr,
-    v_scales_ptr, v_hp_ptr, mask_ptr, mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
-    HIGH_PRECISION: tl.constexpr,
-    HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SMOOTH_Q: tl.constexpr,
-    METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DOT_SCALED: tl.constexpr,
-):  # fmt: skip
-    """The online-softmax step of the KV tile at key ``start``: ``state`` = (row max, row sum, output
-    accumulator) updated; HIGH_PRECISION tiles multiply the float32 copies, the others the NVFP4 codes."""
-    m_i, l_i, acc = state
+def _softmax_step(s, state, start, rows, row_ok, batch, head, k_len, sm_scale, mask, BLOCK_N: tl.constexpr,
+                  IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr):  # fmt: skip
+    """The online-softmax step of the KV tile at key ``start`` with raw scores ``s`` (BLOCK_M, BLOCK_N): scaled,
+    masked (``mask`` = (additive mask pointer, its strides over B, H, Sq, Sk); keys past ``k_len`` and, causal,
+    above the diagonal get -inf), then ``(row max, row sum, P, factor)``: the new row max and row sum, the tile's
+    unnormalised probabilities, and the factor that rescales the accumulator of ``state`` = (row max, row sum,
+    accumulator)."""
+    m_i, l_i, _ = state
+    mask_ptr, mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n = mask
     cols = start + tl.arange(0, BLOCK_N)
-    k_rows = kv_bh * padded_len + cols
-    if HIGH_PRECISION:  # at most two tiles a row: reloading Q here keeps it out of registers elsewhere
-        # float32 products run as FMAs in registers: HP_CHUNK columns of head_dim at a time keep the operands
-        # small (chained through the accumulator, the sum runs in the same order as one dot)
-        s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-        for d0 in tl.static_range(0, HEAD_DIM, HP_CHUNK):
-            chunk = d0 + tl.arange(0, HP_CHUNK)
-            q_hp = tl.load(q_hp_ptr + (q_rows[:, None] * HEAD_DIM + chunk[None, :]))
-            k_hp = tl.load(k_hp_ptr + (k_rows[:, None] * HEAD_DIM + chunk[None, :]))
-            s = tl.dot(q_hp, tl.trans(k_hp), s, input_precision="ieee")
-    else:
-        k_packed, k_scale_codes = _load_nvfp4(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
-        k_unit = _unit_values(k_packed, k_scale_codes, BLOCK_N, HEAD_DIM)
-        if DOT_SCALED:  # compute capability 10.x/12.x only; not exercised by the interpreter tests
-            s = tl.dot_scaled(
-                q_packed, q_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
-                tl.trans(k_packed), k_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
-            )  # fmt: skip
-        else:  # loop-invariant: the compiler computes it once, before the main loop
-            s = tl.dot(_unit_values(q_packed, q_scale_codes, BLOCK_M, HEAD_DIM), tl.trans(k_unit))
-        s = s * (q_scale * k_scale)
-        if SMOOTH_Q:
-            s += tl.sum(q_mean[None, :] * k_unit.to(tl.float32), 1)[None, :] * k_scale
     s = s * sm_scale
     if HAS_MASK:
         mask_offsets = batch * mask_stride_b + head * mask_stride_h + rows[:, None] * mask_stride_m
@@ -152,36 +125,82 @@ def _attend_tile(
     if IS_CAUSAL:
         allowed = allowed & (cols[None, :] <= rows[:, None])
     s = tl.where(allowed, s, float("-inf"))
-
     new_max = tl.maximum(m_i, tl.max(s, 1))
     safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
     alpha = tl.exp(m_i - safe_max)
     p = tl.exp(s - safe_max[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    if HIGH_PRECISION:
-        # Even and odd keys in two products (P split in registers, V rows read to match): smaller operands,
-        # accumulated in place (no separate P.V tile)
-        p_even, p_odd = tl.split(tl.reshape(p, (BLOCK_M, BLOCK_N // 2, 2)))
-        even_rows = kv_bh * padded_len + start + 2 * tl.arange(0, BLOCK_N // 2)
-        v_even = tl.load(v_hp_ptr + (even_rows[:, None] * V_DIM + v_dims[None, :]))
-        acc = tl.dot(p_even, v_even, acc * alpha[:, None], input_precision="ieee")
-        v_odd = tl.load(v_hp_ptr + ((even_rows + 1)[:, None] * V_DIM + v_dims[None, :]))
-        acc = tl.dot(p_odd, v_odd, acc, input_precision="ieee")
-    else:
-        p_codes, p_scale_codes, p_scale = _quantize_probabilities(p, METHOD, LO, HI)
-        v_rows = kv_bh * V_DIM + v_dims
-        v_packed, v_scale_codes = _load_nvfp4(v_codes_ptr, v_scales_ptr, v_rows, padded_len, start, BLOCK_N)
-        if DOT_SCALED:
-            pv = tl.dot_scaled(
-                pack_nibbles(p_codes, BLOCK_M, BLOCK_N), p_scale_codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
-                "e2m1", tl.trans(v_packed), v_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
-            )  # fmt: skip
-        else:
-            p_unit = dequantize_tile(p_codes, p_scale_codes, BLOCK_M, BLOCK_N).to(tl.float16)
-            pv = tl.dot(p_unit, tl.trans(_unit_values(v_packed, v_scale_codes, V_DIM, BLOCK_N)))
-        pv = pv * (p_scale[:, None] * v_scale)
-        acc = acc * alpha[:, None] + pv
+    return new_max, l_i * alpha + tl.sum(p, 1), p, alpha
+
+
+@triton.jit
+def _precise_tile(
+    state, start, q_rows, rows, row_ok, v_dims, kv_bh, batch, head, k_len, padded_len, sm_scale, q_hp_ptr,
+    k_hp_ptr, v_hp_ptr, mask,
+    HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+):  # fmt: skip
+    """``state`` after the high-precision KV tile at key ``start``: products of the float32 copies."""
+    k_rows = kv_bh * padded_len + start + tl.arange(0, BLOCK_N)
+    # float32 products run as FMAs in registers: HP_CHUNK columns of head_dim at a time keep the operands small
+    # (chained through the accumulator, the sum runs in the same order as one dot)
+    s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for d0 in tl.static_range(0, HEAD_DIM, HP_CHUNK):
+        chunk = d0 + tl.arange(0, HP_CHUNK)
+        q_hp = tl.load(q_hp_ptr + (q_rows[:, None] * HEAD_DIM + chunk[None, :]))
+        k_hp = tl.load(k_hp_ptr + (k_rows[:, None] * HEAD_DIM + chunk[None, :]))
+        s = tl.dot(q_hp, tl.trans(k_hp), s, input_precision="ieee")
+    new_max, l_i, p, alpha = _softmax_step(
+        s, state, start, rows, row_ok, batch, head, k_len, sm_scale, mask, BLOCK_N, IS_CAUSAL, HAS_MASK
+    )
+    # Even and odd keys in two products (P split in registers, V rows read to match): smaller operands,
+    # accumulated in place (no separate P.V tile)
+    p_even, p_odd = tl.split(tl.reshape(p, (BLOCK_M, BLOCK_N // 2, 2)))
+    even_rows = kv_bh * padded_len + start + 2 * tl.arange(0, BLOCK_N // 2)
+    v_even = tl.load(v_hp_ptr + (even_rows[:, None] * V_DIM + v_dims[None, :]))
+    acc = tl.dot(p_even, v_even, state[2] * alpha[:, None], input_precision="ieee")
+    v_odd = tl.load(v_hp_ptr + ((even_rows + 1)[:, None] * V_DIM + v_dims[None, :]))
+    acc = tl.dot(p_odd, v_odd, acc, input_precision="ieee")
     return new_max, l_i, acc
+
+
+@triton.jit
+def _nvfp4_tile(
+    state, start, rows, row_ok, v_dims, kv_bh, batch, head, k_len, padded_len, sm_scale, q_packed, q_scale_codes,
+    q_mean, q_scale, k_scale, v_scale, k_codes_ptr, k_scales_ptr, v_codes_ptr, v_scales_ptr, mask,
+    HEAD_DIM: tl.constexpr, V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, SMOOTH_Q: tl.constexpr,
+    METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr, DOT_SCALED: tl.constexpr,
+):  # fmt: skip
+    """``state`` after the NVFP4 KV tile at key ``start``: products of the codes, P quantized here."""
+    k_rows = kv_bh * padded_len + start + tl.arange(0, BLOCK_N)
+    k_packed, k_scale_codes = _load_nvfp4(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
+    k_unit = _unit_values(k_packed, k_scale_codes, BLOCK_N, HEAD_DIM)
+    if DOT_SCALED:  # compute capability 10.x/12.x only; not exercised by the interpreter tests
+        s = tl.dot_scaled(
+            q_packed, q_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
+            tl.trans(k_packed), k_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
+        )  # fmt: skip
+    else:  # loop-invariant: the compiler computes it once, before the main loop
+        s = tl.dot(_unit_values(q_packed, q_scale_codes, BLOCK_M, HEAD_DIM), tl.trans(k_unit))
+    s = s * (q_scale * k_scale)
+    if SMOOTH_Q:
+        s += tl.sum(q_mean[None, :] * k_unit.to(tl.float32), 1)[None, :] * k_scale
+    new_max, l_i, p, alpha = _softmax_step(
+        s, state, start, rows, row_ok, batch, head, k_len, sm_scale, mask, BLOCK_N, IS_CAUSAL, HAS_MASK
+    )
+    p_codes, p_scale_codes, p_scale = _quantize_probabilities(p, METHOD, LO, HI)
+    v_rows = kv_bh * V_DIM + v_dims
+    v_packed, v_scale_codes = _load_nvfp4(v_codes_ptr, v_scales_ptr, v_rows, padded_len, start, BLOCK_N)
+    if DOT_SCALED:
+        pv = tl.dot_scaled(
+            pack_nibbles(p_codes, BLOCK_M, BLOCK_N), p_scale_codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
+            "e2m1", tl.trans(v_packed), v_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
+        )  # fmt: skip
+    else:
+        p_unit = dequantize_tile(p_codes, p_scale_codes, BLOCK_M, BLOCK_N).to(tl.float16)
+        pv = tl.dot(p_unit, tl.trans(_unit_values(v_packed, v_scale_codes, V_DIM, BLOCK_N)))
+    pv = pv * (p_scale[:, None] * v_scale)
+    return new_max, l_i, state[2] * alpha[:, None] + pv
 
 
 @triton.jit
@@ -231,18 +250,14 @@ def _precise_kernel(
         tl.zeros([BLOCK_M], tl.float32),
         tl.zeros([BLOCK_M, V_DIM], tl.float32),
     )
-    args = (
-        q_rows, rows, row_ok, None, v_dims, kv_bh, batch, head, k_len, padded_len, None, None, None, None, None,
-        None, sm_scale, q_hp_ptr, None, None, k_hp_ptr, None, None, v_hp_ptr, mask_ptr, mask_stride_b,
-        mask_stride_h, mask_stride_m, mask_stride_n,
-    )  # fmt: skip
+    mask = (mask_ptr, mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n)
     has_tail = (tail_start >= sink_end) & (tail_start < end)
     for i in range(0, 2):
         if ((i == 0) & (sink_end > 0)) | ((i == 1) & has_tail):
-            start = tl.where(i == 0, 0, tail_start)
-            state = _attend_tile(
-                state, start, *args, True, HEAD_DIM, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK, False, "amax",
-                0, 0, False,
+            state = _precise_tile(
+                state, tl.where(i == 0, 0, tail_start), q_rows, rows, row_ok, v_dims, kv_bh, batch, head, k_len,
+                padded_len, sm_scale, q_hp_ptr, k_hp_ptr, v_hp_ptr, mask, HEAD_DIM, V_DIM, BLOCK_M, BLOCK_N,
+                IS_CAUSAL, HAS_MASK,
             )  # fmt: skip
     m_i, l_i, acc = state
     out_rows = pid_bh * q_len + rows
@@ -299,18 +314,15 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, V_DIM], tl.float32)
     state = (m_i, l_i, acc)
-    args = (
-        q_rows, rows, row_ok, dims, v_dims, kv_bh, batch, head, k_len, padded_len, q_packed, q_scale_codes,
-        q_mean, q_scale, k_scale, v_scale, sm_scale, None, k_codes_ptr, k_scales_ptr, None, v_codes_ptr,
-        v_scales_ptr, None, mask_ptr, mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n,
-    )  # fmt: skip
+    mask = (mask_ptr, mask_stride_b, mask_stride_h, mask_stride_m, mask_stride_n)
     main_end = end
     if tail_start >= 0:
         main_end = tl.minimum(end, tail_start)
     for start in range(sink_end, main_end, BLOCK_N):
-        state = _attend_tile(
-            state, start, *args, False, HEAD_DIM, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK, SMOOTH_Q, METHOD,
-            LO, HI, DOT_SCALED,
+        state = _nvfp4_tile(
+            state, start, rows, row_ok, v_dims, kv_bh, batch, head, k_len, padded_len, sm_scale, q_packed,
+            q_scale_codes, q_mean, q_scale, k_scale, v_scale, k_codes_ptr, k_scales_ptr, v_codes_ptr, v_scales_ptr,
+            mask, HEAD_DIM, V_DIM, BLOCK_M, BLOCK_N, IS_CAUSAL, HAS_MASK, SMOOTH_Q, METHOD, LO, HI, DOT_SCALED,
         )  # fmt: skip
     m_i, l_i, acc = state
 
