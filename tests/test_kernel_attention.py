@@ -58,6 +58,17 @@ def case_id(case):
 
 @pytest.mark.parametrize("seed,case", list(enumerate(CASES)), ids=[case_id(c) for c in CASES])
 def test_kernel_matches_reference(seed, case):
+    check_against_reference(seed, case)
+
+
+@pytest.mark.usefixtures("interpreted_dot_scaled")
+@pytest.mark.parametrize("seed,case", list(enumerate(CASES)), ids=[case_id(c) for c in CASES])
+def test_the_dot_scaled_kernel_matches_reference(seed, case):
+    """The sm_100 path (``interpreted_dot_scaled``): Q.K^T and P.V through ``tl.dot_scaled`` of packed codes."""
+    check_against_reference(seed, case)
+
+
+def check_against_reference(seed, case):
     case = dict(case)
     call = {key: case.pop(key) for key in ("is_causal", "enable_gqa", "scale", "recipe") if key in case}
     mask_kind = case.pop("mask", None)

@@ -273,6 +273,41 @@ def test_dot_scaled_matches_float64(m, n, k):
         assert relative_error(out, reference(x16, w)) < 1e-5
 
 
+@pytest.mark.usefixtures("interpreted_dot_scaled")
+@pytest.mark.parametrize(("m", "tile"), [(1, (16, 128, 128)), (5, (16, 64, 256)), (37, (64, 32, 64))])
+def test_blackwell_dot_scaled_paths_in_the_interpreter(monkeypatch, m, tile):
+    """The sm_100 paths (``interpreted_dot_scaled``): W4A4 after the quantize kernel and with the fused prologue,
+    computed transposed on 16-row tiles, and W4A16 with bf16 / fp16 activations, split or not, against the float64
+    product of the dequantized operands; a NaN activation row stays in its row."""
+    import triton
+
+    from scalesearch_compile.kernels import gemm
+
+    block_m, block_n, block_k = tile
+    config = triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 1}, num_warps=4)
+    monkeypatch.setattr(gemm._nvfp4_gemm_kernel, "configs", [config])
+    monkeypatch.setattr(gemm._nvfp4_gemm_kernel, "cache", {})
+    launches, launch = [], gemm._launch
+    monkeypatch.setattr(gemm, "_launch", lambda *a, **kw: launches.append(kw["dot_scaled"]) or launch(*a, **kw))
+    n, k = 160, 512
+    w, x, bias = make_weight(n, k), make_input(m, k), torch.randn(n)
+    weight = device_weight(w)
+    for split in (1, 2):
+        for fuse in (False, True):
+            out = nvfp4_linear_triton(x.to(DEVICE), weight, bias.to(DEVICE), fuse_act_quant=fuse, split_k=split)
+            assert relative_error(out, reference(quantize_blocks(x, "search").dequantize(), w, bias)) < 1e-5
+        for dtype in (torch.bfloat16, torch.float16):
+            x16 = x.to(dtype).to(DEVICE)
+            out = nvfp4_linear_triton(x16, weight, bias.to(DEVICE), act=None, split_k=split, out_dtype=torch.float32)
+            assert relative_error(out, reference(x16.cpu(), w, bias)) < 1e-5
+    assert launches == [True] * 8
+    bad = x.clone()
+    bad[m // 2, 3] = float("nan")
+    out = nvfp4_linear_triton(bad.to(DEVICE), weight).cpu()
+    rows = [r for r in range(m) if r != m // 2]
+    assert torch.isnan(out[m // 2]).all() and torch.isfinite(out[rows]).all()
+
+
 @pytest.mark.usefixtures("one_gemm_config")
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: native Triton build with FMA contraction")
 def test_gpu_llm_shape_fused_equals_unfused():

@@ -16,7 +16,8 @@ NVFP4 tiles are multiplied as ``global scales * dot(e2m1 * e4m3, e2m1 * e4m3)``:
 and an E4M3 scale is exact in float16, so the float16 ``tl.dot`` with float32 accumulation loses nothing, and
 the per-tensor (Q, K, V) and per-row (P) global scales are applied to the float32 result. High-precision
 tiles use float32 ``tl.dot(input_precision="ieee")``. On compute capability 10.x/12.x the NVFP4 products go
-through ``tl.dot_scaled`` instead (``DOT_SCALED``; untested: the interpreter reads E4M3 scales as E8M0).
+through ``tl.dot_scaled`` instead (``DOT_SCALED``; the interpreter tests run it with their
+``interpreted_dot_scaled`` fixture, which reads its E4M3 scales as E4M3; not yet run on a GPU).
 
 Agreement with the reference is not bitwise: the kernel sums scores and P.V in another order (and applies the
 global scales after the dot instead of before), and its ``exp`` may differ in the last bit, so a P element can
@@ -175,7 +176,7 @@ def _nvfp4_tile(
     k_rows = kv_bh * padded_len + start + tl.arange(0, BLOCK_N)
     k_packed, k_scale_codes = _load_nvfp4(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
     k_unit = _unit_values(k_packed, k_scale_codes, BLOCK_N, HEAD_DIM)
-    if DOT_SCALED:  # compute capability 10.x/12.x only; not exercised by the interpreter tests
+    if DOT_SCALED:  # compute capability 10.x/12.x
         s = tl.dot_scaled(
             q_packed, q_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
             tl.trans(k_packed), k_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",

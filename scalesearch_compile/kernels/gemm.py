@@ -511,7 +511,7 @@ def _launch(
         partials = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
         tiles = max(triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in _CONFIGS)
         tickets = torch.zeros(tiles, dtype=torch.int32, device=a.device)  # one memset; the kernel leaves them 0
-    if INTERPRET and dot_dtype == torch.bfloat16:
+    if INTERPRET and dot_dtype == torch.bfloat16 and not dot_scaled:
         dot_dtype = torch.float32  # Triton 3.9's interpreter computes bf16 dots wrongly; bf16 -> fp32 is exact
 
     def grid(meta):
