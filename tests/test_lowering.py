@@ -104,6 +104,48 @@ def test_the_backend_quantizes_shared_activations_once():
     torch.testing.assert_close(compiled, unmerged, rtol=1e-5, atol=1e-5)
 
 
+def test_a_quantized_model_under_plain_compile_quantizes_shared_activations_once():
+    """``quantize_`` + plain ``torch.compile``: the trace of q and k quantizes their shared activations once, v's
+    other input separately, with eager's outputs."""
+    torch.manual_seed(0)
+    model, x = SharedInput().eval(), torch.randn(2, 24, 64)
+    quantize_(model, ScaleSearchConfig(progress=False))
+    with torch.no_grad():
+        eager = model(x)
+    compiled, code = compiled_run(torch.compile(model, fullgraph=True), x)
+    assert code.count(QUANTIZE) == 2 and LINEAR not in code
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_traced_quantizations_are_shared_only_for_the_same_activation_and_choice(monkeypatch):
+    """What :class:`_TracedQuantizations` takes as the same quantization: the same storage, offset, shape, strides,
+    dtype and version, scale choice and impl; anything else quantizes anew."""
+    from scalesearch_compile.ops import linear
+    from scalesearch_compile.search import DEFAULT_SCALES, QuantizeRequest, ScaleChoice
+
+    calls = []
+    monkeypatch.setattr(linear, "_quantize_by_op", lambda request, impl: calls.append(impl) or object())
+    traced = linear._TracedQuantizations()
+    x = torch.randn(8, 64)
+
+    def quantize(source, scales=DEFAULT_SCALES, impl="auto"):
+        return traced.quantize(QuantizeRequest.of(source.float(), scales, check_finite=False), source, impl)
+
+    first = quantize(x)
+    assert quantize(x.view(8, 64)) is first and quantize(x[:]) is first and len(calls) == 1  # views alike
+    other = [
+        quantize(x.clone()),  # another storage
+        quantize(x[:4]),  # another shape
+        quantize(x.view(4, 128)[:, :64]),  # another stride
+        quantize(x, ScaleChoice("amax")),
+        quantize(x, impl="reference"),
+    ]
+    assert len(calls) == 6 and all(o is not first for o in other)
+    x.add_(1)  # an in-place change moves the version
+    assert quantize(x) is not first and len(calls) == 7
+    assert len(traced.entries) == 4  # a few, the latest
+
+
 def test_the_lowering_steps_aside_where_the_op_would_not_run_its_reference():
     x = torch.randn(4, 32)
     assert not lowers("linear", x, "auto")  # a real tensor: eager keeps calling the op

@@ -21,7 +21,9 @@ Arguments: x ``(..., K)`` float32/bfloat16/float16; the weight as an
 in x's dtype.
 """
 
+import collections
 import functools
+import threading
 
 import torch
 
@@ -117,6 +119,39 @@ def _quantize_by_op(request: QuantizeRequest, impl: str) -> NVFP4Blocks:
     return NVFP4Blocks(qdata, scale_codes, pts, None)
 
 
+class _TracedQuantizations(threading.local):
+    """The last activation quantizations a trace of :func:`lowered_linear` made (a few per thread): the q, k and v
+    projections of an attention layer read the same activation, and the traced graph then quantizes it once
+    (Inductor does not merge identical calls of an opaque op; the ``"scalesearch"`` backend's post-grad pass
+    does, ``ops.lowering``). An entry matches only the same storage (the entry holds its activation, so that
+    storage cannot be freed and another take its place), offset, shape, strides, dtype and version (an in-place
+    change moves the version), the same scale choice and the same ``impl``."""
+
+    def __init__(self):
+        self.entries = collections.deque(maxlen=4)
+
+    @staticmethod
+    def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return (
+            a.untyped_storage() is b.untyped_storage()
+            and (a.storage_offset(), a.shape, a.stride(), a.dtype, a._version)
+            == (b.storage_offset(), b.shape, b.stride(), b.dtype, b._version)
+        )
+
+    def quantize(self, request: QuantizeRequest, source: torch.Tensor, impl: str) -> NVFP4Blocks:
+        """``request`` (of the activation ``source``) by :func:`_quantize_by_op`, or the traced result of an
+        identical earlier one."""
+        for held, scales, held_impl, blocks in self.entries:
+            if scales == request.scales and held_impl == impl and self._same(held, source):
+                return blocks
+        blocks = _quantize_by_op(request, impl)
+        self.entries.append((source, request.scales, impl, blocks))
+        return blocks
+
+
+_TRACED = _TracedQuantizations()
+
+
 def lowered_linear(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl):
     """``scalesearch::nvfp4_linear`` as a compiled CPU graph traces it in place of the op (``ops.lowering``): the
     same reference, with the activations' quantization (W4A4) kept as one call of ``scalesearch::quantize_nvfp4``.
@@ -125,11 +160,11 @@ def lowered_linear(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias,
     opaque op takes seconds). Written with all of a block's candidates at once (about 30 operations), it compiled
     in 3-8 s alone, ran 2x faster than eager on a 192 x 384 input, but took the quickstart's compile from 29 to
     114 s for no gain end to end (Inductor's CPU loops recompute each block's scale per element). The op runs the
-    C++ quantize kernel (``kernels.quantize_cpu``) with ``impl="auto"``. The weight decode, the matmul and the
-    scaling are what Inductor fuses."""
+    C++ quantize kernel (``kernels.quantize_cpu``) with ``impl="auto"``, once for the linears of one activation
+    (:class:`_TracedQuantizations`). The weight decode, the matmul and the scaling are what Inductor fuses."""
     args = (x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
     weight, act = _checked_arguments(*args)
-    return reference_linear(x, weight, bias, act, quantize=functools.partial(_quantize_by_op, impl=impl))
+    return reference_linear(x, weight, bias, act, quantize=functools.partial(_TRACED.quantize, source=x, impl=impl))
 
 
 @_linear_op.register_fake

@@ -21,7 +21,8 @@ Two routes, nothing global changed:
 Wherever the op would not run its reference on a CPU (CUDA tensors, or ``impl="triton"``) the op stays.
 
 After AOTAutograd, the backend's post-grad pass (:class:`SharedQuantization`) merges quantizations of the same
-activations (q, k and v projections share their input), on every device.
+activations (q, k and v projections share their input), on every device. On a CPU the trace already shares them,
+under any backend (``ops.linear._TracedQuantizations``): plain ``torch.compile`` of a ``quantize_``'d model too.
 
 Inductor caches compiled graphs by the graph it is given: ``stamp.source_stamp()`` (a hash of the modules that
 define the numbers) goes into the backend's Inductor config (the ``uuid`` of :class:`SharedQuantization`, with
