@@ -1,6 +1,8 @@
 """The CPU lowering (ops.lowering): compiled CPU graphs run the linear reference traced in, not the opaque op, with
 the eager numbers, in every mode, through plain Inductor (quantize_) and through the "scalesearch" backend."""
 
+import gc
+
 import pytest
 import torch
 from torch._inductor.utils import run_and_get_code
@@ -143,7 +145,10 @@ def test_traced_quantizations_are_shared_only_for_the_same_activation_and_choice
     assert len(calls) == 6 and all(o is not first for o in other)
     x.add_(1)  # an in-place change moves the version
     assert quantize(x) is not first and len(calls) == 7
-    assert len(traced.entries) == 4  # a few, the latest
+    assert len(traced.by_storage[x.untyped_storage()]) == 1  # older versions are dropped
+    del x, other
+    gc.collect()
+    assert len(traced.by_storage) == 0  # entries go with their storage
 
 
 def test_the_lowering_steps_aside_where_the_op_would_not_run_its_reference():

@@ -21,9 +21,9 @@ Arguments: x ``(..., K)`` float32/bfloat16/float16; the weight as an
 in x's dtype.
 """
 
-import collections
 import functools
 import threading
+import weakref
 
 import torch
 
@@ -120,33 +120,28 @@ def _quantize_by_op(request: QuantizeRequest, impl: str) -> NVFP4Blocks:
 
 
 class _TracedQuantizations(threading.local):
-    """The last activation quantizations a trace of :func:`lowered_linear` made (a few per thread): the q, k and v
+    """The activation quantizations a trace of :func:`lowered_linear` made (per thread): the q, k and v
     projections of an attention layer read the same activation, and the traced graph then quantizes it once
     (Inductor does not merge identical calls of an opaque op; the ``"scalesearch"`` backend's post-grad pass
-    does, ``ops.lowering``). An entry matches only the same storage (the entry holds its activation, so that
-    storage cannot be freed and another take its place), offset, shape, strides, dtype and version (an in-place
-    change moves the version), the same scale choice and the same ``impl``."""
+    does, ``ops.lowering``). Held by the activation's storage, weakly (an entry goes with its storage: nothing of
+    a finished trace is kept, and a new storage never matches an old entry); within a storage an entry matches
+    only the same offset, shape, strides, dtype and version (an in-place change moves the version), the same
+    scale choice and the same ``impl``."""
 
     def __init__(self):
-        self.entries = collections.deque(maxlen=4)
-
-    @staticmethod
-    def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
-        return (
-            a.untyped_storage() is b.untyped_storage()
-            and (a.storage_offset(), a.shape, a.stride(), a.dtype, a._version)
-            == (b.storage_offset(), b.shape, b.stride(), b.dtype, b._version)
-        )
+        self.by_storage = weakref.WeakKeyDictionary()
 
     def quantize(self, request: QuantizeRequest, source: torch.Tensor, impl: str) -> NVFP4Blocks:
         """``request`` (of the activation ``source``) by :func:`_quantize_by_op`, or the traced result of an
         identical earlier one."""
-        for held, scales, held_impl, blocks in self.entries:
-            if scales == request.scales and held_impl == impl and self._same(held, source):
-                return blocks
-        blocks = _quantize_by_op(request, impl)
-        self.entries.append((source, request.scales, impl, blocks))
-        return blocks
+        version = source._version
+        view = (source.storage_offset(), tuple(source.shape), source.stride(), source.dtype, request.scales, impl)
+        entries = self.by_storage.setdefault(source.untyped_storage(), {})
+        if (version, view) not in entries:
+            entries = {key: value for key, value in entries.items() if key[0] == version}  # older versions: never
+            entries[version, view] = _quantize_by_op(request, impl)
+            self.by_storage[source.untyped_storage()] = entries
+        return entries[version, view]
 
 
 _TRACED = _TracedQuantizations()
