@@ -60,10 +60,10 @@ DECODE_MAX_M = 16
 # separate pass costs one write and one read of the (N, K) weight in 16 bits, 4 bytes a value. A paper choice
 # (weights dequantized at least four times), not yet timed on a GPU; ``benchmarks/gpu_check.sh`` times both.
 DEQUANTIZE_MIN_M = 512
-NO_SEARCH = ScaleChoice("amax", (0, 0))
+NO_SEARCH = ScaleChoice("amax", (0, 0))  # the scale-choice constexprs of launches that quantize nothing
 # Triton 3.9's interpreter multiplies bfloat16 tensors wrongly (the products overflow), so there the kernel
 # multiplies in float32 and rounds once to bfloat16, which is what a GPU's bf16 multiply computes.
-BF16_MULTIPLY = tl.constexpr(not INTERPRET)  # the scale-choice constexprs of launches that quantize nothing
+BF16_MULTIPLY = tl.constexpr(not INTERPRET)
 
 # Tile shapes from Triton's Hopper matmul tutorial (128x128 / 128x64 / 64x128 with 4-8 warps, 3-4 stages),
 # with BLOCK_K 64-128 (whole 16-element scale blocks; dot_scaled wants K >= 64); the large tiles run 8 warps (and
@@ -83,7 +83,8 @@ DECODE_CONFIGS = [
 ]
 # W4A16 decode through dot_scaled (sm_100), whose loop converts a weight byte in one instruction: a K tile of 256
 # spreads the loop's fixed cost (barriers, MMA issue) over twice the bytes, 4.4 thread-instructions per weight
-# byte against 6.2-6.9 with the tiles above; K 512 spills with float16 activations, 3 stages cost 4.5.
+# byte against 5.7-6.0 with the tiles above (benchmarks/kernel_static.py); K 512 spills with float16
+# activations, 3 stages cost 4.5.
 CONVERTED_DECODE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=2),
 ]

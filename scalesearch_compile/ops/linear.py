@@ -134,14 +134,15 @@ class _TracedQuantizations(threading.local):
     def quantize(self, request: QuantizeRequest, source: torch.Tensor, impl: str) -> NVFP4Blocks:
         """``request`` (of the activation ``source``) by :func:`_quantize_by_op`, or the traced result of an
         identical earlier one."""
-        version = source._version
-        view = (source.storage_offset(), tuple(source.shape), source.stride(), source.dtype, request.scales, impl)
-        entries = self.by_storage.setdefault(source.untyped_storage(), {})
-        if (version, view) not in entries:
-            entries = {key: value for key, value in entries.items() if key[0] == version}  # older versions: never
-            entries[version, view] = _quantize_by_op(request, impl)
-            self.by_storage[source.untyped_storage()] = entries
-        return entries[version, view]
+        storage, version = source.untyped_storage(), source._version
+        view = (source.storage_offset(), tuple(source.shape), source.stride(), source.dtype)
+        key = (version, *view, request.scales, impl)
+        entries = self.by_storage.get(storage, {})
+        if key not in entries:
+            entries = {k: v for k, v in entries.items() if k[0] == version}  # an older version never matches again
+            entries[key] = _quantize_by_op(request, impl)
+            self.by_storage[storage] = entries
+        return entries[key]
 
 
 _TRACED = _TracedQuantizations()
