@@ -114,9 +114,11 @@ def test_a_quantized_model_under_plain_compile_quantizes_shared_activations_once
     quantize_(model, ScaleSearchConfig(progress=False))
     with torch.no_grad():
         eager = model(x)
-    compiled, code = compiled_run(torch.compile(model, fullgraph=True), x)
-    assert code.count(QUANTIZE) == 2 and LINEAR not in code
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    for dynamic in (False, True):  # symbolic sizes: the same expression, the same activation
+        torch._dynamo.reset()
+        compiled, code = compiled_run(torch.compile(model, fullgraph=True, dynamic=dynamic), x)
+        assert code.count(QUANTIZE) == 2 and LINEAR not in code
+        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
 
 
 def test_traced_quantizations_are_shared_only_for_the_same_activation_and_choice(monkeypatch):

@@ -125,8 +125,8 @@ class _TracedQuantizations(threading.local):
     (Inductor does not merge identical calls of an opaque op; the ``"scalesearch"`` backend's post-grad pass
     does, ``ops.lowering``). Held by the activation's storage, weakly (an entry goes with its storage: nothing of
     a finished trace is kept, and a new storage never matches an old entry); within a storage an entry matches
-    only the same offset, shape, strides, dtype and version (an in-place change moves the version), the same
-    scale choice and the same ``impl``."""
+    only the same offset, shape, strides (symbolic ones by their expression), dtype and version (an in-place
+    change moves the version), the same scale choice and the same ``impl``."""
 
     def __init__(self):
         self.by_storage = weakref.WeakKeyDictionary()
@@ -135,8 +135,9 @@ class _TracedQuantizations(threading.local):
         """``request`` (of the activation ``source``) by :func:`_quantize_by_op`, or the traced result of an
         identical earlier one."""
         storage, version = source.untyped_storage(), source._version
-        view = (source.storage_offset(), tuple(source.shape), source.stride(), source.dtype)
-        key = (version, *view, request.scales, impl)
+        # a symbolic size (dynamic shapes) by its expression: the same expression is the same size in one trace
+        view = tuple(str(v) for v in (source.storage_offset(), *source.shape, *source.stride()))
+        key = (version, view, source.dtype, request.scales, impl)
         entries = self.by_storage.get(storage, {})
         if key not in entries:
             entries = {k: v for k, v in entries.items() if k[0] == version}  # an older version never matches again
