@@ -123,10 +123,10 @@ class _TracedQuantizations(threading.local):
     """The activation quantizations a trace of :func:`lowered_linear` made (per thread): the q, k and v
     projections of an attention layer read the same activation, and the traced graph then quantizes it once
     (Inductor does not merge identical calls of an opaque op; the ``"scalesearch"`` backend's post-grad pass
-    does, ``ops.lowering``). Held by the activation's storage, weakly (an entry goes with its storage: nothing of
-    a finished trace is kept, and a new storage never matches an old entry); within a storage an entry matches
-    only the same offset, shape, strides (symbolic ones by their expression), dtype and version (an in-place
-    change moves the version), the same scale choice and the same ``impl``."""
+    does, ``ops.lowering``). Held by the activation's storage, weakly: an entry lives as long as that (fake)
+    storage, which a compiled graph's trace keeps until ``torch._dynamo.reset()``, and a new storage never matches
+    an old entry. Within a storage an entry matches only the same offset, shape, strides (symbolic ones by their
+    expression), dtype and version (an in-place change moves the version), the same scale choice and ``impl``."""
 
     def __init__(self):
         self.by_storage = weakref.WeakKeyDictionary()
