@@ -301,6 +301,14 @@ def test_blackwell_dot_scaled_paths_in_the_interpreter(monkeypatch, m, tile):
             out = nvfp4_linear_triton(x16, weight, bias.to(DEVICE), act=None, split_k=split, out_dtype=torch.float32)
             assert relative_error(out, reference(x16.cpu(), w, bias)) < 1e-5
     assert launches == [True] * 8
+    counts = [2, 0, m + 1]  # a mixture of experts' grouped product, W4A4 and W4A16
+    experts, rows = make_experts(len(counts), n, k), make_input(sum(counts), k)
+    offsets = torch.tensor(counts, device=DEVICE).cumsum(0)
+    for act in (ScaleChoice(), None):
+        rows_in = rows if act is not None else rows.to(torch.bfloat16)
+        out = nvfp4_grouped_linear_triton(rows_in.to(DEVICE), offsets, experts, act)
+        assert relative_error(out.float(), grouped_reference(rows_in, counts, experts, act)) < (1e-5 if act else 1e-2)
+    assert launches[-2:] == [True, True]
     bad = x.clone()
     bad[m // 2, 3] = float("nan")
     out = nvfp4_linear_triton(bad.to(DEVICE), weight).cpu()
