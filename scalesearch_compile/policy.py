@@ -103,8 +103,8 @@ def is_nvfp4(weight) -> bool:
 @dataclass(frozen=True)
 class LinearPolicy:
     """How linear weights and experts' weights are quantized (``scales`` for the weight, ``act_quant_kwargs``
-    recorded for the activations: None is weight-only; a linear weight by the quantize kernel ``impl`` picks for
-    its device, the same bits as the reference) and which are left: modules matching ``exclude``, routers
+    recorded for the activations: None is weight-only; linear and experts' weights by the quantize kernel ``impl``
+    picks for their device, the same bits as the reference) and which are left: modules matching ``exclude``, routers
     (:data:`ROUTER_NAMES`), and ``skip_shapes`` ((out_features, in_features) pairs)."""
 
     scales: ScaleChoice = ScaleChoice()
@@ -137,7 +137,8 @@ class LinearPolicy:
         if reason is not None:
             return reason
         try:
-            return quantize_experts(weight, self.scales, act_quant_kwargs=self.act_quant_kwargs)
+            quantize = quantizer(self.impl, weight)
+            return quantize_experts(weight, self.scales, act_quant_kwargs=self.act_quant_kwargs, quantize=quantize)
         except NonFiniteError:
             return "NaN or Inf in the weight"
 

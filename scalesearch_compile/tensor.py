@@ -354,12 +354,15 @@ def quantize_experts(
     method: str | ScaleChoice = "search",
     *,
     act_quant_kwargs: NVFP4ActivationKwargs | None = None,
+    quantize=quantize_reference,
 ) -> ScaleSearchNVFP4Experts:
-    """Quantize experts' weights ``(E, N, K)``: each expert as a linear weight (``quantize_blocks`` with its own
-    global scale), block scales searched along K (ValueError naming NaN/Inf, a bad shape or dtype)."""
+    """Quantize experts' weights ``(E, N, K)``: each expert as a linear weight (its own global scale), block scales
+    searched along K (ValueError naming NaN/Inf, a bad shape or dtype), by ``quantize`` as :func:`quantize_weight`
+    takes it."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
         raise ValueError(f"experts' weights are 3-D (experts, out, in), got {tuple(getattr(weight, 'shape', ()))}")
-    experts = [NVFP4Weight.from_blocks(quantize_blocks(w, method)) for w in weight]
+    scales = ScaleChoice.of(method)
+    experts = [NVFP4Weight.from_blocks(quantize(QuantizeRequest.of(w, scales))) for w in weight]
     stacked = (
         torch.stack([getattr(e, name) for e in experts]) for name in ("qdata", "scale_codes", "per_tensor_scale")
     )

@@ -111,8 +111,8 @@ def test_torchao_quantize_with_the_linear_layer_filter_quantizes_conv1d():
 
 
 def test_weights_are_quantized_by_the_kernel_impl_picks_with_the_references_bits(monkeypatch):
-    """On a CPU "auto" quantizes a linear weight with the C++ kernel, "reference" with the PyTorch reference:
-    the same codes, scales and global scale; an unknown impl is refused."""
+    """On a CPU "auto" quantizes a linear weight and experts' weights with the C++ kernel, "reference" with the
+    PyTorch reference: the same codes, scales and global scales; an unknown impl is refused."""
     from scalesearch_compile.kernels import quantize_cpu
 
     calls = []
@@ -125,9 +125,13 @@ def test_weights_are_quantized_by_the_kernel_impl_picks_with_the_references_bits
     importance = torch.rand(64, generator=torch.Generator().manual_seed(1))
     got = LinearPolicy(ScaleChoice("search")).quantize(weight, "q_proj", importance)
     ref = LinearPolicy(ScaleChoice("search"), impl="reference").quantize(weight, "q_proj", importance)
+    experts = torch.stack([weight, weight.flip(0), 2 * weight])
+    got_experts = LinearPolicy(ScaleChoice("search")).quantize_experts(experts, "experts")
+    ref_experts = LinearPolicy(ScaleChoice("search"), impl="reference").quantize_experts(experts, "experts")
     dispatch._load.cache_clear()
-    assert len(calls) == 1 and calls[0].importance is not None
-    for a, b in zip(got.nvfp4_weight().__dict__.values(), ref.nvfp4_weight().__dict__.values(), strict=True):
-        assert torch.equal(a, b)
+    assert len(calls) == 1 + 3 and calls[0].importance is not None
+    for kernel_made, reference_made in ((got, ref), (got_experts, ref_experts)):
+        fields = (kernel_made.nvfp4_weight().__dict__.values(), reference_made.nvfp4_weight().__dict__.values())
+        assert all(torch.equal(a, b) for a, b in zip(*fields, strict=True))
     with pytest.raises(ValueError, match="unknown impl 'fast'"):
         LinearPolicy(impl="fast")
