@@ -6,9 +6,9 @@ unfused, one PyTorch operation after another; traced into the graph instead (the
 ``ops.linear.reference_linear``, on fake tensors), Inductor generates loops for it: the weight decode feeds the
 matmul, and the scaling and bias fuse around it. The activations' search (W4A4) stays one call of
 ``scalesearch::quantize_nvfp4`` (``ops.linear.lowered_linear`` says why), which runs the C++ quantize kernel, and
-attention stays one call of its op. The numbers do
-not change: Inductor's CPU code keeps IEEE float32 semantics (no unsafe math, no contraction, a division stays a
-division on CPU), so outputs differ at most by the order in which the matmul adds (``tests/test_lowering.py``).
+attention stays one call of its op. The numbers do not change: Inductor's CPU code keeps IEEE float32 semantics
+(no unsafe math, no contraction, a division stays a division on CPU), so outputs differ at most by the order in
+which the matmul adds (``tests/test_lowering.py``).
 
 Two routes, nothing global changed:
 - the ``"scalesearch"`` backend, for a graph on the CPU that needs no gradient (:func:`applies`), swaps the calls
