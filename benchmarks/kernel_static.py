@@ -4,9 +4,10 @@ unit of work, read from the machine code of sm_90a (Hopper) and sm_100a (Blackwe
     python benchmarks/kernel_static.py [--kernel gemm] [--variant w4a16] [--config 4] [--target 90] [--json]
 
 Each kernel is compiled for every GPU autotune config its autotuner tries for the shape (the kernel modules'
-``GPU_CONFIGS``, not the single interpreter config; at decode the GEMM keeps only 16-row tiles, and on sm_100
-the dot_scaled GEMM (above decode) and attention only 128-row tiles, which run the native FP4 MMA:
-``gemm.configs_for_rows``, ``_nvfp4.native_fp4_tiles``) the way a launch specialises it
+``GPU_CONFIGS``, not the single interpreter config; at decode the GEMM keeps only 16-row tiles (on sm_100 W4A4
+the 128-column one and W4A16 its converted-decode tile), and on sm_100 the dot_scaled GEMM above decode and
+attention only 128-row tiles, which run the native FP4 MMA: ``gemm.configs_for_rows``,
+``_nvfp4.native_fp4_tiles``) the way a launch specialises it
 (``_nvfp4.launch_job``: 16-byte-aligned pointers and integers divisible by 16 marked ``tt.divisibility = 16``,
 integers equal to 1, such as M at decode, made constants), on Llama-3-8B-like shapes (``SHAPES``). From the build:
 - registers, spill stores / loads (bytes a thread writes to / reads from local memory) from ``ptxas -v``
