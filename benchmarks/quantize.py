@@ -9,9 +9,9 @@ is how far the resident set's high-water mark (Linux VmHWM, reset through /proc/
 the resident set while quantizing once, as a multiple of the input's size, each method in a fresh process
 (``--memory-of METHOD`` prints just that number; tests/test_search.py runs it too). The second table times
 ``nvfp4_quantize`` (the op activations go through at run time, global scale from x) with ``impl="auto"`` (on a
-CPU the C++ kernel, ``scalesearch_compile/kernels/quantize_cpu.cpp``) and ``impl="reference"`` on float32
+CPU the C++ kernel, ``scalesearch_compile/kernels/nvfp4_cpu.cpp``) and ``impl="reference"`` on float32
 activation shapes, alternated, each the fastest of 30 runs (``--repeats`` for the largest shape); the two give
-the same bits (tests/test_kernel_quantize_cpu.py).
+the same bits (tests/test_kernel_nvfp4_cpu.py).
 """
 
 import argparse

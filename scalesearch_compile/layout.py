@@ -23,6 +23,12 @@ def is_transposed(qdata: torch.Tensor) -> bool:
     return qdata.stride(-2) < qdata.stride(-1)
 
 
+def unscaled_values(qdata: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
+    """float32 ``e2m1(code) * e4m3(scale code)`` ``(..., K)`` of ``(..., K // 2)`` codes and ``(..., K // 16)``
+    scale codes, the global scale left out: exact (a product of 2 and 4 significant bits)."""
+    return _dequantize(qdata, scale_codes, None)
+
+
 def _dequantize(qdata: torch.Tensor, scale_codes: torch.Tensor, per_tensor_scale: torch.Tensor | None):
     """float32 ``e2m1(code) * (pts * e4m3(scale code))`` of ``(..., K // 2)`` codes and ``(..., K // 16)`` scale
     codes; ``pts`` 0-d, broadcastable per row ``(..., 1)``, or None (1)."""
@@ -69,7 +75,7 @@ class NVFP4Blocks:
 
     def unscaled(self) -> torch.Tensor:
         """float32 ``e2m1_value(code) * e4m3_value(scale_code)``, the global scale left out (exact)."""
-        return _dequantize(self.qdata, self.scale_codes, None)
+        return unscaled_values(self.qdata, self.scale_codes)
 
 
 @dataclass(frozen=True)
@@ -152,7 +158,7 @@ class NVFP4Weight:
     def unscaled(self) -> torch.Tensor:
         """float32 ``e2m1(code) * e4m3(scale code)`` ``(..., N, K)``, the global scale left out: exact in float32
         (a product of 2 and 4 significant bits), so a matmul can apply the global scale to its result."""
-        return _dequantize(self.qdata, self.scale_codes, None)
+        return unscaled_values(self.qdata, self.scale_codes)
 
     def dequantize(self) -> torch.Tensor:
         """float32 ``e2m1(code) * (per_tensor_scale * e4m3(scale code))``, shape ``(..., N, K)``."""

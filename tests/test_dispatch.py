@@ -33,7 +33,7 @@ def test_reference_and_auto_without_a_kernel_for_the_device_load_nothing(monkeyp
 
 
 def test_auto_on_cpu_runs_the_c_quantize_kernel():
-    from scalesearch_compile.kernels.quantize_cpu import quantize_nvfp4_cpu
+    from scalesearch_compile.kernels.nvfp4_cpu import quantize_nvfp4_cpu
     from scalesearch_compile.search import quantize_reference
 
     assert dispatch.kernel("quantize", "auto", torch.device("cpu")) is quantize_nvfp4_cpu

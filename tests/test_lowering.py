@@ -16,7 +16,7 @@ from scalesearch_compile.ops.lowering import SharedQuantization, applies, lowere
 from scalesearch_compile.stamp import source_stamp
 
 # how the generated wrapper calls an op (provenance comments name the lowered op too)
-LINEAR, QUANTIZE = "torch.ops.scalesearch.nvfp4_linear", "torch.ops.scalesearch.quantize_nvfp4.default("
+LINEAR, QUANTIZE = "torch.ops.scalesearch.nvfp4_linear", "torch.ops.scalesearch.fake_quantize_nvfp4.default("
 
 
 def compiled_run(fn, *args):
@@ -125,15 +125,15 @@ def test_traced_quantizations_are_shared_only_for_the_same_activation_and_choice
     """What :class:`_TracedQuantizations` takes as the same quantization: the same storage, offset, shape, strides,
     dtype and version, scale choice and impl; anything else quantizes anew."""
     from scalesearch_compile.ops import linear
-    from scalesearch_compile.search import DEFAULT_SCALES, QuantizeRequest, ScaleChoice
+    from scalesearch_compile.search import DEFAULT_SCALES, ScaleChoice
 
     calls = []
-    monkeypatch.setattr(linear, "_quantize_by_op", lambda request, impl: calls.append(impl) or object())
+    monkeypatch.setattr(linear, "_activation_by_op", lambda rows, act, impl: calls.append(impl) or object())
     traced = linear._TracedQuantizations()
     x = torch.randn(8, 64)
 
     def quantize(source, scales=DEFAULT_SCALES, impl="auto"):
-        return traced.quantize(QuantizeRequest.of(source.float(), scales, check_finite=False), source, impl)
+        return traced.quantize(source.float(), scales, source, impl)
 
     first = quantize(x)
     assert quantize(x.view(8, 64)) is first and quantize(x[:]) is first and len(calls) == 1  # views alike

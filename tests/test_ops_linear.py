@@ -149,6 +149,42 @@ def test_opcheck_quantize(args):
     opcheck(torch.ops.scalesearch.quantize_nvfp4.default, args)
 
 
+FAKE_QUANTIZE = torch.ops.scalesearch.fake_quantize_nvfp4.default
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        (torch.randn(4, 64), "search", [-2, 6], "auto"),
+        (torch.randn(2, 3, 32, dtype=torch.bfloat16), "amax", [0, 0], "reference"),
+        (torch.randn(4, 64, dtype=torch.float16), "four_over_six", [0, 0], "auto"),
+    ],
+)
+def test_opcheck_fake_quantize(args):
+    opcheck(FAKE_QUANTIZE, args)
+    values, pts = FAKE_QUANTIZE(*args)
+    assert values.shape == args[0].shape and values.dtype == torch.float32 and pts.shape == ()
+    ref_values, ref_pts = FAKE_QUANTIZE(*args[:3], "reference")  # the C++ pass: the references' bits
+    assert torch.equal(values.view(torch.int32), ref_values.view(torch.int32)) and torch.equal(pts, ref_pts)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((torch.randn(4, 40), "search", [-2, 6], "auto"), "multiple of 16"),
+        ((torch.ones(4, 32, dtype=torch.int32), "search", [-2, 6], "auto"), "dtype"),
+        ((torch.randn(4, 32), "nearest", [0, 0], "auto"), "nearest"),
+        ((torch.randn(4, 32), "search", [-2, 6], "fast"), "unknown impl 'fast'"),
+        ((torch.randn(0, 32), "search", [-2, 6], "auto"), "empty"),
+    ],
+)
+def test_fake_quantize_input_errors(args, message):
+    for device in ("cpu", "meta"):  # the real op and its fake implementation say the same
+        x = args[0].to(device)
+        with pytest.raises(ValueError, match=message):
+            FAKE_QUANTIZE(x, *args[1:])
+
+
 def test_f_linear_and_matmul_route_to_the_op():
     weight, bias, x = _weight(act=NVFP4ActivationKwargs()), torch.randn(48), torch.randn(3, 5, 64)
     expected = nvfp4_linear(x, weight, bias, impl="reference")
@@ -170,14 +206,15 @@ def test_triton_impl_without_kernels_is_a_clear_error(monkeypatch):
         nvfp4_linear(torch.randn(2, 64), weight, impl="triton")
     with pytest.raises(NotImplementedError, match="no quantize_nvfp4_triton here"):
         nvfp4_quantize(torch.randn(2, 64), impl="triton")
-    # "auto" on CPU is the reference when the C++ kernel cannot be loaded either: W4A4 says so once, W4A16 needs
-    # no quantize kernel and says nothing
+    # "auto" on CPU is the reference when the C++ kernels cannot be loaded either, and says so once for each
     x = torch.ones(2, 64)
+    with pytest.warns(RuntimeWarning, match="no decode_nvfp4_cpu here"):
+        assert torch.equal(nvfp4_linear(x, weight), nvfp4_linear(x, weight, impl="reference"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert torch.equal(nvfp4_linear(x, weight), nvfp4_linear(x, weight, impl="reference"))
+        nvfp4_linear(x, weight)
     w4a4 = _weight(act=NVFP4ActivationKwargs())
-    with pytest.warns(RuntimeWarning, match="no quantize_nvfp4_cpu here"):
+    with pytest.warns(RuntimeWarning, match="no fake_quantize_nvfp4_cpu here"):
         assert torch.equal(nvfp4_linear(x, w4a4), nvfp4_linear(x, w4a4, impl="reference"))
     dispatch._warn_fallback.cache_clear()
 

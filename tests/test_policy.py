@@ -113,11 +113,11 @@ def test_torchao_quantize_with_the_linear_layer_filter_quantizes_conv1d():
 def test_weights_are_quantized_by_the_kernel_impl_picks_with_the_references_bits(monkeypatch):
     """On a CPU "auto" quantizes a linear weight and experts' weights with the C++ kernel, "reference" with the
     PyTorch reference: the same codes, scales and global scales; an unknown impl is refused."""
-    from scalesearch_compile.kernels import quantize_cpu
+    from scalesearch_compile.kernels import nvfp4_cpu
 
     calls = []
-    kernel = quantize_cpu.quantize_nvfp4_cpu
-    monkeypatch.setattr(quantize_cpu, "quantize_nvfp4_cpu", lambda request: calls.append(request) or kernel(request))
+    kernel = nvfp4_cpu.quantize_nvfp4_cpu
+    monkeypatch.setattr(nvfp4_cpu, "quantize_nvfp4_cpu", lambda request: calls.append(request) or kernel(request))
     from scalesearch_compile.ops import dispatch
 
     dispatch._load.cache_clear()

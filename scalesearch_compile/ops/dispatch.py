@@ -3,8 +3,8 @@ here only).
 
 ``impl``: "reference" always runs the reference; "triton" runs the Triton kernel or raises NotImplementedError
 saying why it cannot be loaded; "auto" runs the Triton kernel on CUDA tensors, the C++ kernel on CPU tensors where
-the op has one (quantization: ``kernels.quantize_cpu``, built on first use with the system C++ compiler), and the
-reference elsewhere; when the kernel it would run cannot be loaded it warns once (with the reason) and runs the
+the op has one (quantization and decode: ``kernels.nvfp4_cpu``, built on first use with the system C++ compiler),
+and the reference elsewhere; when the kernel it would run cannot be loaded it warns once (with the reason) and runs the
 reference. Every kernel computes the reference's codes and scales bit for bit.
 Kernel modules are imported on first use, so the package imports without Triton, a GPU or a C++ compiler.
 Where the reference runs on a CPU, a compiled graph gets the reference itself traced in instead of the opaque
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch._subclasses.fake_tensor import is_fake
 
-from scalesearch_compile.layout import NVFP4Blocks
+from scalesearch_compile.layout import NVFP4Blocks, unscaled_values
 from scalesearch_compile.search import QuantizeRequest, quantize_reference
 
 IMPLS = ("auto", "reference", "triton")
@@ -31,11 +31,14 @@ KERNELS = {
     "grouped_linear": ("scalesearch_compile.kernels.gemm", "nvfp4_grouped_linear_triton"),
     "attention": ("scalesearch_compile.kernels.attention", "nvfp4_attention_triton"),
 }
-# op name -> (kernel module, launcher) of the C++ kernels "auto" runs on CPU tensors ("finite_amax":
-# search.finite_amax, the run-time global scale's amax)
+# op name -> (kernel module, launcher) of the C++ kernels "auto" runs on CPU tensors ("decode":
+# layout.unscaled_values; "fake_quantize": ops.quantize.fake_quantize; "finite_amax": search.finite_amax, the
+# run-time global scale's amax)
 CPU_KERNELS = {
-    "quantize": ("scalesearch_compile.kernels.quantize_cpu", "quantize_nvfp4_cpu"),
-    "finite_amax": ("scalesearch_compile.kernels.quantize_cpu", "finite_amax_cpu"),
+    "quantize": ("scalesearch_compile.kernels.nvfp4_cpu", "quantize_nvfp4_cpu"),
+    "decode": ("scalesearch_compile.kernels.nvfp4_cpu", "decode_nvfp4_cpu"),
+    "fake_quantize": ("scalesearch_compile.kernels.nvfp4_cpu", "fake_quantize_nvfp4_cpu"),
+    "finite_amax": ("scalesearch_compile.kernels.nvfp4_cpu", "finite_amax_cpu"),
 }
 
 
@@ -71,9 +74,9 @@ def _warn_fallback(module: str, device_type: str, reason: str) -> None:
 
 
 def kernel(op: str, impl: str, device: torch.device) -> Callable | None:
-    """The kernel launcher ``op`` ("quantize", "linear", "grouped_linear", "attention" or "finite_amax") should
-    run for tensors on ``device``, or None for the PyTorch reference (module docstring; an op without a kernel for
-    the device, or for Triton, runs its reference)."""
+    """The kernel launcher ``op`` (a key of :data:`KERNELS` or :data:`CPU_KERNELS`) should run for tensors on
+    ``device``, or None for the PyTorch reference (module docstring; an op without a kernel for the device, or for
+    Triton, runs its reference)."""
     check_impl(impl)
     if impl == "reference":
         return None
@@ -97,6 +100,13 @@ def quantizer(impl: str, x: torch.Tensor) -> Callable[[QuantizeRequest], NVFP4Bl
     device, or :func:`~scalesearch_compile.search.quantize_reference` (the same bits either way); the reference
     for a fake tensor, as in a backward traced for a compiled graph, since a kernel reads real memory."""
     return (None if is_fake(x) else kernel("quantize", impl, x.device)) or quantize_reference
+
+
+def decoder(impl: str, x: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """What decodes NVFP4 codes ``(qdata, scale_codes)`` on x's device for ``impl`` (unscaled, as
+    :func:`~scalesearch_compile.layout.unscaled_values`): the kernel :func:`kernel` picks, or the reference (the
+    same bits); the reference for a fake tensor."""
+    return (None if is_fake(x) else kernel("decode", impl, x.device)) or unscaled_values
 
 
 def lowers(op: str, x: torch.Tensor, impl: str) -> bool:

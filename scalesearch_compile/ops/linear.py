@@ -27,15 +27,13 @@ import weakref
 
 import torch
 
-import scalesearch_compile.ops.quantize  # noqa: F401  (registers scalesearch::quantize_nvfp4, which lowered_linear calls)
-from scalesearch_compile.layout import NVFP4Blocks, NVFP4Weight
-from scalesearch_compile.ops.dispatch import check_impl, kernel, lowers, quantizer
+from scalesearch_compile.layout import NVFP4Weight, unscaled_values
+from scalesearch_compile.ops.dispatch import check_impl, decoder, kernel, lowers
+from scalesearch_compile.ops.quantize import fake_quantize
 from scalesearch_compile.search import (
-    QuantizeRequest,
     ScaleChoice,
     check_dtype_and_shape,
     power_of_two_scale,
-    quantize_reference,
 )
 from scalesearch_compile.tensor import ScaleSearchNVFP4Tensor
 
@@ -56,15 +54,21 @@ def _checked_arguments(x, weight_qdata, weight_scale, weight_per_tensor_scale, b
     return weight, None if act_method is None else ScaleChoice(act_method, act_window)
 
 
+# activations quantized and decoded by the references (ops.quantize.fake_quantize's contract)
+REFERENCE_ACTIVATION = functools.partial(fake_quantize, impl="reference")
+
+
 def reference_linear(
     x: torch.Tensor,
     weight: NVFP4Weight,
     bias: torch.Tensor | None,
     act: ScaleChoice | None,
-    quantize=quantize_reference,
+    activation=REFERENCE_ACTIVATION,
+    decode=unscaled_values,
 ):
-    """The module docstring's numerics in PyTorch: ``x @ W^T (+ bias)``, activations quantized per ``act`` by
-    ``quantize`` (:func:`quantize_reference`, or what computes the same bits: the C++ kernel, the op)."""
+    """The module docstring's numerics in PyTorch: ``x @ W^T (+ bias)``, the weight decoded by ``decode``
+    (:func:`unscaled_values`, or the same bits) and the activations quantized per ``act`` by ``activation(rows,
+    act)`` (:func:`~scalesearch_compile.ops.quantize.fake_quantize`, or the same bits)."""
     rows = x.reshape(-1, x.shape[-1]).float()
     if rows.shape[0] == 0:
         return x.new_empty((*x.shape[:-1], weight.out_features))
@@ -72,9 +76,8 @@ def reference_linear(
         x_scale = power_of_two_scale(rows)
         x_hat = rows / x_scale
     else:
-        blocks = quantize(QuantizeRequest.of(rows, act, check_finite=False))
-        x_hat, x_scale = blocks.unscaled(), blocks.per_tensor_scale
-    out = x_hat @ weight.unscaled().t()
+        x_hat, x_scale = activation(rows, act)
+    out = x_hat @ decode(weight.qdata, weight.scale_codes).t()
     if weight.per_tensor_scale is not None:
         out = out * weight.per_tensor_scale
     out = out * x_scale
@@ -101,26 +104,22 @@ def _linear_op(
 
 def run_linear(x: torch.Tensor, weight: NVFP4Weight, bias: torch.Tensor | None, act: ScaleChoice | None, impl: str):
     """The linear numerics by the implementation ``impl`` picks for x's device (``ops.dispatch``): the Triton
-    GEMM, or :func:`reference_linear` with its activations (W4A4) quantized by the quantize kernel ``impl`` picks
-    (W4A16 loads no quantize kernel)."""
+    GEMM, or :func:`reference_linear` with the decode and the activation kernels ``impl`` picks."""
     linear = kernel("linear", impl, x.device)
     if linear is not None:
         return linear(x, weight, bias, act)
-    return reference_linear(x, weight, bias, act, quantize=quantize_reference if act is None else quantizer(impl, x))
+    activation = functools.partial(fake_quantize, impl=impl)
+    return reference_linear(x, weight, bias, act, activation=activation, decode=decoder(impl, x))
 
 
-def _quantize_by_op(request: QuantizeRequest, impl: str) -> NVFP4Blocks:
-    """:func:`quantize_reference` of run-time activations (``request``: global scale from x, no importance) as one
-    call of ``scalesearch::quantize_nvfp4`` with ``impl``: the same numbers (offsets left out)."""
-    scales = request.scales
-    qdata, scale_codes, pts = torch.ops.scalesearch.quantize_nvfp4(
-        request.x, scales.method, list(scales.window), "tensor", None, None, impl
-    )
-    return NVFP4Blocks(qdata, scale_codes, pts, None)
+def _activation_by_op(rows: torch.Tensor, act: ScaleChoice, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`~scalesearch_compile.ops.quantize.fake_quantize` as one call of ``scalesearch::fake_quantize_nvfp4``
+    with ``impl``."""
+    return torch.ops.scalesearch.fake_quantize_nvfp4(rows, act.method, list(act.window), impl)
 
 
 class _TracedQuantizations(threading.local):
-    """The activation quantizations a trace of :func:`lowered_linear` made (per thread): the q, k and v
+    """The activation quantizations (decoded) a trace of :func:`lowered_linear` made (per thread): the q, k and v
     projections of an attention layer read the same activation, and the traced graph then quantizes it once
     (Inductor does not merge identical calls of an opaque op; the ``"scalesearch"`` backend's post-grad pass
     does, ``ops.lowering``). Held by the activation's storage, weakly: an entry lives as long as that (fake)
@@ -131,17 +130,17 @@ class _TracedQuantizations(threading.local):
     def __init__(self):
         self.by_storage = weakref.WeakKeyDictionary()
 
-    def quantize(self, request: QuantizeRequest, source: torch.Tensor, impl: str) -> NVFP4Blocks:
-        """``request`` (of the activation ``source``) by :func:`_quantize_by_op`, or the traced result of an
-        identical earlier one."""
+    def quantize(self, rows: torch.Tensor, act: ScaleChoice, source: torch.Tensor, impl: str) -> tuple:
+        """``rows`` (of the activation ``source``) quantized per ``act`` by :func:`_activation_by_op`, or the
+        traced result of an identical earlier one."""
         storage, version = source.untyped_storage(), source._version
         # a symbolic size (dynamic shapes) by its expression: the same expression is the same size in one trace
         view = tuple(str(v) for v in (source.storage_offset(), *source.shape, *source.stride()))
-        key = (version, view, source.dtype, request.scales, impl)
+        key = (version, view, source.dtype, act, impl)
         entries = self.by_storage.get(storage, {})
         if key not in entries:
             entries = {k: v for k, v in entries.items() if k[0] == version}  # an older version never matches again
-            entries[key] = _quantize_by_op(request, impl)
+            entries[key] = _activation_by_op(rows, act, impl)
             self.by_storage[storage] = entries
         return entries[key]
 
@@ -151,17 +150,20 @@ _TRACED = _TracedQuantizations()
 
 def lowered_linear(x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl):
     """``scalesearch::nvfp4_linear`` as a compiled CPU graph traces it in place of the op (``ops.lowering``): the
-    same reference, with the activations' quantization (W4A4) kept as one call of ``scalesearch::quantize_nvfp4``.
+    same reference, with the activations' quantization (W4A4) kept as one call of an op.
     Traced, that search is about 200 operations a layer (120 for amax), and Inductor's compile time grew with them
     past any use (a tiny 2-layer Llama took about 10 minutes to compile on the loaded 2-core CI machine, where the
     opaque op takes seconds). Written with all of a block's candidates at once (about 30 operations), it compiled
     in 3-8 s alone, ran 2x faster than eager on a 192 x 384 input, but took the quickstart's compile from 29 to
-    114 s for no gain end to end (Inductor's CPU loops recompute each block's scale per element). The op runs the
-    C++ quantize kernel (``kernels.quantize_cpu``) with ``impl="auto"``, once for the linears of one activation
-    (:class:`_TracedQuantizations`). The weight decode, the matmul and the scaling are what Inductor fuses."""
+    114 s for no gain end to end (Inductor's CPU loops recompute each block's scale per element). The op,
+    ``scalesearch::fake_quantize_nvfp4``, runs the C++ kernel (``kernels.nvfp4_cpu``) with ``impl="auto"``, once
+    for the linears of one activation (:class:`_TracedQuantizations`), and returns them decoded. The weight
+    decode, the matmul's scaling and the bias are what Inductor fuses (the C++ decode as an op instead was no
+    faster in a compiled MiniLM: there the decode's time goes to writing the float32 weight, whoever writes it)."""
     args = (x, weight_qdata, weight_scale, weight_per_tensor_scale, bias, act_method, act_window, impl)
     weight, act = _checked_arguments(*args)
-    return reference_linear(x, weight, bias, act, quantize=functools.partial(_TRACED.quantize, source=x, impl=impl))
+    activation = functools.partial(_TRACED.quantize, source=x, impl=impl)
+    return reference_linear(x, weight, bias, act, activation=activation)
 
 
 @_linear_op.register_fake

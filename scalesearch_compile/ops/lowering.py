@@ -5,10 +5,10 @@ On a CPU the linear op runs its reference. Called as an opaque custom op from a 
 unfused, one PyTorch operation after another; traced into the graph instead (the very function the op runs,
 ``ops.linear.reference_linear``, on fake tensors), Inductor generates loops for it: the weight decode feeds the
 matmul, and the scaling and bias fuse around it. The activations' search (W4A4) stays one call of
-``scalesearch::quantize_nvfp4`` (``ops.linear.lowered_linear`` says why), which runs the C++ quantize kernel, and
-attention stays one call of its op. The numbers do not change: Inductor's CPU code keeps IEEE float32 semantics
-(no unsafe math, no contraction, a division stays a division on CPU), so outputs differ at most by the order in
-which the matmul adds (``tests/test_lowering.py``).
+``scalesearch::fake_quantize_nvfp4`` (``ops.linear.lowered_linear`` says why), which runs the C++ kernel that
+quantizes and decodes them in one pass, and attention stays one call of its op. The numbers do not change:
+Inductor's CPU code keeps IEEE float32 semantics (no unsafe math, no contraction, a division stays a division on
+CPU), so outputs differ at most by the order in which the matmul adds (``tests/test_lowering.py``).
 
 Two routes, nothing global changed:
 - the ``"scalesearch"`` backend, for a graph on the CPU that needs no gradient (:func:`applies`), swaps the calls
@@ -85,14 +85,15 @@ def _key(value):
 
 
 def merge_shared_quantization(graph: torch.fx.Graph) -> None:
-    """Merge the calls of ``scalesearch::quantize_nvfp4`` with the same arguments (the q, k and v projections of an
-    attention layer quantize the same activations): the op is a pure function, so the first call's results serve
-    every later one."""
-    target, first = torch.ops.scalesearch.quantize_nvfp4.default, {}
+    """Merge the calls of ``scalesearch::quantize_nvfp4`` (or ``fake_quantize_nvfp4``) with the same arguments (the
+    q, k and v projections of an attention layer quantize the same activations): the ops are pure functions, so the
+    first call's results serve every later one."""
+    targets = {torch.ops.scalesearch.quantize_nvfp4.default, torch.ops.scalesearch.fake_quantize_nvfp4.default}
+    first = {}
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not target:
+        if node.op != "call_function" or node.target not in targets:
             continue
-        key = (_key(node.args), _key(node.kwargs))
+        key = (node.target, _key(node.args), _key(node.kwargs))
         if key in first:
             node.replace_all_uses_with(first[key])
             graph.erase_node(node)

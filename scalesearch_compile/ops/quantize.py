@@ -1,4 +1,5 @@
-"""Custom op ``scalesearch::quantize_nvfp4``: NVFP4 quantization at run time, reference or Triton.
+"""Custom ops ``scalesearch::quantize_nvfp4`` (NVFP4 quantization at run time: reference, Triton or C++) and
+``scalesearch::fake_quantize_nvfp4`` (run-time activations quantized and decoded, as a W4A4 product reads them).
 
 Numerics: exactly :func:`scalesearch_compile.search.quantize_reference` at run time (``check_finite=False``:
 no value is read on the host; a block holding NaN or Inf gets the NaN scale code 127); the Triton kernel
@@ -7,18 +8,25 @@ matches it bit for bit. Outputs: ``qdata`` uint8 ``(..., K // 2)`` (element 2i i
 per row ``(..., 1)``. Single-level scaling returns a global scale of 1.0, which gives the same bits
 (multiplying and dividing by 1.0 is exact), so the op always returns three tensors. The schema carries
 ``per_tensor_scale`` as a mode ("tensor", "row", "none" or "given") and the given scale.
+
+``fake_quantize_nvfp4``: exactly :func:`quantized_activation` of ``QuantizeRequest.of(x, ScaleChoice(method,
+window), check_finite=False)``: float32 values ``(..., K)``, ``e2m1(code) * e4m3(scale code)`` (the global scale
+left out, exact), and the global scale of x's finite amax (0-d). On a CPU ``impl="auto"`` runs it as one C++ pass
+(``kernels.nvfp4_cpu``), the codes never stored; elsewhere quantize, then decode.
 """
 
 import torch
+from torch._subclasses.fake_tensor import is_fake
 
-from scalesearch_compile.layout import BLOCK_SIZE
-from scalesearch_compile.ops.dispatch import check_impl, kernel, quantizer
+from scalesearch_compile.layout import BLOCK_SIZE, unscaled_values
+from scalesearch_compile.ops.dispatch import check_impl, decoder, kernel, quantizer
 from scalesearch_compile.search import (
     PerTensorScale,
     QuantizeRequest,
     ScaleChoice,
     check_dtype_and_shape,
     global_scale,
+    quantize_reference,
 )
 
 # per_tensor_scale as the op's schema carries it: a mode, and the scale itself when one is given
@@ -113,3 +121,43 @@ def nvfp4_quantize(
     return torch.ops.scalesearch.quantize_nvfp4(
         x, scales.method, list(scales.window), mode, given, importance, check_impl(impl)
     )
+
+
+def quantized_activation(
+    request: QuantizeRequest, quantize=quantize_reference, decode=unscaled_values
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The activations of ``request`` as the W4A4 product reads them: float32 ``e2m1 * e4m3`` values and their
+    global scale, quantized by ``quantize`` (:func:`quantize_reference`, or what computes the same bits: the C++
+    kernel, the op) and decoded by ``decode`` (:func:`unscaled_values`, or the same bits: the C++ kernel)."""
+    blocks = quantize(request)
+    return decode(blocks.qdata, blocks.scale_codes), blocks.per_tensor_scale
+
+
+def fake_quantize(x: torch.Tensor, scales: ScaleChoice, impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run-time activations ``x`` (..., K) as the W4A4 product reads them (module docstring), by the fused kernel
+    ``impl`` picks for x's device, else by its quantize and decode kernels (or references)."""
+    fused = None if is_fake(x) else kernel("fake_quantize", impl, x.device)
+    if fused is not None:
+        values, pts = fused(x, scales)
+        return values.view(x.shape), pts
+    request = QuantizeRequest.of(x, scales, check_finite=False)
+    return quantized_activation(request, quantize=quantizer(impl, x), decode=decoder(impl, x))
+
+
+def _checked_activation(x: torch.Tensor, method: str, window: list[int], impl: str) -> ScaleChoice:
+    """The scale choice of a ``fake_quantize_nvfp4`` call, after checking its arguments (no value is read)."""
+    scales = ScaleChoice(method, window)
+    QuantizeRequest.of(x, scales, per_tensor_scale=None, check_finite=False)
+    check_impl(impl)
+    return scales
+
+
+@torch.library.custom_op("scalesearch::fake_quantize_nvfp4", mutates_args=())
+def _fake_quantize_op(x: torch.Tensor, method: str, window: list[int], impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return fake_quantize(x, _checked_activation(x, method, window, impl), impl)
+
+
+@_fake_quantize_op.register_fake
+def _fake_quantize_fake(x, method, window, impl):
+    _checked_activation(x, method, window, impl)
+    return x.new_empty(x.shape, dtype=torch.float32), x.new_empty((), dtype=torch.float32)

@@ -1,6 +1,7 @@
-/* NVFP4 quantization with scale search on a CPU: bit for bit search.quantize_reference.
+/* NVFP4 on a CPU: quantization with scale search (bit for bit search.quantize_reference), the decode of packed
+ * codes (bit for bit layout.unscaled_values) and the finite amax of the run-time global scale.
  *
- * One pass over each block of 16 values: sanitise and normalise, block amax, amax code, every candidate's error
+ * Quantization: one pass over each block of 16 values: sanitise and normalise, block amax, amax code, every candidate's error
  * (16 values in registers, no allocation), the best code kept, the codes rounded and packed. The arithmetic is
  * the reference's, operation for operation, in IEEE float32: built with -ffp-contract=off (no fused
  * multiply-add) and without -ffast-math, so the compiler may vectorise but not reassociate, and every rounding
@@ -50,7 +51,7 @@ static INLINE vi clamp_i(vi x, int low, int high) {
 }
 static INLINE vf magnitude(vf x) { return (vf)((vi)x & 0x7FFFFFFF); }
 
-/* Value of E4M3 codes 1..126: a normal code e << 3 | m is the float32 with exponent e + 120 and mantissa m << 20,
+/* Value of E4M3 codes 0..126: a normal code e << 3 | m is the float32 with exponent e + 120 and mantissa m << 20,
  * a subnormal one m * 2**-9 (exact). */
 static INLINE vf e4m3_value(vi code) {
     vi mantissa = code & 7;
@@ -194,45 +195,99 @@ static INLINE void quantize_blocks(const float *x, int64_t g0, int count, int64_
     }
 }
 
-/* A contiguous range of blocks [first, last) for one thread; first is a multiple of LANES. */
+/* Decode `count` NVFP4 blocks: out[16 g + i] = e2m1(code i of block g) * e4m3(scale_codes[g]), the global scale
+ * left out (layout.unscaled_values; one float32 multiply, exact). qdata: 8 bytes a block, element 2i in the low
+ * nibble of byte i. Eight elements at a time: one 32-bit word of codes broadcast and shifted per lane, the
+ * magnitude looked up in a register (one permute), the sign bit moved in. Scale codes 127..255 (NaN, and the
+ * negative scales no quantizer writes) decode as NaN. */
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+
+static INLINE void decode_blocks(const uint8_t *qdata, const uint8_t *scale_codes, int count, float *out) {
+    const v8f e2m1_magnitudes = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+    const v8u nibble_shifts = {0, 4, 8, 12, 16, 20, 24, 28};
+    vi codes = {};
+    for (int j = 0; j < count; j++) codes[j] = scale_codes[j];
+    vf scales = codes >= NAN_CODE ? (vf){} + NAN : e4m3_value(codes);
+    for (int j = 0; j < count; j++) {
+        uint32_t words[2];
+        memcpy(words, qdata + j * (BLOCK / 2), sizeof words);
+        for (int half = 0; half < 2; half++) {
+            v8i nibbles = (v8i)(((v8u){} + words[half]) >> nibble_shifts) & 15;
+            v8f magnitude = __builtin_shuffle(e2m1_magnitudes, nibbles & 7);
+            v8f value = (v8f)((v8i)magnitude ^ (nibbles & 8) << 28) * scales[j];
+            memcpy(out + j * BLOCK + half * 8, &value, sizeof value);
+        }
+    }
+}
+
+/* A contiguous range of blocks [first, last) for one thread; first is a multiple of LANES. With `values`, the
+ * blocks are decoded into it as they are quantized (their codes kept only in registers and a small buffer). */
 struct job {
     const float *x, *pts, *weights;
     int64_t first, last, blocks_per_row, pts_stride;
     int method, low, high, finite;
     uint8_t *qdata, *scale_codes;
     int16_t *offsets;
+    float *values;
 };
 
 static void *run_job(void *arg) {
     const job *j = static_cast<const job *>(arg);
-    for (int64_t g0 = j->first; g0 < j->last; g0 += LANES)
-        quantize_blocks(j->x, g0, j->last - g0 < LANES ? (int)(j->last - g0) : LANES, j->blocks_per_row, j->pts,
-                        j->pts_stride, j->weights, j->method, j->low, j->high, j->finite, j->qdata, j->scale_codes,
-                        j->offsets);
+    for (int64_t g0 = j->first; g0 < j->last; g0 += LANES) {
+        int count = j->last - g0 < LANES ? (int)(j->last - g0) : LANES;
+        if (!j->values) {
+            quantize_blocks(j->x, g0, count, j->blocks_per_row, j->pts, j->pts_stride, j->weights, j->method, j->low,
+                            j->high, j->finite, j->qdata, j->scale_codes, j->offsets);
+            continue;
+        }
+        uint8_t qdata[LANES * BLOCK / 2], scale_codes[LANES];
+        int16_t offsets[LANES];
+        /* one global scale and no importance: the blocks' row and column do not matter, so they count from 0 */
+        quantize_blocks(j->x + g0 * BLOCK, 0, count, j->blocks_per_row, j->pts, 0, 0, j->method, j->low, j->high,
+                        j->finite, qdata, scale_codes, offsets);
+        decode_blocks(qdata, scale_codes, count, j->values + g0 * BLOCK);
+    }
     return 0;
 }
 
-/* Quantize x (rows, k) on up to `threads` threads (this one and threads - 1 POSIX threads, each a contiguous
- * share of the blocks; a thread that cannot be started has its share run here). */
-extern "C" void scalesearch_quantize(const float *x, int64_t rows, int64_t k, const float *pts, int64_t pts_stride, const float *weights, int method, int low, int high, int finite,
-                          uint8_t *qdata, uint8_t *scale_codes, int16_t *offsets, int threads) {
+/* Run `jobs[0..threads)` on this thread and threads - 1 POSIX threads (a thread that cannot be started has its
+ * job run here). */
+static void run_jobs(job *jobs, int threads) {
     enum { MAX_THREADS = 64 };
-    int64_t blocks_per_row = k / BLOCK, blocks = rows * blocks_per_row, groups = (blocks + LANES - 1) / LANES;
-    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
-    if (threads > groups) threads = (int)groups;
-    job jobs[MAX_THREADS];
     pthread_t ids[MAX_THREADS];
     int started[MAX_THREADS] = {0};
-    for (int t = 0; t < threads; t++) {
-        int64_t first = groups * t / threads * LANES, last = groups * (t + 1) / threads * LANES;
-        jobs[t] = job{x,          pts,  weights, first, last < blocks ? last : blocks, blocks_per_row,
-                               pts_stride, method, low, high, finite, qdata, scale_codes, offsets};
-    }
     for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], 0, run_job, &jobs[t]) == 0;
     for (int t = 0; t < threads; t++)
         if (!started[t]) run_job(&jobs[t]);
     for (int t = 1; t < threads; t++)
         if (started[t]) pthread_join(ids[t], 0);
+}
+
+/* Quantize x (rows, k) on up to `threads` threads, each a contiguous share of the blocks: into qdata, scale codes
+ * and offsets, or, with `values` (one global scale, no weights), decoded into values (rows, k). */
+static void quantize(const float *x, int64_t rows, int64_t k, const float *pts, int64_t pts_stride,
+                     const float *weights, int method, int low, int high, int finite, uint8_t *qdata,
+                     uint8_t *scale_codes, int16_t *offsets, float *values, int threads) {
+    enum { MAX_THREADS = 64 };
+    int64_t blocks_per_row = k / BLOCK, blocks = rows * blocks_per_row, groups = (blocks + LANES - 1) / LANES;
+    threads = threads < 1 ? 1 : threads > MAX_THREADS ? MAX_THREADS : threads;
+    if (threads > groups) threads = (int)groups;
+    job jobs[MAX_THREADS];
+    for (int t = 0; t < threads; t++) {
+        int64_t first = groups * t / threads * LANES, last = groups * (t + 1) / threads * LANES;
+        jobs[t] = job{x,          pts,    weights, first,       last < blocks ? last : blocks, blocks_per_row,
+                      pts_stride, method, low,     high,        finite,                        qdata,
+                      scale_codes, offsets, values};
+    }
+    run_jobs(jobs, threads);
+}
+
+extern "C" void scalesearch_quantize(const float *x, int64_t rows, int64_t k, const float *pts, int64_t pts_stride,
+                                     const float *weights, int method, int low, int high, int finite, uint8_t *qdata,
+                                     uint8_t *scale_codes, int16_t *offsets, int threads) {
+    quantize(x, rows, k, pts, pts_stride, weights, method, low, high, finite, qdata, scale_codes, offsets, 0, threads);
 }
 
 /* The largest |x| over the finite values of x (n floats), 0 when there are none: search.finite_amax in one pass
@@ -253,4 +308,44 @@ extern "C" float scalesearch_finite_amax(const float *x, int64_t n) {
         result = m > result ? m : result;
     }
     return result;
+}
+
+
+/* Decode blocks [first, last) (decode_blocks) into out, on one thread. */
+struct decode_job {
+    const uint8_t *qdata, *scale_codes;
+    int64_t first, last;
+    float *out;
+};
+
+static void *run_decode_job(void *arg) {
+    const decode_job *j = static_cast<const decode_job *>(arg);
+    for (int64_t g0 = j->first; g0 < j->last; g0 += LANES)
+        decode_blocks(j->qdata + g0 * (BLOCK / 2), j->scale_codes + g0, j->last - g0 < LANES ? (int)(j->last - g0) : LANES,
+                      j->out + g0 * BLOCK);
+    return 0;
+}
+
+/* Decode `blocks` blocks into out (blocks * 16 floats) on this thread and, with threads = 2, one POSIX thread. */
+extern "C" void scalesearch_decode(const uint8_t *qdata, const uint8_t *scale_codes, int64_t blocks, float *out,
+                                   int threads) {
+    int64_t half = (blocks / 2 + LANES - 1) / LANES * LANES;
+    decode_job jobs[2] = {{qdata, scale_codes, 0, threads > 1 ? half : blocks, out},
+                          {qdata, scale_codes, half, blocks, out}};
+    pthread_t id;
+    int started = threads > 1 && half < blocks && pthread_create(&id, 0, run_decode_job, &jobs[1]) == 0;
+    run_decode_job(&jobs[0]);
+    if (started) pthread_join(id, 0);
+    else if (threads > 1) run_decode_job(&jobs[1]);
+}
+
+/* Run-time activations as a W4A4 product reads them: x (rows, k) quantized with the global scale of its finite
+ * amax, max(amax / (448 * 6), 2**-126) (search.global_scale: an IEEE division), written to *pts, and decoded into
+ * values (rows, k), the global scale left out: quantize and decode (layout.unscaled_values) in one pass, the
+ * same bits. */
+extern "C" void scalesearch_fake_quantize(const float *x, int64_t rows, int64_t k, int method, int low, int high,
+                                          float *values, float *pts, int threads) {
+    float scale = scalesearch_finite_amax(x, rows * k) / (448.0f * 6.0f);
+    *pts = scale < 0x1p-126f ? 0x1p-126f : scale;
+    quantize(x, rows, k, pts, 0, 0, method, low, high, 0, 0, 0, 0, values, threads);
 }

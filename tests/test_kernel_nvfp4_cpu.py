@@ -1,5 +1,6 @@
-"""The C++ quantize kernel (``kernels.quantize_cpu``) equals ``quantize_blocks`` bit for bit, and its build is
-cached, atomic and fails with a clear reason."""
+"""The C++ kernels (``kernels.nvfp4_cpu``) equal the references bit for bit (quantization: ``quantize_blocks``;
+decode: ``unscaled_values``; quantize-and-decode: quantize, then decode), and their build is cached, atomic and
+fails with a clear reason."""
 
 import logging
 import os
@@ -16,9 +17,16 @@ from quantize_cases import (
     windows_case,
 )
 
-from scalesearch_compile.kernels import quantize_cpu
-from scalesearch_compile.kernels.quantize_cpu import finite_amax_cpu, load_library, quantize_nvfp4_cpu
-from scalesearch_compile.ops.quantize import nvfp4_quantize
+from scalesearch_compile.kernels import nvfp4_cpu
+from scalesearch_compile.kernels.nvfp4_cpu import (
+    decode_nvfp4_cpu,
+    fake_quantize_nvfp4_cpu,
+    finite_amax_cpu,
+    load_library,
+    quantize_nvfp4_cpu,
+)
+from scalesearch_compile.layout import unscaled_values
+from scalesearch_compile.ops.quantize import nvfp4_quantize, quantized_activation
 from scalesearch_compile.search import METHODS, QuantizeRequest, ScaleChoice, finite_amax, quantize_blocks
 
 
@@ -101,10 +109,10 @@ def test_chunks_and_threads_give_the_same_bits(monkeypatch, per_tensor_scale):
     x = ragged_input(torch.bfloat16, rows=37, k=144)
     request = QuantizeRequest.of(x, ScaleChoice(), per_tensor_scale=per_tensor_scale)
     whole = quantize_nvfp4_cpu(request)
-    monkeypatch.setattr(quantize_cpu, "CHUNK_VALUES", 5 * 144)  # 8 chunks, the last of 2 rows
-    monkeypatch.setattr(quantize_cpu, "PARALLEL_WORK", 1)
+    monkeypatch.setattr(nvfp4_cpu, "CHUNK_VALUES", 5 * 144)  # 8 chunks, the last of 2 rows
+    monkeypatch.setattr(nvfp4_cpu, "PARALLEL_WORK", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    assert quantize_cpu.threads_for(5 * 144, ScaleChoice()) == 3
+    assert nvfp4_cpu.threads_for(5 * 144, ScaleChoice()) == 3
     assert_same_blocks(quantize_nvfp4_cpu(request), whole)
 
 
@@ -144,7 +152,7 @@ def test_build_is_cached_by_source_and_flags(tmp_path, monkeypatch, caplog):
         first = load_library.__wrapped__()
     assert "building the C++ quantize kernel" in caplog.text  # a first use says why it takes seconds
     built = sorted(os.listdir(tmp_path / "cache"))
-    assert len(built) == 1 and built[0].startswith("quantize_cpu_") and built[0].endswith(".so")  # no leftovers
+    assert len(built) == 1 and built[0].startswith("nvfp4_cpu_") and built[0].endswith(".so")  # no leftovers
     mtime = (tmp_path / "cache" / built[0]).stat().st_mtime_ns
     second = load_library.__wrapped__()
     assert (tmp_path / "cache" / built[0]).stat().st_mtime_ns == mtime  # found, not rebuilt
@@ -153,7 +161,7 @@ def test_build_is_cached_by_source_and_flags(tmp_path, monkeypatch, caplog):
 
 @pytest.mark.parametrize(
     "compiler, message",
-    [("/nonexistent/c++", "cannot run the C\\+\\+ compiler"), ("false", "building quantize_cpu.cpp failed")],
+    [("/nonexistent/c++", "cannot run the C\\+\\+ compiler"), ("false", "building nvfp4_cpu.cpp failed")],
 )
 def test_build_failure_names_the_reason(tmp_path, monkeypatch, compiler, message):
     monkeypatch.setenv("SCALESEARCH_CACHE_DIR", str(tmp_path))
@@ -182,9 +190,90 @@ def test_every_vector_width_gives_the_same_bits(tmp_path, monkeypatch, capabilit
     monkeypatch.setenv("SCALESEARCH_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     library = load_library.__wrapped__()  # built for `capability`
-    monkeypatch.setattr(quantize_cpu, "load_library", lambda: library)
+    monkeypatch.setattr(nvfp4_cpu, "load_library", lambda: library)
     x = ragged_input(torch.float32, rows=19, k=112)  # 133 blocks: a partial last group at every width
     x[3, 5] = float("nan")
     for method in ("amax", "search"):
         check(x, method, per_tensor_scale="row", check_finite=False)
         check(x[:, 16:], method, importance=torch.rand(96), check_finite=False)
+
+
+def reference_activation(x, scales):
+    """``ops.quantize.fake_quantize`` by the PyTorch references: quantize, then decode."""
+    return quantized_activation(QuantizeRequest.of(x, scales, check_finite=False))
+
+
+def assert_same_activation(got, ref):
+    (values, pts), (ref_values, ref_pts) = got, ref
+    assert values.dtype == torch.float32 and pts.shape == ()
+    assert torch.equal(values.reshape(ref_values.shape).view(torch.int32), ref_values.view(torch.int32))
+    assert torch.equal(pts.view(torch.int32), ref_pts.view(torch.int32))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    blocks=st.integers(1, 12),
+    log_scale=st.floats(-60, 60),
+    seed=st.integers(0, 2**16),
+    code_range=st.sampled_from([(0, 127), (0, 128)]),
+)
+def test_decode_equals_unscaled_values(rows, blocks, log_scale, seed, code_range):
+    """Every byte and every scale code 0..126 (a partial last group of lanes too) decodes to the reference's bits;
+    code 127 (NaN) to NaN."""
+    g = torch.Generator().manual_seed(seed)
+    qdata = torch.randint(0, 256, (rows, 8 * blocks), dtype=torch.uint8, generator=g)
+    scale_codes = torch.randint(*code_range, (rows, blocks), dtype=torch.uint8, generator=g)
+    assert torch.equal(
+        decode_nvfp4_cpu(qdata, scale_codes).view(torch.int32), unscaled_values(qdata, scale_codes).view(torch.int32)
+    )
+
+
+def test_decode_on_two_threads_and_of_any_layout(monkeypatch):
+    qdata = torch.arange(256, dtype=torch.uint8).repeat(18).view(2, 9, 256)  # every byte
+    scale_codes = torch.arange(2 * 9 * 32).remainder(127).to(torch.uint8).view(2, 9, 32)
+    ref = unscaled_values(qdata, scale_codes)
+    monkeypatch.setattr(nvfp4_cpu, "DECODE_PARALLEL_VALUES", 1)
+    assert torch.equal(decode_nvfp4_cpu(qdata, scale_codes).view(torch.int32), ref.view(torch.int32))
+    transposed = decode_nvfp4_cpu(qdata.transpose(0, 1), scale_codes.transpose(0, 1))  # not contiguous
+    assert torch.equal(transposed.view(torch.int32), ref.transpose(0, 1).contiguous().view(torch.int32))
+    # negative scales (the sign bit), which no quantizer writes: NaN, never another block's value
+    assert decode_nvfp4_cpu(qdata[0, :1, :8], torch.tensor([[200]], dtype=torch.uint8)).isnan().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["amax", "four_over_six", "search"])
+def test_fake_quantize_equals_quantize_then_decode(method, dtype):
+    """Run-time activations quantized and decoded in one pass: the reference's values and global scale, bit for bit,
+    NaN and Inf rows included (NaN blocks, the global scale from the finite values)."""
+    x = ragged_input(dtype, rows=9, k=96)
+    x[2, 5], x[7, 60] = float("nan"), float("inf")
+    scales = ScaleChoice.of(method)
+    got = fake_quantize_nvfp4_cpu(x, scales)
+    assert_same_activation(got, reference_activation(x, scales))
+    assert got[0][2, :16].isnan().all() and not got[0][2, 16:].isnan().any()
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 50),
+    blocks=st.integers(1, 12),
+    log_scale=st.floats(-130, 125),
+    seed=st.integers(0, 2**16),
+    window=st.sampled_from([(-2, 6), (0, 0), (-8, 8), (-1, 1)]),
+)
+def test_fake_quantize_random_shapes_and_magnitudes(rows, blocks, log_scale, seed, window):
+    """Magnitudes from float32 subnormals to 2**125 (the global scale clamped at 2**-126), any number of blocks."""
+    x = torch.randn(rows, 16 * blocks, generator=torch.Generator().manual_seed(seed)) * 2.0**log_scale
+    scales = ScaleChoice("search", window)
+    assert_same_activation(fake_quantize_nvfp4_cpu(x, scales), reference_activation(x, scales))
+
+
+def test_fake_quantize_on_threads_and_of_zeros(monkeypatch):
+    monkeypatch.setattr(nvfp4_cpu, "PARALLEL_WORK", 1)
+    x = ragged_input(torch.float32, rows=33, k=80)
+    assert_same_activation(fake_quantize_nvfp4_cpu(x, ScaleChoice()), reference_activation(x, ScaleChoice()))
+    zeros = torch.zeros(3, 32)
+    values, pts = fake_quantize_nvfp4_cpu(zeros, ScaleChoice())
+    assert_same_activation((values, pts), reference_activation(zeros, ScaleChoice()))
+    assert pts == 2.0**-126 and (values == 0).all()
