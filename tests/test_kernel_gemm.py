@@ -15,6 +15,10 @@ pytest.importorskip("triton")
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from scalesearch_compile.kernels._nvfp4 import dequantize_pairs, dequantize_words, pair_order  # noqa: E402
 from scalesearch_compile.kernels.gemm import (  # noqa: E402
     nvfp4_gemm_triton,
     nvfp4_grouped_linear_triton,
@@ -53,6 +57,45 @@ def relative_error(out, ref):
 def reference(a_dequantized, w, bias=None):
     ref = a_dequantized.double() @ w.dequantize().double().T
     return ref if bias is None else ref + bias.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pair_decode_is_the_word_decode_in_pair_order(dtype):
+    """``dequantize_pairs`` (two values a 32-bit operation, in 16 bits) gives :func:`dequantize_words`'s float32
+    values bit for bit, columns in pair order (0, 4, 1, 5, 2, 6, 3, 7 within each eight): every code in every
+    nibble of a word, every scale code (subnormal, normal, 448 and NaN)."""
+    rows = 64  # 128 blocks: scale codes 0..127
+    codes = (torch.arange(rows * 16).reshape(rows, 16) * 37 + torch.arange(rows)[:, None] * 11) % 256
+    words = codes.to(torch.uint8).view(torch.int32)
+    scales = torch.arange(128, dtype=torch.uint8).reshape(rows, 2)
+    assert len(set((codes & 15).flatten().tolist())) == 16 and len(set((codes >> 4).flatten().tolist())) == 16
+    pairs, words_out = (torch.empty(rows, 32, device=DEVICE) for _ in range(2))
+    _decode_both_ways[(1,)](words.to(DEVICE), scales.to(DEVICE), pairs, words_out, getattr(tl, str(dtype)[6:]), rows)
+    assert torch.equal(pairs.cpu().view(torch.int32), words_out.cpu().view(torch.int32))
+    expected = dequantize_reference(codes, scales).mul(2.0**-8)  # e2m1 * e4m3 / DEQUANTIZED_SCALE, natural order
+    order = torch.tensor([0, 4, 1, 5, 2, 6, 3, 7])
+    in_pair_order = expected.reshape(rows, 4, 8)[:, :, order].reshape(rows, 32)
+    assert torch.equal(pairs.cpu().isnan(), in_pair_order.isnan()) and pairs.cpu().isnan()[-1, 16:].all()
+    finite = ~in_pair_order.isnan()
+    assert torch.equal(pairs.cpu()[finite], in_pair_order[finite])
+
+
+@triton.jit
+def _decode_both_ways(words_ptr, scales_ptr, pairs_ptr, words_out_ptr, DTYPE: tl.constexpr, ROWS: tl.constexpr):
+    """float32 ``dequantize_pairs`` and ``pair_order(dequantize_words)`` of (ROWS, 4) words, (ROWS, 2) scale codes."""
+    rows = tl.arange(0, ROWS)[:, None]
+    words = tl.load(words_ptr + rows * 4 + tl.arange(0, 4)[None, :])
+    scales = tl.load(scales_ptr + rows * 2 + tl.arange(0, 2)[None, :])
+    columns = rows * 32 + tl.arange(0, 32)[None, :]
+    tl.store(pairs_ptr + columns, dequantize_pairs(words, scales, DTYPE, ROWS, 32).to(tl.float32))
+    tl.store(words_out_ptr + columns, pair_order(dequantize_words(words, scales, ROWS, 32), ROWS, 32))
+
+
+def dequantize_reference(codes, scales):
+    """float32 e2m1 * e4m3 of packed bytes ``codes`` (rows, K // 2) and scale codes (rows, K // 16), in torch."""
+    grid = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+    e2m1 = torch.cat([grid, -grid])[torch.stack([codes & 15, codes >> 4], -1).flatten(-2).long()]
+    return e2m1 * scales.view(torch.float8_e4m3fn).float().repeat_interleave(16, -1)
 
 
 @pytest.mark.parametrize("split_k", [1, 3])
@@ -481,7 +524,12 @@ def test_compiles_for_ampere_hopper_and_blackwell():
     ptx = [c["ptx"] for c in code]
     hopper_large = ptx[0]
     assert "wgmma" in hopper_large
+    hopper_w4a16, hopper_w4a16_fp32, ampere = ptx[len(configs) : len(configs) + 3]
     *_, fused_hopper, blackwell, fused_blackwell, grouped_hopper, _, grouped_blackwell, w4a16_bf16, w4a16_fp16 = ptx
+    # Hopper and Ampere dequantize two weight values a 16-bit FMA (subnormal inputs kept: no .ftz), float32 one a time
+    assert "fma.rn.bf16x2" in hopper_w4a16 and "fma.rn.f16x2" in ampere and "fma.rn.f16x2" in hopper_large
+    assert "x2" not in "".join(line for line in hopper_w4a16_fp32.splitlines() if "fma" in line or "mul" in line)
+    assert ".ftz" not in hopper_w4a16 + ampere
     assert "wgmma" in grouped_hopper and "tcgen05.mma" in grouped_blackwell
     # W4A16 on sm_100: weight codes converted by the hardware, two a conversion, and a 16-bit tcgen05 MMA
     assert "cvt.rn.bf16x2.e2m1x2" in w4a16_bf16 and "cvt.rn.f16x2.e2m1x2" in w4a16_fp16
@@ -494,6 +542,7 @@ def test_each_launch_autotunes_only_its_own_tiles():
     from scalesearch_compile.kernels.gemm import (
         CONVERTED_DECODE_CONFIGS,
         DECODE_CONFIGS,
+        DEQUANTIZED_W4A16_DECODE_CONFIGS,
         GPU_CONFIGS,
         LARGE_CONFIGS,
         _nvfp4_gemm_kernel,
@@ -501,15 +550,18 @@ def test_each_launch_autotunes_only_its_own_tiles():
         configs_for_rows,
     )
 
-    assert all(c.kwargs["BLOCK_M"] <= 16 for c in DECODE_CONFIGS + CONVERTED_DECODE_CONFIGS)
+    assert all(c.kwargs["BLOCK_M"] <= 16 for c in DECODE_CONFIGS + DEQUANTIZED_W4A16_DECODE_CONFIGS)
+    assert all(c.kwargs["BLOCK_M"] <= 16 for c in CONVERTED_DECODE_CONFIGS)
     for m_bucket in (1, 2, 16):
         assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket}) == DECODE_CONFIGS
         native = [c for c in DECODE_CONFIGS if c.kwargs["BLOCK_N"] == 128]  # W4A4 on sm_100: 128 weight rows
         assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket, "DOT_SCALED": True}) == native and native
         w4a16 = {"M_BUCKET": m_bucket, "DOT_SCALED": True, "A_MODE": "float"}  # sm_100: converted in hardware
         assert _prune_for_rows(GPU_CONFIGS, w4a16) == CONVERTED_DECODE_CONFIGS
-        assert _prune_for_rows(GPU_CONFIGS, {**w4a16, "DOT_SCALED": False}) == DECODE_CONFIGS
+        dequantized = DECODE_CONFIGS + DEQUANTIZED_W4A16_DECODE_CONFIGS  # Hopper, Ampere: K 256 too
+        assert _prune_for_rows(GPU_CONFIGS, {**w4a16, "DOT_SCALED": False}) == dequantized
     assert _prune_for_rows(GPU_CONFIGS, {}, M_BUCKET=32) == LARGE_CONFIGS + DECODE_CONFIGS  # a keyword M_BUCKET
+    assert _prune_for_rows(GPU_CONFIGS, {"A_MODE": "float"}, M_BUCKET=32) == LARGE_CONFIGS + DECODE_CONFIGS
     native = _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": 2048}, DOT_SCALED=True)  # sm_100
     assert native == [c for c in GPU_CONFIGS if c.kwargs["BLOCK_M"] == 128] and len(native) == 2
     assert configs_for_rows(LARGE_CONFIGS, 1) == LARGE_CONFIGS  # never empty

@@ -24,7 +24,10 @@ import tempfile
 import triton
 import triton.language as tl
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
 # Globals a @triton.jit function reads must be tl.constexpr instances (the interpreter does not check this).
+NATIVE_16_BIT = tl.constexpr(not INTERPRET)  # the interpreter runs no inline PTX and multiplies bfloat16 wrongly
 NVFP4_BLOCK = tl.constexpr(16)
 E2M1_MAX = tl.constexpr(6.0)
 E4M3_MAX = tl.constexpr(448.0)
@@ -300,9 +303,107 @@ def _word_element(words, j: tl.constexpr, scales):
     return bits.to(tl.float32, bitcast=True) * scales
 
 
-# ---- host side: shared by the launchers and their tests ----
+@triton.jit
+def dequantize_pairs(words, scale_codes, DTYPE: tl.constexpr, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """DTYPE (bfloat16 or float16) ``e2m1(codes) * e4m3(scale_codes) * 2**-8`` ``[ROWS, BLOCK_K]``: the values of
+    :func:`dequantize_words` (same arguments) in *pair order*, each word's eight elements at positions 0, 2, 4, 6,
+    1, 3, 5, 7, so that position ``2j`` holds element ``j`` and ``2j + 1`` element ``j + 4`` (:func:`pair_order`
+    puts an activation tile in the same order, which leaves their dot product unchanged).
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+    Two values at once: a word's nibbles j and j + 4 lie 16 bits apart, as the halves of two 16-bit floats in 32
+    bits do. A nibble's magnitude bits moved to bits 6-8 of its half (bfloat16: the exponent's two low bits and the
+    top mantissa bit; float16: bits 9-11) and its sign to bit 15 make the half ``e2m1 * 2**-126`` (float16:
+    ``e2m1 * 2**-14``), a subnormal for exponent 0; one two-way FMA by the block's ``e4m3 * 2**118`` (float16:
+    ``* 2**6``) plus -0 gives both values, exact (a 2-bit times a 4-bit significand, in range; a 16-bit FMA keeps
+    subnormal inputs). The bits move four nibbles at a time: a select word takes four nibbles' magnitude bits from
+    the word and their signs from the word shifted by SIGN_LEAD (a sign moves that much further than its magnitude
+    bits), then one shift and one mask a pair: about 15 integer instructions a word (:func:`dequantize_words`: 40).
+    The four nibbles (bfloat16: 0, 1, 4, 5, then 2, 3, 6, 7; float16: 0, 2, 4, 6, then 1, 3, 5, 7) are those whose
+    moved sign bits land on no magnitude bit the group keeps."""
+    if DTYPE == tl.bfloat16:
+        MAG_AT: tl.constexpr = 6
+        SIGN_LEAD: tl.constexpr = 6
+        GROUP_MAGNITUDES: tl.constexpr = 0x00770077
+        GROUP_SHIFT: tl.constexpr = 8  # nibbles 2, 3, 6, 7 to 0, 1, 4, 5
+        SECOND: tl.constexpr = 1  # a group's second nibble, from its first
+        FACTOR: tl.constexpr = 2.0**119  # twice: 2**-120 to 2**118
+    else:
+        MAG_AT: tl.constexpr = 9
+        SIGN_LEAD: tl.constexpr = 3
+        GROUP_MAGNITUDES: tl.constexpr = 0x07070707
+        GROUP_SHIFT: tl.constexpr = 4  # nibbles 1, 3, 5, 7 to 0, 2, 4, 6
+        SECOND: tl.constexpr = 2
+        FACTOR: tl.constexpr = 2.0**63  # twice: 2**-120 to 2**6
+    scale_codes = scale_codes.to(tl.int32)
+    # float32 bits ``code << 20`` are e4m3 * 2**-120 (E4M3 subnormals become float32 subnormals); two exact
+    # multiplies make the block's factor, exact in DTYPE
+    scales = (scale_codes << 20).to(tl.float32, bitcast=True) * FACTOR * FACTOR
+    scales = tl.where(scale_codes == E4M3_NAN_CODE, float("nan"), scales).to(DTYPE)
+    scales = tl.reshape(tl.join(scales, scales), (ROWS, BLOCK_K // 8))  # a word lies in one block
+    words = words.to(tl.uint32, bitcast=True)
+    HALVES: tl.constexpr = 0x80008000 | (0x00070007 << MAG_AT)  # a pair's sign and magnitude bits
+    first = _select_signs(words, GROUP_MAGNITUDES, SIGN_LEAD)
+    second = _select_signs(words >> GROUP_SHIFT, GROUP_MAGNITUDES, SIGN_LEAD)
+    low0, high0 = _scaled_halves((first << MAG_AT) & HALVES, scales, DTYPE)
+    low1, high1 = _scaled_halves((first << (MAG_AT - 4 * SECOND)) & HALVES, scales, DTYPE)
+    low2, high2 = _scaled_halves((second << MAG_AT) & HALVES, scales, DTYPE)
+    low3, high3 = _scaled_halves((second << (MAG_AT - 4 * SECOND)) & HALVES, scales, DTYPE)
+    # lowN: the first group's first and second nibble, then the second group's; joined[..., a, b] is nibble 2a + b
+    if DTYPE == tl.bfloat16:  # the groups' nibbles 0, 1 and 2, 3
+        lows = tl.join(tl.join(low0, low2), tl.join(low1, low3))
+        highs = tl.join(tl.join(high0, high2), tl.join(high1, high3))
+    else:  # 0, 2 and 1, 3
+        lows = tl.join(tl.join(low0, low1), tl.join(low2, low3))
+        highs = tl.join(tl.join(high0, high1), tl.join(high2, high3))
+    # [..., a, b, h]: nibble 2a + b + 4h at position 4a + 2b + h; a pair's halves stay in one register
+    return tl.reshape(tl.join(lows, highs), (ROWS, BLOCK_K))
+
+
+@triton.jit
+def _select_signs(words, GROUP_MAGNITUDES: tl.constexpr, SIGN_LEAD: tl.constexpr):
+    """uint32: the bits of ``words`` at GROUP_MAGNITUDES, those of ``words << SIGN_LEAD`` elsewhere."""
+    shifted = words << SIGN_LEAD
+    return shifted ^ ((words ^ shifted) & GROUP_MAGNITUDES)
+
+
+@triton.jit
+def _scaled_halves(pair, scales, DTYPE: tl.constexpr):
+    """The two 16-bit floats of uint32 ``pair`` (low half, high half) times DTYPE ``scales``."""
+    if NATIVE_16_BIT:
+        if DTYPE == tl.bfloat16:
+            FMA: tl.constexpr = "fma.rn.bf16x2"
+        else:
+            FMA: tl.constexpr = "fma.rn.f16x2"
+        low, high = tl.inline_asm_elementwise(
+            "{ .reg .b32 s, z, p; mov.b32 s, {$3, $3}; mov.b32 z, 0x80008000; " + FMA + " p, $2, s, z; "
+            "mov.b32 {$0, $1}, p; }",
+            "=h,=h,r,h",
+            [pair, scales],
+            dtype=(scales.dtype, scales.dtype),
+            is_pure=True,
+            pack=1,
+        )
+    else:  # the interpreter runs no PTX: the same products in float32, exact, rounded to DTYPE exactly
+        if DTYPE == tl.bfloat16:  # from the bits: the interpreter's bfloat16 casts flush subnormals
+            low = (pair << 16).to(tl.float32, bitcast=True)
+            high = (pair & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            low = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            high = (pair >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        low = (low * scales.to(tl.float32)).to(DTYPE)
+        high = (high * scales.to(tl.float32)).to(DTYPE)
+    return low, high
+
+
+@triton.jit
+def pair_order(x, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[ROWS, BLOCK_K]`` tile ``x`` with each eight columns in :func:`dequantize_pairs`'s order: 0, 4, 1, 5, 2,
+    6, 3, 7."""
+    x = tl.reshape(x, (ROWS, BLOCK_K // 8, 2, 4))  # [..., h, j]: column 4h + j
+    return tl.reshape(tl.permute(x, (0, 1, 3, 2)), (ROWS, BLOCK_K))
+
+
+# ---- host side: shared by the launchers and their tests ----
 
 
 def autotune_configs(gpu_configs, interpreter_config):

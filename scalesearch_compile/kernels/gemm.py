@@ -12,7 +12,8 @@ so it equals quantize-then-GEMM bit for bit.
 Paths: on compute capability 10.x / 12.x, W4A4 uses ``tl.dot_scaled(..., "e2m1", ...)`` with E4M3 scales, and
 so does W4A16 with bfloat16 / float16 activations (the weight converted by the hardware's E2M1 conversion and
 scaled in the activation's dtype, exact); elsewhere (Hopper, Ampere, the interpreter, float32 W4A16) tiles are
-dequantized in registers and fed to ``tl.dot``.
+dequantized in registers and fed to ``tl.dot``, for a 16-bit dot two weight values a 32-bit operation
+(``_nvfp4.dequantize_pairs``, the K columns of both operands in its pair order: the same dot product).
 Decode shapes (M <= 16) split K across programs: each stores its float32 partial sum, and the program that
 finishes a tile last (an atomic ticket per tile) adds the partials in split order, adds the bias and casts, so
 the result is deterministic and needs no further launch. An activation block holding NaN or Inf (scale code
@@ -30,13 +31,16 @@ import triton.language as tl
 from scalesearch_compile.kernels._nvfp4 import (
     DEQUANTIZED_SCALE,
     INTERPRET,
+    NATIVE_16_BIT,
     NATIVE_FP4_BLOCK_M,
     autotune_configs,
     check_kernel_device,
+    dequantize_pairs,
     dequantize_tile,
     dequantize_words,
     native_fp4_tiles,
     pack_nibbles,
+    pair_order,
     quantize_tile,
     unpack_nibbles,
 )
@@ -61,9 +65,6 @@ DECODE_MAX_M = 16
 # (weights dequantized at least four times), not yet timed on a GPU; ``benchmarks/gpu_check.sh`` times both.
 DEQUANTIZE_MIN_M = 512
 NO_SEARCH = ScaleChoice("amax", (0, 0))  # the scale-choice constexprs of launches that quantize nothing
-# Triton 3.9's interpreter multiplies bfloat16 tensors wrongly (the products overflow), so there the kernel
-# multiplies in float32 and rounds once to bfloat16, which is what a GPU's bf16 multiply computes.
-BF16_MULTIPLY = tl.constexpr(not INTERPRET)
 
 # Tile shapes from Triton's Hopper matmul tutorial (128x128 / 128x64 / 64x128 with 4-8 warps, 3-4 stages),
 # with BLOCK_K 64-128 (whole 16-element scale blocks; dot_scaled wants K >= 64); the large tiles run 8 warps (and
@@ -81,6 +82,12 @@ DECODE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=3),
 ]
+# W4A16 decode dequantizing in registers (Hopper, Ampere) also tries a K tile of 256: the loop's fixed cost spread
+# over twice the bytes, 7.8 thread-instructions per weight byte on sm_90a against 8.6-9.7 with the tiles above
+# (benchmarks/kernel_static.py); W4A4 and the fused prologue gain nothing from it (13.9 and 98.2, 254 registers).
+DEQUANTIZED_W4A16_DECODE_CONFIGS = [
+    triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=3),
+]
 # W4A16 decode through dot_scaled (sm_100), whose loop converts a weight byte in one instruction: a K tile of 256
 # spreads the loop's fixed cost (barriers, MMA issue) over twice the bytes, 4.4 thread-instructions per weight
 # byte against 5.7-6.0 with the tiles above (benchmarks/kernel_static.py); K 512 spills with float16
@@ -88,7 +95,8 @@ DECODE_CONFIGS = [
 CONVERTED_DECODE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=2),
 ]
-GPU_CONFIGS = LARGE_CONFIGS + DECODE_CONFIGS + CONVERTED_DECODE_CONFIGS
+W4A16_DECODE_CONFIGS = DEQUANTIZED_W4A16_DECODE_CONFIGS + CONVERTED_DECODE_CONFIGS
+GPU_CONFIGS = LARGE_CONFIGS + DECODE_CONFIGS + W4A16_DECODE_CONFIGS
 _CONFIGS = autotune_configs(
     GPU_CONFIGS, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4)
 )
@@ -97,13 +105,15 @@ _CONFIGS = autotune_configs(
 def configs_for_rows(configs: list, m_bucket: int, dot_scaled: bool = False, a_mode: str = "nvfp4") -> list:
     """Of the autotune ``configs``, those worth trying for ``m_bucket`` rows (M's next power of two): at decode (at
     most ``DECODE_MAX_M`` rows) the decode tiles, with ``dot_scaled`` those whose 128 weight rows run the native
-    FP4 MMA and for W4A16 (``a_mode`` "float") its own; above, the configs that are not for W4A16's converted
-    decode, with ``dot_scaled`` only those whose 128 activation rows run the native FP4 MMA
+    FP4 MMA, and W4A16 (``a_mode`` "float") its own too (with ``dot_scaled`` its own alone); above, the configs that
+    are not W4A16 decode's own, with ``dot_scaled`` only those whose 128 activation rows run the native FP4 MMA
     (``_nvfp4.native_fp4_tiles``). Never empty: with no such tile (the interpreter's one config) all stay."""
     if m_bucket > DECODE_MAX_M:
-        kept = native_fp4_tiles([c for c in configs if c not in CONVERTED_DECODE_CONFIGS], dot_scaled)
+        kept = native_fp4_tiles([c for c in configs if c not in W4A16_DECODE_CONFIGS], dot_scaled)
     elif dot_scaled and a_mode == "float":
         kept = [c for c in configs if c in CONVERTED_DECODE_CONFIGS]
+    elif a_mode == "float":
+        kept = [c for c in configs if c in DECODE_CONFIGS + DEQUANTIZED_W4A16_DECODE_CONFIGS]
     else:  # W4A4 through dot_scaled computes the product transposed: the weight rows must fill the FP4 MMA
         native = [c for c in DECODE_CONFIGS if not dot_scaled or c.kwargs["BLOCK_N"] >= NATIVE_FP4_BLOCK_M]
         kept = [c for c in configs if c in native]
@@ -193,6 +203,9 @@ def _tile_product(
     # needs 128 of them), the activation rows its N; W4A16's converted dot_scaled builds better unswapped.
     SWAP_AB: tl.constexpr = BLOCK_M <= 16 and not (DOT_SCALED and A_MODE == "float")
     A_FORMAT: tl.constexpr = "bf16" if DOT_DTYPE == tl.bfloat16 else "fp16"  # of a W4A16 dot_scaled
+    # Triton 3.9's interpreter computes bfloat16 dots wrongly: there they run in float32 (exact for these operands)
+    MMA_DTYPE: tl.constexpr = tl.float32 if DOT_DTYPE == tl.bfloat16 and not NATIVE_16_BIT else DOT_DTYPE
+    MMA_PRECISION: tl.constexpr = "ieee" if MMA_DTYPE == tl.float32 else INPUT_PRECISION
     a_norm = tl.math.div_rn(1.0, a_pts)  # "float" mode: a power of two, so exact
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP_AB: the transposed product
@@ -215,7 +228,7 @@ def _tile_product(
             if A_MODE == "float" and HAS_A_PTS:
                 # Exact but for results below the dtype's subnormals, rounded once either way. bf16 has float32's
                 # exponent range, so the power of two is a bf16: one bf16x2 multiply per two values.
-                if a.dtype == tl.bfloat16 and BF16_MULTIPLY:
+                if a.dtype == tl.bfloat16 and NATIVE_16_BIT:
                     a = a * a_norm.to(tl.bfloat16)
                 else:
                     a = (a.to(tl.float32) * a_norm).to(a.dtype)
@@ -244,11 +257,16 @@ def _tile_product(
             else:
                 acc = tl.dot_scaled(a_packed, a_scales, "e2m1", tl.trans(w_packed), w_scales, "e2m1", acc)
         else:
-            w = dequantize_words(w_packed, w_scales, BLOCK_N, BLOCK_K)  # divided by DEQUANTIZED_SCALE
-            if SWAP_AB:
-                acc_t = tl.dot(w.to(DOT_DTYPE), tl.trans(a.to(DOT_DTYPE)), acc_t, input_precision=INPUT_PRECISION)
+            # divided by DEQUANTIZED_SCALE; 16 bits: two at a time, both operands' columns in pair order
+            if DOT_DTYPE == tl.float32:
+                w = dequantize_words(w_packed, w_scales, BLOCK_N, BLOCK_K)
             else:
-                acc = tl.dot(a.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=INPUT_PRECISION)
+                w = dequantize_pairs(w_packed, w_scales, DOT_DTYPE, BLOCK_N, BLOCK_K)
+                a = pair_order(a, BLOCK_M, BLOCK_K)
+            if SWAP_AB:
+                acc_t = tl.dot(w.to(MMA_DTYPE), tl.trans(a.to(MMA_DTYPE)), acc_t, input_precision=MMA_PRECISION)
+            else:
+                acc = tl.dot(a.to(MMA_DTYPE), tl.trans(w.to(MMA_DTYPE)), acc, input_precision=MMA_PRECISION)
     if SWAP_AB:
         acc = tl.trans(acc_t)
     if DOT_SCALED:
@@ -512,8 +530,6 @@ def _launch(
         partials = torch.empty((split_k, m, n), dtype=torch.float32, device=a.device)
         tiles = max(triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]) for c in _CONFIGS)
         tickets = torch.zeros(tiles, dtype=torch.int32, device=a.device)  # one memset; the kernel leaves them 0
-    if INTERPRET and dot_dtype == torch.bfloat16 and not dot_scaled:
-        dot_dtype = torch.float32  # Triton 3.9's interpreter computes bf16 dots wrongly; bf16 -> fp32 is exact
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), split_k)
