@@ -4,6 +4,8 @@ fails with a clear reason."""
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -169,6 +171,37 @@ def test_build_failure_names_the_reason(tmp_path, monkeypatch, compiler, message
     with pytest.raises(RuntimeError, match=message):
         load_library.__wrapped__()
     assert os.listdir(tmp_path) == []  # nothing half-written left behind
+
+
+def test_a_compiler_without_openmp_builds_a_one_thread_library(tmp_path, monkeypatch, caplog):
+    """A compiler that refuses -fopenmp (Apple's clang) still gets a library, whose pragmas run on one thread, with
+    a warning; the next process finds that build instead of failing again."""
+    compiler = tmp_path / "cxx"
+    compiler.write_text('#!/bin/sh\ncase "$*" in *-fopenmp*) echo "unsupported option -fopenmp" >&2; exit 1;; esac\n'
+                        'exec c++ "$@"\n')  # fmt: skip
+    compiler.chmod(0o755)
+    monkeypatch.setenv("SCALESEARCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CXX", str(compiler))
+    with caplog.at_level(logging.WARNING, logger="scalesearch_compile"):
+        library = load_library.__wrapped__()
+    assert "with OpenMP failed, so it runs on one thread" in caplog.text and "-fopenmp" in caplog.text
+    assert library._name == str(nvfp4_cpu._library_path(tmp_path / "cache", parallel=False))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scalesearch_compile"):
+        assert load_library.__wrapped__()._name == library._name
+    assert caplog.text == ""  # found, not rebuilt, no second warning
+    monkeypatch.setattr(nvfp4_cpu, "load_library", lambda: library)
+    monkeypatch.setattr(nvfp4_cpu, "PARALLEL_WORK", 1)  # the OpenMP pragmas, here ignored
+    check(ragged_input(torch.float32, rows=19, k=112), "search")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
+def test_the_library_uses_pytorchs_openmp_runtime():
+    """The threads come from the OpenMP runtime PyTorch loaded (one libgomp in the process), not a second pool."""
+    load_library()
+    runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+    assert len(runtimes) == 1 and "torch" in next(iter(runtimes))
+    assert "libgomp" in subprocess.run(["ldd", load_library()._name], capture_output=True, text=True).stdout
 
 
 def test_an_unwritable_cache_is_named(tmp_path, monkeypatch):

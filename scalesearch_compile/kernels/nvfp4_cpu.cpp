@@ -12,7 +12,6 @@
  * NULL;
  * out qdata uint8 (rows, k / 2) (element 2i in the low nibble), scale codes uint8 and offsets int16 (rows, k / 16).
  */
-#include <pthread.h>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -233,8 +232,7 @@ struct job {
     float *values;
 };
 
-static void *run_job(void *arg) {
-    const job *j = static_cast<const job *>(arg);
+static void run_job(const job *j) {
     for (int64_t g0 = j->first; g0 < j->last; g0 += LANES) {
         int count = j->last - g0 < LANES ? (int)(j->last - g0) : LANES;
         if (!j->values) {
@@ -249,20 +247,18 @@ static void *run_job(void *arg) {
                         j->finite, qdata, scale_codes, offsets);
         decode_blocks(qdata, scale_codes, count, j->values + g0 * BLOCK);
     }
-    return 0;
 }
 
-/* Run `jobs[0..threads)` on this thread and threads - 1 POSIX threads (a thread that cannot be started has its
- * job run here). */
+/* Run `jobs[0..threads)`, one a thread of the OpenMP runtime PyTorch's own CPU kernels and Inductor's run on (the
+ * same team: no second pool competing for the cores); one after another where the library was built without
+ * OpenMP. */
 static void run_jobs(job *jobs, int threads) {
-    enum { MAX_THREADS = 64 };
-    pthread_t ids[MAX_THREADS];
-    int started[MAX_THREADS] = {0};
-    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], 0, run_job, &jobs[t]) == 0;
-    for (int t = 0; t < threads; t++)
-        if (!started[t]) run_job(&jobs[t]);
-    for (int t = 1; t < threads; t++)
-        if (started[t]) pthread_join(ids[t], 0);
+    if (threads == 1) {
+        run_job(jobs);  // no parallel region for the small calls of decoding one token
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int t = 0; t < threads; t++) run_job(&jobs[t]);
 }
 
 /* Quantize x (rows, k) on up to `threads` threads, each a contiguous share of the blocks: into qdata, scale codes
@@ -318,25 +314,24 @@ struct decode_job {
     float *out;
 };
 
-static void *run_decode_job(void *arg) {
-    const decode_job *j = static_cast<const decode_job *>(arg);
+static void run_decode_job(const decode_job *j) {
     for (int64_t g0 = j->first; g0 < j->last; g0 += LANES)
         decode_blocks(j->qdata + g0 * (BLOCK / 2), j->scale_codes + g0, j->last - g0 < LANES ? (int)(j->last - g0) : LANES,
                       j->out + g0 * BLOCK);
-    return 0;
 }
 
-/* Decode `blocks` blocks into out (blocks * 16 floats) on this thread and, with threads = 2, one POSIX thread. */
+/* Decode `blocks` blocks into out (blocks * 16 floats), in two halves on two threads with threads = 2. */
 extern "C" void scalesearch_decode(const uint8_t *qdata, const uint8_t *scale_codes, int64_t blocks, float *out,
                                    int threads) {
     int64_t half = (blocks / 2 + LANES - 1) / LANES * LANES;
-    decode_job jobs[2] = {{qdata, scale_codes, 0, threads > 1 ? half : blocks, out},
-                          {qdata, scale_codes, half, blocks, out}};
-    pthread_t id;
-    int started = threads > 1 && half < blocks && pthread_create(&id, 0, run_decode_job, &jobs[1]) == 0;
-    run_decode_job(&jobs[0]);
-    if (started) pthread_join(id, 0);
-    else if (threads > 1) run_decode_job(&jobs[1]);
+    bool split = threads > 1 && half < blocks;
+    decode_job jobs[2] = {{qdata, scale_codes, 0, split ? half : blocks, out}, {qdata, scale_codes, half, blocks, out}};
+    if (!split) {
+        run_decode_job(&jobs[0]);
+        return;
+    }
+#pragma omp parallel for num_threads(2) schedule(static, 1)
+    for (int t = 0; t < 2; t++) run_decode_job(&jobs[t]);
 }
 
 /* Run-time activations as a W4A4 product reads them: x (rows, k) quantized with the global scale of its finite

@@ -41,7 +41,11 @@ from scalesearch_compile.search import QuantizeRequest, ScaleChoice, finite_amax
 logger = logging.getLogger("scalesearch_compile")
 
 SOURCE = Path(__file__).with_name("nvfp4_cpu.cpp")
-FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-pthread", "-ffp-contract=off", "-fno-fast-math")
+FLAGS = ("-O3", "-shared", "-fPIC", "-std=c++17", "-ffp-contract=off", "-fno-fast-math")
+# Threads from the OpenMP runtime PyTorch has loaded (its libgomp.so.1, whose soname the build's dependency
+# matches): the team Inductor's and ATen's CPU kernels run on, not a second pool competing for the cores. A
+# compiler without OpenMP builds the library without it, one thread.
+PARALLEL_FLAGS = ("-fopenmp",)
 # One build for the widest vectors: a 192 x 384 search took 243 us built for AVX-512 (16 lanes) against 365 us
 # for AVX2 (8 lanes), and 476 us with GCC's target_clones of both in one library (measured on the C version).
 ARCH_FLAGS = {"AVX512": ("-march=x86-64-v4",), "AVX2": ("-march=x86-64-v3",)}
@@ -49,12 +53,12 @@ METHOD_IDS = {"amax": 0, "search": 1, "four_over_six": 2, "exhaustive": 3}
 # Rows are read as float32 in chunks of about this many values, so the extra memory is bounded whatever the
 # input's size and dtype (at most one float32 chunk a call).
 CHUNK_VALUES = 1 << 20
-# The blocks are shared between torch.get_num_threads() threads only for at least this many value-candidate
-# evaluations. A thread costs 60-100 us to start and join on the 2-core CI machine: alone, a 192 x 1536 search
-# (2.7M evaluations) took 0.53 ms on two threads against 0.83 ms on one, but inside a compiled model, between
-# Inductor's OpenMP kernels, splitting at 2^20 slowed the small Llama of benchmarks/linear.py (W4A4 search,
-# 256 x 512 activations, 1.2M) from 65.8 to 76.8 ms a forward; a 2048 x 4096 search (75M) took 13.4 against 24.9 ms.
-PARALLEL_WORK = 1 << 24
+# The blocks are shared between torch.get_num_threads() threads from this many value-candidate evaluations on (on
+# PyTorch's OpenMP team: a fork and join costs microseconds once its threads exist). In MiniLM's compiled W4A4
+# forward (benchmarks/linear.py, 25 searches of 123K-492K values) the searches took 21.4 ms on two threads against
+# 30.5 ms on one (torch.profiler, 2-core CI machine; 25.4 ms from 2^20 on). POSIX threads started per call had cost
+# 60-100 us each and, between Inductor's OpenMP kernels, slowed the small Llama from 65.8 to 76.8 ms a forward.
+PARALLEL_WORK = 1 << 18
 DECODE_PARALLEL_VALUES = 1 << 18
 
 
@@ -64,36 +68,56 @@ def cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "scalesearch_compile"
 
 
-def _build_command(output: Path) -> list[str]:
+def _build_command(output: Path, parallel: bool) -> list[str]:
     compiler = shlex.split(os.environ.get("CXX", "c++"))
     arch = ARCH_FLAGS.get(torch.backends.cpu.get_cpu_capability(), ())
-    return [*compiler, *FLAGS, *arch, str(SOURCE), "-o", str(output)]
+    return [*compiler, *FLAGS, *(PARALLEL_FLAGS if parallel else ()), *arch, str(SOURCE), "-o", str(output)]
+
+
+def _library_path(directory: Path, parallel: bool) -> Path:
+    """The cached build for this source and build command."""
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_build_command(Path(), parallel)).encode()).hexdigest()[:16]
+    return directory / f"nvfp4_cpu_{key}_{sys.platform}.so"
+
+
+def _build(library: Path, parallel: bool) -> None:
+    """Build into a temporary file beside ``library``, then rename; RuntimeError saying why it cannot be."""
+    try:
+        library.parent.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.TemporaryDirectory(dir=library.parent)
+    except OSError as error:
+        raise RuntimeError(
+            f"cannot write the kernel cache {library.parent} ({error}); set SCALESEARCH_CACHE_DIR to a writable one"
+        ) from error
+    with scratch:
+        built = Path(scratch.name) / library.name
+        logger.info("building the C++ quantize kernel (once, a few seconds): %s", library)
+        try:
+            result = subprocess.run(_build_command(built, parallel), capture_output=True, text=True)
+        except OSError as error:
+            raise RuntimeError(f"cannot run the C++ compiler ({error}); set CXX to one") from error
+        if result.returncode:
+            raise _BuildFailed(f"building {SOURCE.name} failed: {result.stderr.strip()[-2000:]}")
+        os.replace(built, library)
+
+
+class _BuildFailed(RuntimeError):
+    """The compiler ran and refused the build."""
 
 
 @functools.cache
 def load_library() -> ctypes.CDLL:
-    """The built kernel library (built now if no cached build exists); RuntimeError saying why it cannot be."""
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(_build_command(Path())).encode()).hexdigest()[:16]
-    directory = cache_dir()
-    library = directory / f"nvfp4_cpu_{key}_{sys.platform}.so"
+    """The built kernel library (built now if no cached build exists), with OpenMP threads or, where the compiler
+    has no OpenMP, without; RuntimeError saying why it cannot be built."""
+    parallel, serial = (_library_path(cache_dir(), flag) for flag in (True, False))
+    library = parallel if parallel.exists() or not serial.exists() else serial
     if not library.exists():
         try:
-            directory.mkdir(parents=True, exist_ok=True)
-            scratch = tempfile.TemporaryDirectory(dir=directory)
-        except OSError as error:
-            raise RuntimeError(
-                f"cannot write the kernel cache {directory} ({error}); set SCALESEARCH_CACHE_DIR to a writable one"
-            ) from error
-        with scratch:
-            built = Path(scratch.name) / library.name
-            logger.info("building the C++ quantize kernel (once, a few seconds): %s", library)
-            try:
-                result = subprocess.run(_build_command(built), capture_output=True, text=True)
-            except OSError as error:
-                raise RuntimeError(f"cannot run the C++ compiler ({error}); set CXX to one") from error
-            if result.returncode:
-                raise RuntimeError(f"building {SOURCE.name} failed: {result.stderr.strip()[-2000:]}")
-            os.replace(built, library)
+            _build(parallel, parallel=True)
+        except _BuildFailed as error:
+            logger.warning("building the C++ kernel with OpenMP failed, so it runs on one thread: %s", error)
+            _build(serial, parallel=False)
+            library = serial
     lib = ctypes.CDLL(str(library))
     pointer, size = ctypes.c_void_p, ctypes.c_int64
     lib.scalesearch_quantize.restype = None
