@@ -136,7 +136,9 @@ def gemm_cases(target: int, variants, m_override=None):
                 DOT_DTYPE=tl.bfloat16 if a_mode == "float" else tl.float16, INPUT_PRECISION="tf32",
                 DOT_SCALED=target >= 100, SPLIT_K=split, GROUPED=False,
             )  # fmt: skip
-            tried = gemm.configs_for_rows(gemm.GPU_CONFIGS, args["M_BUCKET"], constexprs["DOT_SCALED"], a_mode)
+            tried = gemm.configs_for_rows(
+                gemm.GPU_CONFIGS, args["M_BUCKET"], constexprs["DOT_SCALED"], a_mode, constexprs["DOT_DTYPE"]
+            )
             for index, config in enumerate(gemm.GPU_CONFIGS):
                 if config in tried:
                     yield _case("gemm", variant, index, config, target, m, gemm, "_nvfp4_gemm_kernel", args, constexprs)

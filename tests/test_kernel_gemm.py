@@ -542,7 +542,7 @@ def test_each_launch_autotunes_only_its_own_tiles():
     from scalesearch_compile.kernels.gemm import (
         CONVERTED_DECODE_CONFIGS,
         DECODE_CONFIGS,
-        DEQUANTIZED_W4A16_DECODE_CONFIGS,
+        DEQUANTIZED_DECODE_CONFIGS,
         GPU_CONFIGS,
         LARGE_CONFIGS,
         _nvfp4_gemm_kernel,
@@ -550,16 +550,20 @@ def test_each_launch_autotunes_only_its_own_tiles():
         configs_for_rows,
     )
 
-    assert all(c.kwargs["BLOCK_M"] <= 16 for c in DECODE_CONFIGS + DEQUANTIZED_W4A16_DECODE_CONFIGS)
+    assert all(c.kwargs["BLOCK_M"] <= 16 for c in DECODE_CONFIGS + DEQUANTIZED_DECODE_CONFIGS)
     assert all(c.kwargs["BLOCK_M"] <= 16 for c in CONVERTED_DECODE_CONFIGS)
     for m_bucket in (1, 2, 16):
-        assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket}) == DECODE_CONFIGS
         native = [c for c in DECODE_CONFIGS if c.kwargs["BLOCK_N"] == 128]  # W4A4 on sm_100: 128 weight rows
         assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket, "DOT_SCALED": True}) == native and native
         w4a16 = {"M_BUCKET": m_bucket, "DOT_SCALED": True, "A_MODE": "float"}  # sm_100: converted in hardware
         assert _prune_for_rows(GPU_CONFIGS, w4a16) == CONVERTED_DECODE_CONFIGS
-        dequantized = DECODE_CONFIGS + DEQUANTIZED_W4A16_DECODE_CONFIGS  # Hopper, Ampere: K 256 too
-        assert _prune_for_rows(GPU_CONFIGS, {**w4a16, "DOT_SCALED": False}) == dequantized
+        # Hopper, Ampere: both operands dequantized to 16 bits also try K 256; float32 and the fused prologue not
+        dequantized = DECODE_CONFIGS + DEQUANTIZED_DECODE_CONFIGS
+        for a_mode in ("float", "nvfp4"):
+            hopper = {"M_BUCKET": m_bucket, "A_MODE": a_mode, "DOT_DTYPE": tl.bfloat16}
+            assert _prune_for_rows(GPU_CONFIGS, hopper) == dequantized
+            assert _prune_for_rows(GPU_CONFIGS, hopper, DOT_DTYPE=tl.float32) == DECODE_CONFIGS
+        assert _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": m_bucket, "A_MODE": "quantize"}) == DECODE_CONFIGS
     assert _prune_for_rows(GPU_CONFIGS, {}, M_BUCKET=32) == LARGE_CONFIGS + DECODE_CONFIGS  # a keyword M_BUCKET
     assert _prune_for_rows(GPU_CONFIGS, {"A_MODE": "float"}, M_BUCKET=32) == LARGE_CONFIGS + DECODE_CONFIGS
     native = _prune_for_rows(GPU_CONFIGS, {"M_BUCKET": 2048}, DOT_SCALED=True)  # sm_100

@@ -82,10 +82,12 @@ DECODE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=4),
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 1}, num_warps=4, num_stages=3),
 ]
-# W4A16 decode dequantizing in registers (Hopper, Ampere) also tries a K tile of 256: the loop's fixed cost spread
-# over twice the bytes, 7.8 thread-instructions per weight byte on sm_90a against 8.6-9.7 with the tiles above
-# (benchmarks/kernel_static.py); W4A4 and the fused prologue gain nothing from it (13.9 and 98.2, 254 registers).
-DEQUANTIZED_W4A16_DECODE_CONFIGS = [
+# Decode that dequantizes both operands into 16 bits in registers (Hopper, Ampere: W4A16 with bf16 / fp16
+# activations, W4A4 unfused) also tries a K tile of 256, the loop's fixed cost spread over twice the bytes: on
+# sm_90a 7.8 (W4A16) and 8.6 (W4A4) thread-instructions per weight byte against 8.6-10.0 with the tiles above
+# (benchmarks/kernel_static.py). Not with float32 activations (it spills 24 bytes) nor the fused prologue (254
+# registers, no faster).
+DEQUANTIZED_DECODE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=3),
 ]
 # W4A16 decode through dot_scaled (sm_100), whose loop converts a weight byte in one instruction: a K tile of 256
@@ -95,25 +97,29 @@ DEQUANTIZED_W4A16_DECODE_CONFIGS = [
 CONVERTED_DECODE_CONFIGS = [
     triton.Config({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 256, "GROUP_M": 1}, num_warps=4, num_stages=2),
 ]
-W4A16_DECODE_CONFIGS = DEQUANTIZED_W4A16_DECODE_CONFIGS + CONVERTED_DECODE_CONFIGS
-GPU_CONFIGS = LARGE_CONFIGS + DECODE_CONFIGS + W4A16_DECODE_CONFIGS
+DECODE_ONLY_CONFIGS = DEQUANTIZED_DECODE_CONFIGS + CONVERTED_DECODE_CONFIGS  # never above DECODE_MAX_M rows
+GPU_CONFIGS = LARGE_CONFIGS + DECODE_CONFIGS + DECODE_ONLY_CONFIGS
 _CONFIGS = autotune_configs(
     GPU_CONFIGS, triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 2}, num_warps=4)
 )
 
 
-def configs_for_rows(configs: list, m_bucket: int, dot_scaled: bool = False, a_mode: str = "nvfp4") -> list:
+def configs_for_rows(
+    configs: list, m_bucket: int, dot_scaled: bool = False, a_mode: str = "nvfp4", dot_dtype=tl.float16
+) -> list:
     """Of the autotune ``configs``, those worth trying for ``m_bucket`` rows (M's next power of two): at decode (at
     most ``DECODE_MAX_M`` rows) the decode tiles, with ``dot_scaled`` those whose 128 weight rows run the native
-    FP4 MMA, and W4A16 (``a_mode`` "float") its own too (with ``dot_scaled`` its own alone); above, the configs that
-    are not W4A16 decode's own, with ``dot_scaled`` only those whose 128 activation rows run the native FP4 MMA
-    (``_nvfp4.native_fp4_tiles``). Never empty: with no such tile (the interpreter's one config) all stay."""
+    FP4 MMA, for W4A16 (``a_mode`` "float") with ``dot_scaled`` its converted tile alone, and where both operands
+    are dequantized to 16 bits (no ``dot_scaled``, ``a_mode`` not "quantize", a 16-bit ``dot_dtype``) the
+    dequantized decode tile too; above, the configs that are not decode's own, with ``dot_scaled`` only those whose
+    128 activation rows run the native FP4 MMA (``_nvfp4.native_fp4_tiles``). Never empty: with no such tile (the
+    interpreter's one config) all stay."""
     if m_bucket > DECODE_MAX_M:
-        kept = native_fp4_tiles([c for c in configs if c not in W4A16_DECODE_CONFIGS], dot_scaled)
+        kept = native_fp4_tiles([c for c in configs if c not in DECODE_ONLY_CONFIGS], dot_scaled)
     elif dot_scaled and a_mode == "float":
         kept = [c for c in configs if c in CONVERTED_DECODE_CONFIGS]
-    elif a_mode == "float":
-        kept = [c for c in configs if c in DECODE_CONFIGS + DEQUANTIZED_W4A16_DECODE_CONFIGS]
+    elif not dot_scaled and a_mode != "quantize" and dot_dtype != tl.float32:
+        kept = [c for c in configs if c in DECODE_CONFIGS + DEQUANTIZED_DECODE_CONFIGS]
     else:  # W4A4 through dot_scaled computes the product transposed: the weight rows must fill the FP4 MMA
         native = [c for c in DECODE_CONFIGS if not dot_scaled or c.kwargs["BLOCK_N"] >= NATIVE_FP4_BLOCK_M]
         kept = [c for c in configs if c in native]
@@ -122,9 +128,15 @@ def configs_for_rows(configs: list, m_bucket: int, dot_scaled: bool = False, a_m
 
 def _prune_for_rows(configs, named_args, **kwargs):
     """``early_config_prune`` of the GEMM's autotuner: :func:`configs_for_rows` of the launch's ``M_BUCKET``,
-    ``DOT_SCALED`` and ``A_MODE``."""
+    ``DOT_SCALED``, ``A_MODE`` and ``DOT_DTYPE``."""
     launch = {**named_args, **kwargs}
-    return configs_for_rows(configs, launch["M_BUCKET"], launch.get("DOT_SCALED", False), launch.get("A_MODE", "nvfp4"))
+    return configs_for_rows(
+        configs,
+        launch["M_BUCKET"],
+        launch.get("DOT_SCALED", False),
+        launch.get("A_MODE", "nvfp4"),
+        launch.get("DOT_DTYPE", tl.float16),
+    )
 
 
 @triton.jit
@@ -206,6 +218,7 @@ def _tile_product(
     # Triton 3.9's interpreter computes bfloat16 dots wrongly: there they run in float32 (exact for these operands)
     MMA_DTYPE: tl.constexpr = tl.float32 if DOT_DTYPE == tl.bfloat16 and not NATIVE_16_BIT else DOT_DTYPE
     MMA_PRECISION: tl.constexpr = "ieee" if MMA_DTYPE == tl.float32 else INPUT_PRECISION
+    PAIRS: tl.constexpr = not DOT_SCALED and DOT_DTYPE != tl.float32  # dequantize_pairs for a 16-bit dot
     a_norm = tl.math.div_rn(1.0, a_pts)  # "float" mode: a power of two, so exact
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # SWAP_AB: the transposed product
@@ -217,9 +230,11 @@ def _tile_product(
         )
         if A_MODE == "nvfp4":
             a_packed, a_scales = _load_nvfp4_tile(
-                a_ptr, a_scale_ptr, rows, row_ok, tile, K_WORDS, K_BLOCKS, BLOCK_M, BLOCK_K
+                a_ptr, a_scale_ptr, rows, row_ok, tile, K_WORDS, K_BLOCKS, BLOCK_M, BLOCK_K, WORDS=PAIRS
             )
-            if not DOT_SCALED:
+            if PAIRS:  # in pair order, divided by DEQUANTIZED_SCALE as the weight
+                a = dequantize_pairs(a_packed, a_scales, DOT_DTYPE, BLOCK_M, BLOCK_K)
+            elif not DOT_SCALED:
                 a = dequantize_tile(unpack_nibbles(a_packed, BLOCK_M, BLOCK_K), a_scales, BLOCK_M, BLOCK_K)
         else:
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -258,11 +273,12 @@ def _tile_product(
                 acc = tl.dot_scaled(a_packed, a_scales, "e2m1", tl.trans(w_packed), w_scales, "e2m1", acc)
         else:
             # divided by DEQUANTIZED_SCALE; 16 bits: two at a time, both operands' columns in pair order
-            if DOT_DTYPE == tl.float32:
-                w = dequantize_words(w_packed, w_scales, BLOCK_N, BLOCK_K)
-            else:
+            if PAIRS:
                 w = dequantize_pairs(w_packed, w_scales, DOT_DTYPE, BLOCK_N, BLOCK_K)
-                a = pair_order(a, BLOCK_M, BLOCK_K)
+                if A_MODE != "nvfp4":
+                    a = pair_order(a, BLOCK_M, BLOCK_K)
+            else:
+                w = dequantize_words(w_packed, w_scales, BLOCK_N, BLOCK_K)
             if SWAP_AB:
                 acc_t = tl.dot(w.to(MMA_DTYPE), tl.trans(a.to(MMA_DTYPE)), acc_t, input_precision=MMA_PRECISION)
             else:
@@ -273,6 +289,8 @@ def _tile_product(
         acc = tl.where(nan_rows[:, None] > 0, float("nan"), acc)  # W4A16: no row marked
     else:
         acc = acc * DEQUANTIZED_SCALE  # a power of two: exact
+        if PAIRS and A_MODE == "nvfp4":
+            acc = acc * DEQUANTIZED_SCALE  # the activation's too
     return acc
 
 
