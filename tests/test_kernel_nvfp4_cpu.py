@@ -197,10 +197,11 @@ def test_a_compiler_without_openmp_builds_a_one_thread_library(tmp_path, monkeyp
 
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/maps")
 def test_the_library_uses_pytorchs_openmp_runtime():
-    """The threads come from the OpenMP runtime PyTorch loaded (one libgomp in the process), not a second pool."""
+    """The threads come from the OpenMP runtime PyTorch loaded (one libgomp in the process, wherever PyTorch's
+    build keeps it), not a second pool."""
     load_library()
     runtimes = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
-    assert len(runtimes) == 1 and "torch" in next(iter(runtimes))
+    assert len(runtimes) == 1
     assert "libgomp" in subprocess.run(["ldd", load_library()._name], capture_output=True, text=True).stdout
 
 
