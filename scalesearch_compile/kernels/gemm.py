@@ -153,7 +153,8 @@ def _load_nvfp4_tile(
     WORDS: tl.constexpr = False,
 ):
     """Codes and scale codes ``[ROWS, BLOCK_K // 16]`` of K tile ``tile`` (0 past K): the codes as bytes
-    ``[ROWS, BLOCK_K // 2]``, or with WORDS as int32 words ``[ROWS, BLOCK_K // 8]`` (for :func:`dequantize_words`).
+    ``[ROWS, BLOCK_K // 2]``, or with WORDS as int32 words ``[ROWS, BLOCK_K // 8]`` (for ``dequantize_words`` and
+    ``dequantize_pairs``).
 
     The row strides ``K_WORDS = K // 8`` (int32 words of codes) and ``K_BLOCKS = K // 16`` are kernel arguments
     of their own so that a launch marks them divisible by 16 when they are: rows then start 16-byte aligned and
