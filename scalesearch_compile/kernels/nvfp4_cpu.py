@@ -199,8 +199,8 @@ def fake_quantize_nvfp4_cpu(x: torch.Tensor, scales: ScaleChoice) -> tuple[torch
 def decode_nvfp4_cpu(qdata: torch.Tensor, scale_codes: torch.Tensor) -> torch.Tensor:
     """``layout.unscaled_values(qdata, scale_codes)`` of CPU uint8 codes ``(..., K // 2)`` and ``(..., K // 16)``
     (shapes checked by the caller), bit for bit for scale codes 0..127; codes above 127 (negative scales, which no
-    quantizer writes) decode as NaN. Two threads from DECODE_PARALLEL_VALUES values on (a thread costs 60-100 us to
-    start and join here; a 1536 x 384 weight decodes in about 0.15-0.6 ms)."""
+    quantizer writes) decode as NaN. Two threads from DECODE_PARALLEL_VALUES values on (a 1536 x 384 weight decodes
+    in about 0.15-0.6 ms)."""
     qdata, scale_codes = qdata.contiguous(), scale_codes.contiguous()
     out = torch.empty((*qdata.shape[:-1], 2 * qdata.shape[-1]), dtype=torch.float32)
     threads = 2 if out.numel() >= DECODE_PARALLEL_VALUES and torch.get_num_threads() > 1 else 1
