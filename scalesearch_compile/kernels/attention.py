@@ -15,7 +15,9 @@ so no FMA changes those bits on a GPU.
 NVFP4 tiles are multiplied as ``global scales * dot(e2m1 * e4m3, e2m1 * e4m3)``: each product of an E2M1 value
 and an E4M3 scale is exact in float16, so the float16 ``tl.dot`` with float32 accumulation loses nothing, and
 the per-tensor (Q, K, V) and per-row (P) global scales are applied to the float32 result. High-precision
-tiles use float32 ``tl.dot(input_precision="ieee")``. On compute capability 10.x/12.x the NVFP4 products go
+tiles use float32 ``tl.dot(input_precision="ieee")``. Elsewhere K and V tiles are decoded two values an operation
+(``_nvfp4.dequantize_pairs``, divided by ``DEQUANTIZED_SCALE``), each dot's contraction (head_dim for Q.K^T, keys
+for P.V) in its pair order on both sides. On compute capability 10.x/12.x the NVFP4 products go
 through ``tl.dot_scaled`` instead (``DOT_SCALED``; the interpreter tests run it with their
 ``interpreted_dot_scaled`` fixture, which reads its E4M3 scales as E4M3; not yet run on a GPU).
 
@@ -49,13 +51,16 @@ from scalesearch_compile.attention import (
     prepare,
 )
 from scalesearch_compile.kernels._nvfp4 import (
+    DEQUANTIZED_SCALE,
     GLOBAL_SCALE_MIN,
     INTERPRET,
     autotune_configs,
     check_kernel_device,
+    dequantize_pairs,
     dequantize_tile,
     native_fp4_tiles,
     pack_nibbles,
+    pair_order,
     quantize_tile,
     unpack_nibbles,
 )
@@ -93,6 +98,19 @@ def _load_nvfp4(codes_ptr, scales_ptr, rows, row_len, col0, COLS: tl.constexpr):
 def _unit_values(packed, scale_codes, R: tl.constexpr, COLS: tl.constexpr):
     """float16 ``e2m1 * e4m3`` (exact) of packed codes (R, COLS/2) and scale codes (R, COLS/16)."""
     return dequantize_tile(unpack_nibbles(packed, R, COLS), scale_codes, R, COLS).to(tl.float16)
+
+
+@triton.jit
+def _paired_unit_values(codes_ptr, scales_ptr, rows, row_len, col0, COLS: tl.constexpr):
+    """float16 ``e2m1 * e4m3 / DEQUANTIZED_SCALE`` (exact) of columns ``col0 .. col0 + COLS`` of ``rows`` (R,) of a
+    row-major NVFP4 matrix (as :func:`_load_nvfp4`), in ``_nvfp4.dequantize_pairs``'s pair order: the codes read
+    as int32 words (rows of ``row_len // 2`` bytes, a multiple of 4) and decoded two values an operation."""
+    words = tl.load(
+        codes_ptr.to(tl.pointer_type(tl.int32))
+        + (rows[:, None] * (row_len // 8) + col0 // 8 + tl.arange(0, COLS // 8)[None, :])
+    )
+    scales = tl.load(scales_ptr + (rows[:, None] * (row_len // 16) + col0 // 16 + tl.arange(0, COLS // 16)[None, :]))
+    return dequantize_pairs(words, scales, tl.float16, rows.shape[0], COLS)
 
 
 @triton.jit
@@ -174,15 +192,18 @@ def _nvfp4_tile(
 ):  # fmt: skip
     """``state`` after the NVFP4 KV tile at key ``start``: products of the codes, P quantized here."""
     k_rows = kv_bh * padded_len + start + tl.arange(0, BLOCK_N)
-    k_packed, k_scale_codes = _load_nvfp4(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
-    k_unit = _unit_values(k_packed, k_scale_codes, BLOCK_N, HEAD_DIM)
     if DOT_SCALED:  # compute capability 10.x/12.x
+        k_packed, k_scale_codes = _load_nvfp4(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
+        k_unit = _unit_values(k_packed, k_scale_codes, BLOCK_N, HEAD_DIM)
         s = tl.dot_scaled(
             q_packed, q_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
             tl.trans(k_packed), k_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
         )  # fmt: skip
-    else:  # loop-invariant: the compiler computes it once, before the main loop
-        s = tl.dot(_unit_values(q_packed, q_scale_codes, BLOCK_M, HEAD_DIM), tl.trans(k_unit))
+    else:  # K decoded two values an operation, head_dim in pair order for Q (loop-invariant: computed once) and K
+        k_unit = _paired_unit_values(k_codes_ptr, k_scales_ptr, k_rows, HEAD_DIM, 0, HEAD_DIM)
+        q_unit = pair_order(_unit_values(q_packed, q_scale_codes, BLOCK_M, HEAD_DIM), BLOCK_M, HEAD_DIM)
+        s = tl.dot(q_unit, tl.trans(k_unit)) * DEQUANTIZED_SCALE  # a power of two: exact
+        q_mean = tl.reshape(pair_order(q_mean[None, :], 1, HEAD_DIM), (HEAD_DIM,)) * DEQUANTIZED_SCALE
     s = s * (q_scale * k_scale)
     if SMOOTH_Q:
         s += tl.sum(q_mean[None, :] * k_unit.to(tl.float32), 1)[None, :] * k_scale
@@ -191,15 +212,16 @@ def _nvfp4_tile(
     )
     p_codes, p_scale_codes, p_scale = _quantize_probabilities(p, METHOD, LO, HI)
     v_rows = kv_bh * V_DIM + v_dims
-    v_packed, v_scale_codes = _load_nvfp4(v_codes_ptr, v_scales_ptr, v_rows, padded_len, start, BLOCK_N)
     if DOT_SCALED:
+        v_packed, v_scale_codes = _load_nvfp4(v_codes_ptr, v_scales_ptr, v_rows, padded_len, start, BLOCK_N)
         pv = tl.dot_scaled(
             pack_nibbles(p_codes, BLOCK_M, BLOCK_N), p_scale_codes.to(tl.uint8).to(tl.float8e4nv, bitcast=True),
             "e2m1", tl.trans(v_packed), v_scale_codes.to(tl.float8e4nv, bitcast=True), "e2m1",
         )  # fmt: skip
-    else:
-        p_unit = dequantize_tile(p_codes, p_scale_codes, BLOCK_M, BLOCK_N).to(tl.float16)
-        pv = tl.dot(p_unit, tl.trans(_unit_values(v_packed, v_scale_codes, V_DIM, BLOCK_N)))
+    else:  # V decoded two values an operation, the keys in pair order for P and V
+        p_unit = pair_order(dequantize_tile(p_codes, p_scale_codes, BLOCK_M, BLOCK_N).to(tl.float16), BLOCK_M, BLOCK_N)
+        v_unit = _paired_unit_values(v_codes_ptr, v_scales_ptr, v_rows, padded_len, start, BLOCK_N)
+        pv = tl.dot(p_unit, tl.trans(v_unit)) * DEQUANTIZED_SCALE  # a power of two: exact
     pv = pv * (p_scale[:, None] * v_scale)
     return new_max, l_i, state[2] * alpha[:, None] + pv
 
