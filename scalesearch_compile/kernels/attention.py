@@ -86,10 +86,17 @@ def _prune_for_fp4(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _load_nvfp4(codes_ptr, scales_ptr, rows, row_len, col0, COLS: tl.constexpr):
-    """Packed E2M1 codes (uint8 (R, COLS/2)) and E4M3 scale codes (uint8 (R, COLS/16)) of columns
-    ``col0 .. col0 + COLS`` of ``rows`` (R,) of a row-major NVFP4 matrix with ``row_len`` elements a row."""
-    packed = tl.load(codes_ptr + (rows[:, None] * (row_len // 2) + col0 // 2 + tl.arange(0, COLS // 2)[None, :]))
+def _load_nvfp4(codes_ptr, scales_ptr, rows, row_len, col0, COLS: tl.constexpr, WORDS: tl.constexpr = False):
+    """Packed E2M1 codes (uint8 (R, COLS/2), or with WORDS int32 words (R, COLS/8): rows of ``row_len // 2`` bytes, a
+    multiple of 4) and E4M3 scale codes (uint8 (R, COLS/16)) of columns ``col0 .. col0 + COLS`` of ``rows`` (R,)
+    of a row-major NVFP4 matrix with ``row_len`` elements a row."""
+    if WORDS:
+        packed = tl.load(
+            codes_ptr.to(tl.pointer_type(tl.int32))
+            + (rows[:, None] * (row_len // 8) + col0 // 8 + tl.arange(0, COLS // 8)[None, :])
+        )
+    else:
+        packed = tl.load(codes_ptr + (rows[:, None] * (row_len // 2) + col0 // 2 + tl.arange(0, COLS // 2)[None, :]))
     scales = tl.load(scales_ptr + (rows[:, None] * (row_len // 16) + col0 // 16 + tl.arange(0, COLS // 16)[None, :]))
     return packed, scales
 
@@ -102,14 +109,9 @@ def _unit_values(packed, scale_codes, R: tl.constexpr, COLS: tl.constexpr):
 
 @triton.jit
 def _paired_unit_values(codes_ptr, scales_ptr, rows, row_len, col0, COLS: tl.constexpr):
-    """float16 ``e2m1 * e4m3 / DEQUANTIZED_SCALE`` (exact) of columns ``col0 .. col0 + COLS`` of ``rows`` (R,) of a
-    row-major NVFP4 matrix (as :func:`_load_nvfp4`), in ``_nvfp4.dequantize_pairs``'s pair order: the codes read
-    as int32 words (rows of ``row_len // 2`` bytes, a multiple of 4) and decoded two values an operation."""
-    words = tl.load(
-        codes_ptr.to(tl.pointer_type(tl.int32))
-        + (rows[:, None] * (row_len // 8) + col0 // 8 + tl.arange(0, COLS // 8)[None, :])
-    )
-    scales = tl.load(scales_ptr + (rows[:, None] * (row_len // 16) + col0 // 16 + tl.arange(0, COLS // 16)[None, :]))
+    """float16 ``e2m1 * e4m3 / DEQUANTIZED_SCALE`` (exact) of the columns :func:`_load_nvfp4` reads, in
+    ``_nvfp4.dequantize_pairs``'s pair order: the codes read as words and decoded two values an operation."""
+    words, scales = _load_nvfp4(codes_ptr, scales_ptr, rows, row_len, col0, COLS, WORDS=True)
     return dequantize_pairs(words, scales, tl.float16, rows.shape[0], COLS)
 
 
