@@ -22,7 +22,8 @@ time: nothing is read on the host, and NaN/Inf become NaN blocks that reach only
    output ``acc / l``. In an NVFP4 tile ``q~ = deq(q) + mu``, ``k~``, ``v~`` are the dequantized tiles and
    ``p~`` is p quantized along the keys with a per-row first-level scale ``max(rowmax(p) / (448 * 6), 2**-126)``
    (``search.global_scale``) and
-   ``recipe.method`` E4M3 block scales. With ``sink_tiles``, the first KV tile and the trailing partial tile
+   ``recipe.p_method`` E4M3 block scales (by default "fast_search" when the method is "search"). With
+   ``sink_tiles``, the first KV tile and the trailing partial tile
    (when Sk is not a multiple of ``TILE``) are high-precision tiles: the prepared float32 q, k, v and p,
    nothing quantized.
 """
@@ -48,13 +49,17 @@ HEAD_DIMS = (64, 128)
 
 @dataclass(frozen=True)
 class AttentionRecipe(ScaleChoice):
-    """The block-scale choice for Q, K, V and P (``method``, ``window``: a :class:`ScaleChoice`) and which
+    """The block-scale choice for Q, K and V (``method``, ``window``: a :class:`ScaleChoice`) and for P, and which
     ScaleSearchAttention techniques are on (each switchable for ablation).
 
+    ``p_method``: the method of P's block scales, quantized inside the kernel for every KV tile, where each
+    candidate scale costs about as much as the rest of P's quantization; None (the default) takes
+    ``method``, with "search" run as "fast_search" (:meth:`ScaleChoice.at_run_time`).
     ``smooth_k``/``smooth_q``: subtract the mean of K over keys / of Q over queries (Q's is added back).
     ``hadamard``: rotate Q and K along head_dim. ``sink_tiles``: first and trailing partial KV tile unquantized.
     """
 
+    p_method: str | None = None
     smooth_k: bool = True
     smooth_q: bool = False
     hadamard: bool = True
@@ -62,6 +67,10 @@ class AttentionRecipe(ScaleChoice):
 
     def __post_init__(self):
         super().__post_init__()
+        try:
+            object.__setattr__(self, "p_method", self.at_run_time(self.p_method).method)
+        except ValueError as error:
+            raise ValueError(f"AttentionRecipe.p_method: {error}") from None
         for name in ("smooth_k", "smooth_q", "hadamard", "sink_tiles"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"AttentionRecipe.{name} must be True or False, got {getattr(self, name)!r}")
@@ -225,7 +234,8 @@ def quantize_probabilities(p: torch.Tensor, recipe: AttentionRecipe, quantize=qu
     """NVFP4 round trip of probabilities ``p`` (..., TILE) >= 0 along the last dim, two-level with a per-row
     first level ``search.global_scale(rowmax)``; ``quantize`` as :func:`prepare` takes it."""
     row_scale = global_scale(p.amax(dim=-1, keepdim=True))
-    request = QuantizeRequest.of(p, ScaleChoice.of(recipe), per_tensor_scale=row_scale, check_finite=False)
+    scales = ScaleChoice(recipe.p_method, recipe.window)
+    request = QuantizeRequest.of(p, scales, per_tensor_scale=row_scale, check_finite=False)
     return quantize(request).dequantize()
 
 

@@ -3,9 +3,9 @@
 ``torch.compile(model, backend="scalesearch", options={...})`` finds :func:`scalesearch_backend` through the
 ``torch_dynamo_backends`` entry point (no import needed); ``scalesearch_compile.backend(**options)`` returns a
 configured :class:`ScaleSearchBackend` to pass as ``backend=`` that also keeps the passes' reports.
-Options (:class:`BackendOptions`): ``method``, ``window``, ``activations``, ``attention``, ``skip_modules``,
-``skip_shapes``, ``impl``, ``inductor``. Every compiled graph logs one summary line per pass on the
-``scalesearch_compile`` logger.
+Options (:class:`BackendOptions`): ``method``, ``window``, ``activations``, ``activation_method``, ``attention``,
+``skip_modules``, ``skip_shapes``, ``impl``, ``inductor``. Every compiled graph logs one summary line per pass on
+the ``scalesearch_compile`` logger.
 """
 
 import dataclasses
@@ -33,14 +33,17 @@ class BackendOptions(ScaleChoice):
 
     method / window (a :class:`ScaleChoice`): block-scale selection for weights quantized at compile time, for
     activations and inside attention. activations: "nvfp4" (W4A4, activations quantized at run time) or None
-    (weight-only). attention: rewrite SDPA (True, the default recipe with ``method``/``window``), leave it
-    (False), or an :class:`AttentionRecipe`. skip_modules: module-path patterns to leave, in the syntax of
+    (weight-only). activation_method: the method for activations, None to take ``method`` with "search" run as
+    "fast_search" (:meth:`ScaleChoice.at_run_time`). attention: rewrite SDPA (True, the default recipe with
+    ``method``/``window``, P's scales as the recipe's ``p_method`` defaults), leave it (False), or an
+    :class:`AttentionRecipe`. skip_modules: module-path patterns to leave, in the syntax of
     :mod:`scalesearch_compile.policy` (``["lm_head", "*.mlp.*", "re:..."]``), as ``ScaleSearchConfig.exclude``.
     skip_shapes: (out_features, in_features) pairs to leave. impl: "auto", "reference" or "triton".
     inductor: compile the rewritten graph with Inductor (True) or run it as it is (False).
     """
 
     activations: str | None = "nvfp4"
+    activation_method: str | None = None
     attention: bool | AttentionRecipe = True
     skip_modules: tuple = ()
     skip_shapes: tuple = ()
@@ -50,7 +53,7 @@ class BackendOptions(ScaleChoice):
     def __post_init__(self):
         super().__post_init__()
         set_ = object.__setattr__
-        activation_kwargs(self.activations, self)  # validates
+        activation_kwargs(self.activations, self, self.activation_method)  # validates
         if not isinstance(self.attention, bool | AttentionRecipe):
             raise ValueError(f"attention must be True, False or an AttentionRecipe, got {self.attention!r}")
         if not isinstance(self.inductor, bool):
@@ -80,7 +83,7 @@ class BackendOptions(ScaleChoice):
         scales = ScaleChoice.of(self)
         return LinearPolicy(
             scales,
-            activation_kwargs(self.activations, scales),
+            activation_kwargs(self.activations, scales, self.activation_method),
             ModulePatterns(self.skip_modules),
             frozenset(self.skip_shapes),
             self.impl,

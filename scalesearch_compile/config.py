@@ -41,7 +41,9 @@ class ScaleSearchConfig(AOBaseConfig):
     ``method``: block-scale choice for weights and (W4A4) activations: "search" (default), "amax" (torchao's
     numbers), "four_over_six" or "exhaustive". ``activations``: "nvfp4" quantizes each linear's input at run
     time (blocks of 16, searched scales, dynamic per-tensor scale); None keeps it in high precision (weight
-    only). ``window``: [lowest, highest] E4M3 code offset the search tries around the amax code. ``exclude``:
+    only). ``activation_method``: the method for activations; None (the default) takes ``method``, with "search"
+    run as "fast_search" (three candidate scales instead of nine: activations are quantized in every forward).
+    ``window``: [lowest, highest] E4M3 code offset the search tries around the amax code. ``exclude``:
     module-path patterns to leave as they are (``["lm_head", "*.mlp.*", "re:..."]``, the syntax of
     :mod:`scalesearch_compile.policy`); they need module names, so they apply through :func:`quantize_model`
     (torchao's ``quantize_`` refuses a config with patterns; transformers skips modules through
@@ -55,11 +57,12 @@ class ScaleSearchConfig(AOBaseConfig):
     activations: str | None = "nvfp4"
     window: list[int] = field(default_factory=lambda: list(DEFAULT_WINDOW))
     exclude: list[str] = field(default_factory=list)
+    activation_method: str | None = None
     progress: bool = True
 
     def __post_init__(self):
         scales = ScaleChoice(self.method, self.window)
-        activation_kwargs(self.activations, scales)  # validates
+        activation_kwargs(self.activations, scales, self.activation_method)  # validates
         self.window = list(scales.window)  # a list: torchao's config JSON rejects tuples
         try:
             self.exclude = list(ModulePatterns(self.exclude).patterns)
@@ -71,7 +74,8 @@ class ScaleSearchConfig(AOBaseConfig):
     def policy(self) -> LinearPolicy:
         """The :class:`LinearPolicy` this config applies to each linear layer."""
         scales = ScaleChoice(self.method, self.window)
-        return LinearPolicy(scales, activation_kwargs(self.activations, scales), ModulePatterns(self.exclude))
+        act = activation_kwargs(self.activations, scales, self.activation_method)
+        return LinearPolicy(scales, act, ModulePatterns(self.exclude))
 
 
 # transformers rebuilds the config from config.json by class name, looked up only in these modules.
@@ -157,7 +161,9 @@ def _quantize_handler(
 
 
 def _settings(config: ScaleSearchConfig) -> str:
-    return f"method={config.method}, activations={config.activations}, window={config.window}"
+    act = config.policy().act_quant_kwargs
+    activations = "none" if act is None else f"nvfp4 ({act.method})"
+    return f"method={config.method}, activations={activations}, window={config.window}"
 
 
 @dataclass

@@ -85,12 +85,19 @@ class NVFP4ActivationKwargs(ScaleChoice, QuantizeTensorKwargs):
     input's finite values."""
 
 
-def activation_kwargs(activations: str | None, scales: ScaleChoice) -> NVFP4ActivationKwargs | None:
+def activation_kwargs(
+    activations: str | None, scales: ScaleChoice, activation_method: str | None = None
+) -> NVFP4ActivationKwargs | None:
     """What a weight records for the ``activations`` option: "nvfp4" (W4A4, activations quantized at run time
-    with ``scales``) or None (weight only); ValueError for anything else."""
+    with ``scales.at_run_time(activation_method)``: "fast_search" for "search" unless ``activation_method``
+    names a method) or None (weight only); ValueError for anything else."""
     if activations not in ACTIVATIONS:
         raise ValueError(f"activations must be 'nvfp4' (W4A4) or None (weight only), got {activations!r}")
-    return None if activations is None else NVFP4ActivationKwargs(scales.method, scales.window)
+    try:
+        run_time = scales.at_run_time(activation_method)
+    except ValueError as error:
+        raise ValueError(f"activation_method: {error}") from None
+    return None if activations is None else NVFP4ActivationKwargs(run_time.method, run_time.window)
 
 
 class ScaleSearchNVFP4Tensor(TorchAOBaseTensor):

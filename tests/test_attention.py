@@ -18,7 +18,7 @@ from scalesearch_compile.attention import (
     prepare,
     quantized_keys,
 )
-from scalesearch_compile.ops.attention import nvfp4_attention, nvfp4_attention_op
+from scalesearch_compile.ops.attention import nvfp4_attention, nvfp4_attention_op, recipe_args
 
 # Relative L2 error against float64 SDPA on attention_inputs(seed=0), measured (0.319, 0.297, 0.206, 0.175,
 # 0.160) plus about 10%; seeds 1 and 2 measure 0.26-0.31 naive and 0.14-0.15 with every technique.
@@ -255,8 +255,7 @@ def test_opcheck(case):
     q, k, v = attention_inputs(seed=11, heads=2, kv_heads=1, q_len=70, k_len=70)
     mask = {"bool": torch.rand(70, 70) > 0.3, "float": torch.randn(1, 1, 70, 70), None: None}[case["attn_mask"]]
     r = case["recipe"]
-    args = (q, k, v, mask, case["is_causal"], case["scale"], case["enable_gqa"], r.method, *r.window)
-    args += (r.smooth_k, r.smooth_q, r.hadamard, r.sink_tiles, "reference")
+    args = (q, k, v, mask, case["is_causal"], case["scale"], case["enable_gqa"], *recipe_args(r), "reference")
     torch.library.opcheck(nvfp4_attention_op, args)
 
 
@@ -318,6 +317,14 @@ def test_a_nan_query_reaches_only_its_own_output_row():
     rows = torch.ones(70, dtype=torch.bool)
     rows[5] = False
     assert torch.equal(out[0, 1, rows], clean[0, 1, rows]) and torch.equal(out[:, [0, 2, 3]], clean[:, [0, 2, 3]])
+
+
+def test_p_method_defaults_to_fast_search_for_search_and_is_validated():
+    assert AttentionRecipe().p_method == "fast_search" and AttentionRecipe(p_method="search").p_method == "search"
+    assert AttentionRecipe(method="four_over_six").p_method == "four_over_six"
+    assert AttentionRecipe(method="amax", p_method="exhaustive").p_method == "exhaustive"
+    with pytest.raises(ValueError, match="AttentionRecipe.p_method: unknown method 'best'"):
+        AttentionRecipe(p_method="best")
 
 
 @pytest.mark.parametrize("field", ["smooth_k", "smooth_q", "hadamard", "sink_tiles"])

@@ -106,6 +106,7 @@ def test_entry_point_works_in_a_fresh_interpreter():
         ({"window": (-1.5, 2)}, "pair of integer code offsets"),
         ({"skip_shapes": [(1, 2, 3)]}, "skip_shapes must be"),
         ({"attention": "yes"}, "attention must be True, False or an AttentionRecipe"),
+        ({"activation_method": "best"}, "activation_method: unknown method 'best'"),
     ],
 )
 def test_bad_options_are_named(options, message):
@@ -113,6 +114,17 @@ def test_bad_options_are_named(options, message):
         backend(**options)
     with pytest.raises(ValueError, match=message):
         BackendOptions.from_dict(options)
+
+
+def test_run_time_quantization_runs_search_as_fast_search_unless_asked():
+    """Weights keep the method; activations and P (quantized every forward) take fast_search for search."""
+    default = BackendOptions()
+    assert default.linear_policy().scales.method == "search"
+    assert default.linear_policy().act_quant_kwargs.method == "fast_search"
+    assert (default.attention_recipe().method, default.attention_recipe().p_method) == ("search", "fast_search")
+    amax = BackendOptions(method="amax")
+    assert amax.linear_policy().act_quant_kwargs.method == "amax" and amax.attention_recipe().p_method == "amax"
+    assert BackendOptions(activation_method="search").linear_policy().act_quant_kwargs.method == "search"
 
 
 def test_bad_options_fail_at_compile_time_through_torch_compile():

@@ -13,6 +13,7 @@ from torchao.quantization import FqnToConfig, quantize_
 
 from scalesearch_compile import (
     NVFP4ActivationKwargs,
+    ScaleChoice,
     ScaleSearchConfig,
     ScaleSearchNVFP4Experts,
     ScaleSearchNVFP4Tensor,
@@ -53,7 +54,7 @@ def test_quantize_model_quantizes_what_it_can_and_logs_one_summary_line(caplog, 
     for name in ("up", "odd"):
         weight = getattr(net, name).weight
         assert isinstance(weight, ScaleSearchNVFP4Tensor)
-        assert weight.act_quant_kwargs == NVFP4ActivationKwargs("search", (-2, 6))
+        assert weight.act_quant_kwargs == NVFP4ActivationKwargs("fast_search", (-2, 6))  # run time: three candidates
     for name, weight in untouched.items():
         assert getattr(net, name).weight is weight
     assert type(net.head.weight) is torch.nn.Parameter
@@ -62,7 +63,7 @@ def test_quantize_model_quantizes_what_it_can_and_logs_one_summary_line(caplog, 
     assert record.levelno == logging.INFO
     message = record.getMessage()
     assert message == summary.line()
-    assert "2 of 6 layers to NVFP4 (method=search, activations=nvfp4, window=[-2, 6])" in message
+    assert "2 of 6 layers to NVFP4 (method=search, activations=nvfp4 (fast_search), window=[-2, 6])" in message
     assert "skipped 4" in message and "in_features 24 not a multiple of 16: ragged" in message
     assert "NaN or Inf in the weight: broken" in message
     assert "excluded by 'he*': head" in message and "weight dtype torch.float64: wide" in message
@@ -178,6 +179,24 @@ def test_calibration_importance_is_used_and_consumed():
 def test_config_round_trips_through_torchao_json():
     config = ScaleSearchConfig(method="exhaustive", activations=None, window=[-1, 3], exclude=["lm_head"])
     assert config_from_dict(config_to_dict(config)) == config
+    config = ScaleSearchConfig(activation_method="four_over_six")
+    assert config_from_dict(config_to_dict(config)) == config
+
+
+@pytest.mark.parametrize(
+    "kwargs, weights, activations",
+    [
+        ({}, "search", "fast_search"),  # activations are quantized every forward: three candidates, not nine
+        ({"activation_method": "search"}, "search", "search"),
+        ({"method": "amax"}, "amax", "amax"),  # torchao's numbers for both
+        ({"method": "four_over_six"}, "four_over_six", "four_over_six"),
+        ({"method": "amax", "activation_method": "fast_search"}, "amax", "fast_search"),
+    ],
+)
+def test_activation_method(kwargs, weights, activations):
+    policy = ScaleSearchConfig(window=[-1, 3], **kwargs).policy()
+    assert policy.scales == ScaleChoice(weights, (-1, 3))
+    assert policy.act_quant_kwargs == NVFP4ActivationKwargs(activations, (-1, 3))
 
 
 @pytest.mark.parametrize(
@@ -192,6 +211,8 @@ def test_config_round_trips_through_torchao_json():
         ({"exclude": "lm_head"}, "exclude: module patterns must be a list of strings"),
         ({"exclude": [3]}, "a module pattern must be a string"),
         ({"progress": "yes"}, "progress must be True or False"),
+        ({"activation_method": "mse"}, "activation_method: unknown method 'mse'"),
+        ({"activation_method": ["search"]}, "activation_method: unknown method"),
     ],
 )
 def test_bad_config_errors(kwargs, message):

@@ -24,7 +24,7 @@ from scalesearch_compile.kernels.attention import (  # noqa: E402
     nvfp4_attention_triton,
 )
 from scalesearch_compile.ops.attention import nvfp4_attention  # noqa: E402
-from scalesearch_compile.search import quantize_blocks  # noqa: E402
+from scalesearch_compile.search import ScaleChoice, quantize_blocks  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -46,7 +46,7 @@ CASES = [
     dict(q_len=256, k_len=256, is_causal=True, recipe=NAIVE_RECIPE, dtype=torch.bfloat16),
     dict(q_len=77, k_len=200, heads=4, kv_heads=2, enable_gqa=True, head_dim=128, v_dim=64),
     dict(q_len=130, k_len=130, is_causal=True, recipe=AttentionRecipe(smooth_q=True, sink_tiles=False)),
-    dict(q_len=5, k_len=250, mask="bool", recipe=AttentionRecipe(hadamard=False, window=(-1, 3))),
+    dict(q_len=5, k_len=250, mask="bool", recipe=AttentionRecipe(hadamard=False, window=(-1, 3), p_method="search")),
     dict(q_len=100, k_len=190, batch=2, heads=2, kv_heads=1, enable_gqa=True, mask="float", scale=0.2),
     dict(q_len=200, k_len=150, is_causal=True, head_dim=128, recipe=AttentionRecipe(method="four_over_six")),
 ]
@@ -147,7 +147,10 @@ def probability_tile():
     return p
 
 
-@pytest.mark.parametrize("recipe", [AttentionRecipe(), NAIVE_RECIPE, AttentionRecipe(method="exhaustive")])
+P_RECIPES = [AttentionRecipe(), AttentionRecipe(p_method="search"), NAIVE_RECIPE, AttentionRecipe(method="exhaustive")]
+
+
+@pytest.mark.parametrize("recipe", P_RECIPES)
 def test_p_quantization_is_bitwise_the_reference(recipe):
     p = probability_tile()
     codes = torch.empty(p.shape, dtype=torch.int32)
@@ -155,12 +158,13 @@ def test_p_quantization_is_bitwise_the_reference(recipe):
     row_scale = torch.empty(16)
     tensors = [t.to(DEVICE) for t in (p, codes, scale_codes, row_scale)]
     _quantize_probabilities_kernel[(1,)](
-        *tensors, 16, TILE, recipe.method, *recipe.window, enable_fp_fusion=False
+        *tensors, 16, TILE, recipe.p_method, *recipe.window, enable_fp_fusion=False
     )
     codes, scale_codes, row_scale = (t.cpu() for t in tensors[1:])
 
     expected_scale = (p.amax(1) / 2688).clamp_min(2.0**-126)  # never below the smallest normal float32
-    expected = quantize_blocks(p, recipe, per_tensor_scale=expected_scale[:, None])
+    scales = ScaleChoice(recipe.p_method, recipe.window)
+    expected = quantize_blocks(p, scales, per_tensor_scale=expected_scale[:, None])
     assert torch.equal(row_scale, expected_scale)
     assert torch.equal(scale_codes, expected.scale_codes.int())
     assert torch.equal(codes, torch.stack([expected.qdata & 15, expected.qdata >> 4], -1).flatten(-2).int())
@@ -204,7 +208,7 @@ def test_compiles_for_hopper_and_blackwell():
     on wgmma, Blackwell's dot_scaled lowers to the block-scaled NVFP4 MMA, and the only FMAs are those of the two
     float32 high-precision dots (BLOCK_M x TILE x D multiply-adds each over the threads), all in their own
     kernel: none in the NVFP4 kernel, so none in the P search."""
-    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, int32_pointer_offsets
+    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, contracted_fmas, int32_pointer_offsets
     from scalesearch_compile.kernels.attention import PRECISE_BLOCK_M, PRECISE_WARPS
 
     jobs = [compile_job(90), compile_job(100, block_m=128, dot_scaled=True), precise_job(90), precise_job(100)]
@@ -213,7 +217,7 @@ def test_compiles_for_hopper_and_blackwell():
     assert all(int32_pointer_offsets(c["ttir"]) == [] for c in code)
     hopper, blackwell, *precise = (c["ptx"] for c in code)
     assert "wgmma" in hopper and ".local" not in hopper
-    assert hopper.count("fma.rn.f32") == 0 and blackwell.count("fma.rn.f32") == 0
+    assert not contracted_fmas(hopper) and not contracted_fmas(blackwell)
     assert "tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.block16" in blackwell
     products = 2 * PRECISE_BLOCK_M * TILE * 64 // (32 * PRECISE_WARPS)  # a thread's share of the two dots
     assert precise[0].count("fma.rn.f32") == products

@@ -72,7 +72,7 @@ def test_leading_dimensions_and_strides():
     assert_same_blocks(got, quantize_blocks(x.transpose(0, 1), "search"))
 
 
-@pytest.mark.parametrize("method", ["four_over_six", "search", "exhaustive"])
+@pytest.mark.parametrize("method", ["four_over_six", "search", "fast_search", "exhaustive"])
 def test_importance_weighted_search(method):
     importance_weighted_case(check, method)
 
@@ -92,7 +92,7 @@ def test_nan_and_inf_blocks_at_run_time(method, per_tensor_scale):
     blocks=st.integers(1, 20),
     log_scale=st.floats(-60, 60),
     seed=st.integers(0, 2**16),
-    method=st.sampled_from(["amax", "four_over_six", "search"]),
+    method=st.sampled_from(["amax", "four_over_six", "search", "fast_search"]),
     per_tensor_scale=st.sampled_from([True, None, "row"]),
     weighted=st.booleans(),
 )

@@ -45,7 +45,7 @@ def check(x, method, **kwargs):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("per_tensor_scale", [True, None, "row", "tensor"])
-@pytest.mark.parametrize("method", ["amax", "four_over_six", "search"])
+@pytest.mark.parametrize("method", ["amax", "four_over_six", "search", "fast_search"])
 def test_bitwise_equal_to_reference(method, per_tensor_scale, dtype):
     x = ragged_input(dtype)
     if per_tensor_scale == "tensor":
@@ -56,7 +56,7 @@ def test_bitwise_equal_to_reference(method, per_tensor_scale, dtype):
 
 
 @pytest.mark.parametrize("per_tensor_scale", [True, None])
-@pytest.mark.parametrize("method", ["amax", "four_over_six", "search"])
+@pytest.mark.parametrize("method", ["amax", "four_over_six", "search", "fast_search"])
 def test_edge_blocks(method, per_tensor_scale):
     check(edge_input(), method, per_tensor_scale=per_tensor_scale)
 
@@ -83,7 +83,7 @@ def test_leading_dimensions_kept():
     blocks=st.integers(1, 12),
     log_scale=st.floats(-20, 20),
     seed=st.integers(0, 2**16),
-    method=st.sampled_from(["amax", "four_over_six", "search"]),
+    method=st.sampled_from(["amax", "four_over_six", "search", "fast_search"]),
     per_tensor_scale=st.sampled_from([True, None]),
 )
 def test_random_shapes_and_scales(rows, blocks, log_scale, seed, method, per_tensor_scale):
@@ -109,7 +109,7 @@ def test_nan_and_inf_blocks_at_run_time(method, per_tensor_scale):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: native Triton build with FMA contraction")
-@pytest.mark.parametrize("method", ["amax", "four_over_six", "search"])
+@pytest.mark.parametrize("method", ["amax", "four_over_six", "search", "fast_search"])
 def test_gpu_large_tensor_bitwise(method):
     """1M values on a GPU: any FMA contraction of |x| - q * s, or a non-IEEE division, would flip choices."""
     x = torch.randn(256, 4096, generator=torch.Generator().manual_seed(1)) * torch.logspace(-3, 3, 4096)
@@ -130,19 +130,20 @@ def test_compiles_for_hopper_and_blackwell_without_fma():
 
     The same build with fusion on (Triton's GPU default) does contract, so the FMA check can fail.
     """
-    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, int32_pointer_offsets
+    from scalesearch_compile.kernels._nvfp4 import compile_for_gpu, contracted_fmas, int32_pointer_offsets
 
     jobs = [quantize_job("search", 90, fp_fusion=True)]
     jobs += [
         quantize_job(method, capability, fp_fusion=False)
-        for method, capability in [("search", 90), ("amax", 100), ("four_over_six", 100), ("exhaustive", 100)]
+        for method, capability in [("search", 90), ("fast_search", 90), ("amax", 100), ("four_over_six", 100)]
+        + [("exhaustive", 100)]
     ]
     jobs.append(quantize_job("search", 100, fp_fusion=False, weighted=True))
     fused, *exact = compile_for_gpu(jobs)
-    assert fused["ptx"].count("fma.rn.f32") > 0
+    assert contracted_fmas(fused["ptx"])
     for code in exact:
         ptx = code["ptx"]
-        assert ptx.count("fma.rn.f32") == 0
+        assert not contracted_fmas(ptx)
         assert "div.rn.f32" in ptx and "div.full" not in ptx and "div.approx" not in ptx
         assert int32_pointer_offsets(code["ttir"]) == []  # 64-bit element offsets
 

@@ -69,7 +69,9 @@ finite_blocks = st.lists(
 
 
 @settings(max_examples=150, deadline=None)
-@given(values=finite_blocks, two_level=st.booleans(), method=st.sampled_from(["search", "four_over_six"]))
+@given(
+    values=finite_blocks, two_level=st.booleans(), method=st.sampled_from(["search", "fast_search", "four_over_six"])
+)
 def test_search_never_worse_than_amax_per_block(values, two_level, method):
     x = torch.tensor(values, dtype=torch.float32).view(1, -1)
     amax_err = block_errors(x, quantize_blocks(x, "amax", per_tensor_scale=two_level))
@@ -133,6 +135,25 @@ def test_four_over_six_sits_between_amax_and_search(gaussian):
     amax, four_six, searched = (mse(gaussian, m) for m in ("amax", "four_over_six", "search"))
     assert searched < four_six < amax
     assert 0.14 <= 1 - four_six / amax <= 0.19  # about 16% reported on Gaussian data
+
+
+def test_fast_search_keeps_the_best_of_amax_one_below_and_four_over_six(gaussian):
+    # Independent of fast_search's candidate loop: each of its codes is tried against the amax code alone (a
+    # one-offset window, four_over_six), and the float64 block errors of those results bound its own.
+    x = gaussian[:256]
+    fast = quantize_blocks(x, "fast_search")
+    amax = quantize_blocks(x, "amax")
+    below = quantize_blocks(x, ScaleChoice("search", (-1, -1)))
+    forced = [amax, below, quantize_blocks(x, "four_over_six")]
+    errors = torch.stack([block_errors(x, b) for b in forced])
+    codes = torch.stack([b.scale_codes.view(-1) for b in forced]).long()
+    assert (block_errors(x, fast) <= errors.min(0).values * (1 + 1e-5)).all()
+    chosen, amax_codes, four_codes = fast.scale_codes.view(-1).tolist(), codes[0].tolist(), codes[2].tolist()
+    assert all(c in {a, a - 1, f} for c, a, f in zip(chosen, amax_codes, four_codes, strict=True))
+    # fast_search keeps most of the window's gain: 84% on Gaussian blocks (benchmarks/RESULTS.md)
+    full, quick, base = mse(gaussian, "search"), mse(gaussian, "fast_search"), mse(gaussian, "amax")
+    assert 0.80 <= (base - quick) / (base - full) <= 0.90
+    assert torch.equal(fast.offsets.view(-1).long(), fast.scale_codes.view(-1).long() - codes[0])
 
 
 def test_window_controls_the_candidates(gaussian):
@@ -387,7 +408,7 @@ def test_meta_tensors_have_nothing_to_quantize():
         quantize_nvfp4(torch.empty(4, 64, device="meta"))
 
 
-@pytest.mark.parametrize("window", [(-10**6, 10**6), (-2**40, 2**40), (-126, 0), (0, 126)])
+@pytest.mark.parametrize("window", [(-(10**6), 10**6), (-(2**40), 2**40), (-126, 0), (0, 126)])
 def test_windows_beyond_any_valid_code_are_refused_at_once(window):
     with pytest.raises(ValueError, match="reaches past -125..125"):
         ScaleChoice("search", window)

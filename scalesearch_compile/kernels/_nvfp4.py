@@ -39,16 +39,18 @@ GLOBAL_SCALE_MIN = tl.constexpr(2.0**-126)  # search.GLOBAL_SCALE_MIN
 
 
 @triton.jit
-def e2m1_round(a):
+def e2m1_round(a, SATURATE: tl.constexpr = True):
     """Nearest E2M1 magnitude of float32 ``a >= 0``, ties to even, saturating at 6 (``formats.e2m1_round``).
 
     Adding and removing ``2**22 * spacing`` (spacing 0.5 / 1 / 2: half the power of two at or below
     ``max(y, 1)``, read from its exponent bits; y <= 6 keeps that power at most 4) makes float32's
-    round-to-nearest-even land on the E2M1 grid.
+    round-to-nearest-even land on the E2M1 grid. Each is one FMA of the power by +-2**22: the product is exact,
+    so the FMA rounds once, as the add and the subtract do (one instruction a value less than multiply, add,
+    subtract). ``SATURATE=False`` leaves out ``min(a, 6)`` for a caller that knows ``a <= 6``.
     """
-    y = tl.minimum(a, E2M1_MAX)
-    magic = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True) * 4194304.0
-    return (y + magic) - magic
+    y = tl.minimum(a, E2M1_MAX) if SATURATE else a
+    power = (tl.maximum(y, 1.0).to(tl.int32, bitcast=True) & 0x7F800000).to(tl.float32, bitcast=True)
+    return tl.fma(power, -4194304.0, tl.fma(power, 4194304.0, y))
 
 
 @triton.jit
@@ -142,15 +144,22 @@ def block_error(
     HAS_WEIGHTS: tl.constexpr,
     ROWS: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
+    ABOVE_AMAX: tl.constexpr = False,
 ):
     """Sum over each block of ``w * (|x| - e2m1(|x| * mult) * (pts * s))**2`` (``search._block_error``).
 
     ``mag``: |x| as ``[ROWS, NUM_BLOCKS, 16]``; ``code``: ``[ROWS, NUM_BLOCKS]`` scale codes (clamped to
     1..126 here; the caller discards invalid ones); ``weights``: ``[1, NUM_BLOCKS, 16]`` per-channel
     importance w (read only if HAS_WEIGHTS, else w = 1).
+
+    ABOVE_AMAX: every valid code is above the block's amax code, or equal to it for a candidate evaluated last
+    (four_over_six's). Then ``|x| * mult <= 6`` and the saturation is left out: a code above the amax code is
+    at least one E4M3 step, 1/16 of the scale or more, above ``amax / 6 / pts``, which the amax code rounds to
+    within half a step, so ``amax * mult`` stays below ``6 / (1 + 1/32)`` after float32's few roundings. A last
+    candidate equal to the amax code can only change which of two equal codes is kept.
     """
     multiplier, dequant_scale = scale_factors(code, pts)
-    y = e2m1_round(mag * multiplier[:, :, None]) * dequant_scale[:, :, None]
+    y = e2m1_round(mag * multiplier[:, :, None], not ABOVE_AMAX) * dequant_scale[:, :, None]
     diff = mag - y
     err = diff * diff
     if HAS_WEIGHTS:
@@ -183,9 +192,9 @@ def quantize_tile(
     ``pts``: float32 ``[ROWS, 1]`` global scale (1 unless HAS_PTS); x and pts are normalised by
     :func:`normaliser` first, as the reference. ``weights``: float32 ``[1, BLOCK_K // 16, 16]`` importance of
     the tile's input channels (ignored unless HAS_WEIGHTS). METHOD: "amax", "four_over_six", "search" (code
-    offsets LO..HI around the amax code) or "exhaustive". The amax code is evaluated first and candidates follow
-    in the reference's order, so ties resolve the same way. NaN and Inf are quantized as zeros and their block
-    gets the NaN scale code 127 (as its amax code, so its offset is 0).
+    offsets LO..HI around the amax code), "fast_search" or "exhaustive". The amax code is evaluated first and
+    candidates follow in the reference's order, so ties resolve the same way. NaN and Inf are quantized as zeros
+    and their block gets the NaN scale code 127 (as its amax code, so its offset is 0).
     Returns ``(codes [ROWS, BLOCK_K] int32 E2M1, scale codes [ROWS, BLOCK_K // 16] int32, amax codes)``.
     """
     NUM_BLOCKS: tl.constexpr = BLOCK_K // NVFP4_BLOCK
@@ -203,18 +212,28 @@ def quantize_tile(
     best_code = first_code
     if METHOD != "amax":
         best_err = block_error(mag, first_code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-        if METHOD == "four_over_six":
-            code = amax_code(block_amax, pts, 4.0)
+        if METHOD == "fast_search":
+            code = first_code - 1
             err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
             best_code, best_err = _keep_better(best_code, best_err, code, err)
+        if METHOD == "four_over_six" or METHOD == "fast_search":
+            code = amax_code(block_amax, pts, 4.0)
+            err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
+            best_code, best_err = _keep_better(best_code, best_err, code, err)
         if METHOD == "search":
-            # A loop, not unrolled: one candidate's temporaries are live at a time (unrolled, the attention
-            # kernel's P search spilled 40-92 bytes in benchmarks/kernel_static.py's builds).
-            for offset in range(LO, HI + 1):
-                if offset != 0:
-                    code = first_code + offset
-                    err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-                    best_code, best_err = _keep_better(best_code, best_err, code, err)
+            # Offsets below the amax code unrolled (the default window has two), those above in a loop, not
+            # unrolled: one candidate's temporaries are live at a time (unrolled, the attention kernel's P
+            # search spilled 40-92 bytes in benchmarks/kernel_static.py's builds).
+            BELOW_END: tl.constexpr = HI + 1 if HI < 0 else 0
+            ABOVE_START: tl.constexpr = LO if LO > 0 else 1
+            for offset in tl.static_range(LO, BELOW_END):
+                code = first_code + offset
+                err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+                best_code, best_err = _keep_better(best_code, best_err, code, err)
+            for offset in range(ABOVE_START, HI + 1):
+                code = first_code + offset
+                err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
+                best_code, best_err = _keep_better(best_code, best_err, code, err)
         if METHOD == "exhaustive":
             for candidate in range(1, E4M3_MAX_CODE + 1):
                 code = tl.full((ROWS, NUM_BLOCKS), candidate, tl.int32)
@@ -529,6 +548,14 @@ def int32_pointer_offsets(ttir: str) -> list[str]:
         for line in ttir.splitlines()
         if "tt.addptr" in line and re.search(r":\s*tensor<[^>]*!tt\.ptr<[^>]*>>,\s*tensor<[^>]*xi32>", line)
     ]
+
+
+def contracted_fmas(ptx: str) -> list[str]:
+    """The float32 FMAs of PTX other than :func:`e2m1_round`'s (by +-2**22, a power of two: the product is exact,
+    so the FMA rounds once, as the add it replaces): those a compiler contracted from a multiply and an add,
+    which round differently from the reference."""
+    fmas = [line.strip() for line in ptx.splitlines() if "fma.rn.f32" in line]
+    return [line for line in fmas if not re.search(r",\s*0f(4A|CA)800000\s*,", line)]
 
 
 def _compile_file(path: str) -> None:

@@ -406,7 +406,7 @@ def nvfp4_attention_triton(
         prep.v.qdata, prep.v.scale_codes,
         global_scales, mask_args[0], row_max, row_sum, out, *mask_args[1:], *lengths, sm_scale,
         triton.next_power_of_2(q_len), triton.next_power_of_2(k_len), **shape,
-        SMOOTH_Q=prep.q_mean is not None, METHOD=recipe.method, LO=recipe.window[0], HI=recipe.window[1],
+        SMOOTH_Q=prep.q_mean is not None, METHOD=recipe.p_method, LO=recipe.window[0], HI=recipe.window[1],
         DOT_SCALED=_use_dot_scaled(q.device), LEAVE_STATE=recipe.sink_tiles, enable_fp_fusion=False,
     )  # fmt: skip
     if recipe.sink_tiles:

@@ -35,7 +35,7 @@
 #define INLINE inline __attribute__((always_inline))
 
 constexpr int BLOCK = 16, MAX_CODE = 126, NAN_CODE = 127;
-constexpr int METHOD_AMAX = 0, METHOD_SEARCH = 1, METHOD_FOUR_OVER_SIX = 2, METHOD_EXHAUSTIVE = 3;
+constexpr int METHOD_AMAX = 0, METHOD_SEARCH = 1, METHOD_FOUR_OVER_SIX = 2, METHOD_EXHAUSTIVE = 3, METHOD_FAST_SEARCH = 4;
 
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
@@ -158,13 +158,18 @@ static INLINE void quantize_blocks(const float *x, int64_t g0, int count, int64_
     const vf *wp = weights ? w : 0;
     if (method != METHOD_AMAX) {
         vf best_error = block_error(m, wp, first, p, inverse);
-        vi four = method == METHOD_FOUR_OVER_SIX ? amax_code(block_amax, 4.0f, p) : first;
+        bool uses_four = method == METHOD_FOUR_OVER_SIX || method == METHOD_FAST_SEARCH;
+        vi four = uses_four ? amax_code(block_amax, 4.0f, p) : first;
         int lo = low, hi = high;
         if (method == METHOD_EXHAUSTIVE) lo = 1, hi = MAX_CODE;
         if (method == METHOD_FOUR_OVER_SIX) lo = hi = 1;
+        if (method == METHOD_FAST_SEARCH) lo = -1, hi = 1; /* d = -1: first - 1; d = 1: four */
         for (int d = lo; d <= hi; d++) {
-            if (method == METHOD_SEARCH && d == 0) continue;
-            vi code = method == METHOD_SEARCH ? first + d : method == METHOD_FOUR_OVER_SIX ? four : vi{} + d;
+            if ((method == METHOD_SEARCH || method == METHOD_FAST_SEARCH) && d == 0) continue;
+            vi code = method == METHOD_SEARCH ? first + d
+                      : method == METHOD_FAST_SEARCH ? (d < 0 ? first - 1 : four)
+                      : method == METHOD_FOUR_OVER_SIX ? four
+                                                        : vi{} + d;
             vf error = block_error(m, wp, clamp_i(code, 1, MAX_CODE), p, inverse);
             vi better = (error < best_error) & (code >= 1) & (code <= MAX_CODE);
             best_error = better ? error : best_error;

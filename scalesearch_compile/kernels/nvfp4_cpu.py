@@ -49,7 +49,7 @@ PARALLEL_FLAGS = ("-fopenmp",)
 # One build for the widest vectors: a 192 x 384 search took 243 us built for AVX-512 (16 lanes) against 365 us
 # for AVX2 (8 lanes), and 476 us with GCC's target_clones of both in one library (measured on the C version).
 ARCH_FLAGS = {"AVX512": ("-march=x86-64-v4",), "AVX2": ("-march=x86-64-v3",)}
-METHOD_IDS = {"amax": 0, "search": 1, "four_over_six": 2, "exhaustive": 3}
+METHOD_IDS = {"amax": 0, "search": 1, "four_over_six": 2, "exhaustive": 3, "fast_search": 4}
 # Rows are read as float32 in chunks of about this many values, so the extra memory is bounded whatever the
 # input's size and dtype (at most one float32 chunk a call).
 CHUNK_VALUES = 1 << 20
@@ -135,7 +135,8 @@ def load_library() -> ctypes.CDLL:
 def _evaluations(scales: ScaleChoice) -> int:
     """Candidate scales a block is tried with, the amax one included."""
     low, high = scales.window
-    return {"amax": 1, "four_over_six": 2, "search": high - low + 1, "exhaustive": E4M3_MAX_CODE}[scales.method]
+    counts = {"amax": 1, "four_over_six": 2, "fast_search": 3, "search": high - low + 1, "exhaustive": E4M3_MAX_CODE}
+    return counts[scales.method]
 
 
 def threads_for(values: int, scales: ScaleChoice) -> int:

@@ -27,6 +27,7 @@ def nvfp4_attention_op(
     method: str,
     window_low: int,
     window_high: int,
+    p_method: str,
     smooth_k: bool,
     smooth_q: bool,
     hadamard: bool,
@@ -36,6 +37,7 @@ def nvfp4_attention_op(
     recipe = AttentionRecipe(
         method=method,
         window=(window_low, window_high),
+        p_method=p_method,
         smooth_k=smooth_k,
         smooth_q=smooth_q,
         hadamard=hadamard,
@@ -49,11 +51,19 @@ def nvfp4_attention_op(
 
 
 def recipe_args(recipe: AttentionRecipe) -> tuple:
-    """``recipe`` as the op's arguments: (method, window_low, window_high, smooth_k, smooth_q, hadamard,
+    """``recipe`` as the op's arguments: (method, window_low, window_high, p_method, smooth_k, smooth_q, hadamard,
     sink_tiles)."""
     if not isinstance(recipe, AttentionRecipe):
         raise ValueError(f"recipe must be an AttentionRecipe, got {type(recipe).__name__}")
-    return (recipe.method, *recipe.window, recipe.smooth_k, recipe.smooth_q, recipe.hadamard, recipe.sink_tiles)
+    return (
+        recipe.method,
+        *recipe.window,
+        recipe.p_method,
+        recipe.smooth_k,
+        recipe.smooth_q,
+        recipe.hadamard,
+        recipe.sink_tiles,
+    )
 
 
 @nvfp4_attention_op.register_fake
@@ -73,7 +83,7 @@ def _backward(ctx, grad):
         inputs = [t.detach().requires_grad_() for t in (q, k, v)]
         out = torch.nn.functional.scaled_dot_product_attention(*inputs, attn_mask=attn_mask, **ctx.options)
         grads = torch.autograd.grad(out, inputs, grad)
-    return (*grads, *[None] * 12)
+    return (*grads, *[None] * (len(ctx.needs_input_grad) - len(grads)))
 
 
 nvfp4_attention_op.register_autograd(_backward, setup_context=_setup_context)
