@@ -17,14 +17,17 @@ integers equal to 1, such as M at decode, made constants), on Llama-3-8B-like sh
   the kernel's main body (barrier spin-waits nest inside it, any prologue loop comes before it; subroutines
   after the last EXIT are left out; attention's high-precision tiles run in a kernel of their own, variant
   "attention-precise", whose loop is the two tiles), or
-  the whole main body for a kernel without a loop over its work (quantize: one tile a program). The scale
-  search loops over its candidates (a loop, not unrolled, keeps one candidate's temporaries live at a time):
-  that nested loop, the largest in the region, counts once per candidate it tries beyond the amax code
-  (HI - LO times). The count is per thread (a warp issues each instruction once for 32 threads), so
-  ``loop_instructions_per_unit`` = instructions x threads per program / units per iteration:
-  thread-instructions per weight byte (GEMM: E2M1 codes plus E4M3 scale bytes of one K tile), per score
-  (attention: BLOCK_M x BLOCK_N) or per element (quantize). A static count: both sides of a branch inside the
-  loop count, and no instruction's latency.
+  the whole main body for a kernel without a loop over its work (quantize: one tile a program). Method
+  "search" loops over its candidates above the amax code (a loop, not unrolled, keeps one candidate's
+  temporaries live at a time) after the ones below it, unrolled: that nested loop, the largest in the region,
+  counts once per offset above the amax code (6 in the default window); "fast_search" (the default for
+  activations and P) unrolls its two candidates. Variants: "attention" is the default recipe (P scales by
+  fast_search), "attention-search" the same kernel with P searched over the whole window, "attention-amax" with
+  amax P scales; "fused" quantizes the activation as the default W4A4 does. The count is per thread (a warp
+  issues each instruction once for 32 threads), so ``loop_instructions_per_unit`` = instructions x threads per
+  program / units per iteration: thread-instructions per weight byte (GEMM: E2M1 codes plus E4M3 scale bytes
+  of one K tile), per score (attention: BLOCK_M x BLOCK_N) or per element (quantize). A static count: both
+  sides of a branch inside the loop count, and no instruction's latency.
 - occupancy: programs per SM from registers (allocated per warp in units of 256), shared memory (228 KB per
   SM, 1 KB reserved per program), 64 warps and 32 programs per SM (H100 and B200 alike);
 - ceiling: the share of the memory roofline an SM can reach when it must issue that many instructions per
@@ -54,6 +57,9 @@ if __name__ == "__main__":
 # isort: split
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+from scalesearch_compile.attention import DEFAULT_RECIPE  # noqa: E402
+from scalesearch_compile.search import DEFAULT_WINDOW, ScaleChoice  # noqa: E402
 
 TARGETS = {90: "sm_90a", 100: "sm_100a"}
 # Thread-instructions an SM array can issue per byte of HBM traffic: SMs x 128 lanes x boost clock / bandwidth
@@ -129,9 +135,9 @@ def gemm_cases(target: int, variants, m_override=None):
                 M_BUCKET=triton.next_power_of_2(m),
                 A_PTS_STRIDE=0, NUM_EXPERTS=1,
             )  # fmt: skip
-            search = variant == "fused"
+            run_time = ScaleChoice("search").at_run_time() if variant == "fused" else ScaleChoice("amax", (0, 0))
             constexprs = dict(
-                A_MODE=a_mode, METHOD="search" if search else "amax", LO=-2 if search else 0, HI=6 if search else 0,
+                A_MODE=a_mode, METHOD=run_time.method, LO=run_time.window[0], HI=run_time.window[1],
                 HAS_A_PTS=True, HAS_W_PTS=True, HAS_BIAS=False,
                 DOT_DTYPE=tl.bfloat16 if a_mode == "float" else tl.float16, INPUT_PRECISION="tf32",
                 DOT_SCALED=target >= 100, SPLIT_K=split, GROUPED=False,
@@ -172,10 +178,10 @@ def attention_cases(target: int, variants, m_override=None):
             sum_ptr="*fp32", out_ptr="*fp32", **lengths,
             Q_BUCKET=triton.next_power_of_2(length), K_BUCKET=triton.next_power_of_2(length),
         )  # fmt: skip
-        method = "search" if variant == "attention" else "amax"
+        p_method = {"attention": DEFAULT_RECIPE.p_method, "attention-search": "search"}.get(variant, "amax")
         constexprs = dict(
-            **shape, SMOOTH_Q=False, METHOD=method, LO=-2 if method == "search" else 0,
-            HI=6 if method == "search" else 0, DOT_SCALED=target >= 100, LEAVE_STATE=True,
+            **shape, SMOOTH_Q=False, METHOD=p_method, LO=DEFAULT_RECIPE.window[0], HI=DEFAULT_RECIPE.window[1],
+            DOT_SCALED=target >= 100, LEAVE_STATE=True,
         )  # fmt: skip
         tried = native_fp4_tiles(attention.GPU_CONFIGS, constexprs["DOT_SCALED"])  # what the autotuner keeps
         kernel = (attention, "_attention_kernel", args, constexprs)
@@ -194,9 +200,8 @@ def quantize_cases(target: int, variants, m_override=None):
         M=m, K=SHAPES["quantize"], PTS_STRIDE=0,
     )  # fmt: skip
     for variant in variants:
-        method = variant.removeprefix("quantize-")
-        window = (-2, 6) if method == "search" else (0, 0)
-        constexprs = dict(HAS_PTS=True, HAS_WEIGHTS=False, METHOD=method, LO=window[0], HI=window[1])
+        method = variant.removeprefix("quantize-").replace("-", "_")
+        constexprs = dict(HAS_PTS=True, HAS_WEIGHTS=False, METHOD=method, LO=DEFAULT_WINDOW[0], HI=DEFAULT_WINDOW[1])
         for index, config in enumerate(quantize.GPU_CONFIGS):
             yield _case("quantize", variant, index, config, target, m, quantize, "_quantize_kernel", args, constexprs)
 
@@ -213,15 +218,17 @@ def _case(kernel, variant, index, config, target, m, module, name, args, constex
     else:
         unit, units = "element", kw["BLOCK_M"] * kw["BLOCK_K"]
     threads = 32 * config.num_warps
-    trips = constexprs["HI"] - constexprs["LO"] if constexprs.get("METHOD") == "search" else 1
+    # "search" unrolls the offsets below the amax code and loops over those above it (_nvfp4.quantize_tile)
+    above = len(range(max(constexprs.get("LO", 0), 1), constexprs.get("HI", 0) + 1))
+    trips = above if constexprs.get("METHOD") == "search" else 1
     text = _config_text(kernel, config)
     return Case(kernel, variant, index, text, target, m, job, unit, units, threads, kernel != "quantize", trips)
 
 
 KERNELS = {
     "gemm": (gemm_cases, tuple(GEMM_VARIANTS)),
-    "attention": (attention_cases, ("attention", "attention-amax", "attention-precise")),
-    "quantize": (quantize_cases, ("quantize-amax", "quantize-search")),
+    "attention": (attention_cases, ("attention", "attention-search", "attention-amax", "attention-precise")),
+    "quantize": (quantize_cases, ("quantize-amax", "quantize-search", "quantize-fast-search")),
 }
 
 

@@ -106,8 +106,13 @@ def normaliser(pts):
 
 @triton.jit
 def amax_code(block_amax, pts, DIVISOR: tl.constexpr):
-    """E4M3 code of ``clamp(block_amax / DIVISOR / pts, 2**-6, 448)`` (``search._amax_code``)."""
-    scale = tl.math.div_rn(tl.math.div_rn(block_amax, DIVISOR), pts)
+    """E4M3 code of ``clamp(block_amax / DIVISOR / pts, 2**-6, 448)`` (``search._amax_code``). A DIVISOR of 4 is
+    a multiply by 0.25: the same real number, so the same rounding."""
+    if DIVISOR == 4.0:
+        quotient = block_amax * 0.25
+    else:
+        quotient = tl.math.div_rn(block_amax, DIVISOR)
+    scale = tl.math.div_rn(quotient, pts)
     return e4m3_encode(tl.minimum(tl.maximum(scale, E4M3_MIN_NORMAL), E4M3_MAX))
 
 
@@ -146,32 +151,35 @@ def block_error(
     NUM_BLOCKS: tl.constexpr,
     ABOVE_AMAX: tl.constexpr = False,
 ):
-    """Sum over each block of ``w * (|x| - e2m1(|x| * mult) * (pts * s))**2`` (``search._block_error``).
+    """``(err, q)``: each block's ``err``, the sum of ``w * (|x| - q * (pts * s))**2`` (``search._block_error``),
+    with ``q = e2m1(|x| * mult)`` the E2M1 magnitudes of the block under that scale.
 
     ``mag``: |x| as ``[ROWS, NUM_BLOCKS, 16]``; ``code``: ``[ROWS, NUM_BLOCKS]`` scale codes (clamped to
     1..126 here; the caller discards invalid ones); ``weights``: ``[1, NUM_BLOCKS, 16]`` per-channel
     importance w (read only if HAS_WEIGHTS, else w = 1).
 
-    ABOVE_AMAX: every valid code is above the block's amax code, or equal to it for a candidate evaluated last
-    (four_over_six's). Then ``|x| * mult <= 6`` and the saturation is left out: a code above the amax code is
-    at least one E4M3 step, 1/16 of the scale or more, above ``amax / 6 / pts``, which the amax code rounds to
-    within half a step, so ``amax * mult`` stays below ``6 / (1 + 1/32)`` after float32's few roundings. A last
-    candidate equal to the amax code can only change which of two equal codes is kept.
+    ABOVE_AMAX: the caller keeps this candidate only where its code is above the block's amax code. There
+    ``|x| * mult <= 6`` and the saturation is left out: a code above the amax code is at least one E4M3 step,
+    1/16 of the scale or more, above ``amax / 6 / pts``, which the amax code rounds to within half a step, so
+    ``amax * mult`` stays below ``6 / (1 + 1/32)`` after float32's few roundings.
     """
     multiplier, dequant_scale = scale_factors(code, pts)
-    y = e2m1_round(mag * multiplier[:, :, None], not ABOVE_AMAX) * dequant_scale[:, :, None]
-    diff = mag - y
+    q = e2m1_round(mag * multiplier[:, :, None], not ABOVE_AMAX)
+    diff = mag - q * dequant_scale[:, :, None]
     err = diff * diff
     if HAS_WEIGHTS:
         err = err * weights
-    return _pairwise_sum16(err, ROWS, NUM_BLOCKS)
+    return _pairwise_sum16(err, ROWS, NUM_BLOCKS), q
 
 
 @triton.jit
-def _keep_better(best_code, best_err, code, err):
-    """A candidate replaces the best only with a strictly lower error and a code in 1..126."""
-    better = (err < best_err) & (code >= 1) & (code <= E4M3_MAX_CODE)
-    return tl.where(better, code, best_code), tl.where(better, err, best_err)
+def _keep_better(best_code, best_err, best_q, code, err, q, lowest, KEEP_Q: tl.constexpr):
+    """A candidate replaces the best (code, error and, with KEEP_Q, E2M1 magnitudes) only with a strictly lower
+    error and a code in ``lowest``..126 (``lowest`` 1, or above the amax code for an ABOVE_AMAX candidate)."""
+    better = (err < best_err) & (code >= lowest) & (code <= E4M3_MAX_CODE)
+    if KEEP_Q:
+        best_q = tl.where(better[:, :, None], q, best_q)
+    return tl.where(better, code, best_code), tl.where(better, err, best_err), best_q
 
 
 @triton.jit
@@ -210,16 +218,24 @@ def quantize_tile(
     block_amax = tl.max(mag, axis=2)
     first_code = amax_code(block_amax, pts, E2M1_MAX)
     best_code = first_code
-    if METHOD != "amax":
-        best_err = block_error(mag, first_code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+    # A search of two or three candidates keeps the winner's E2M1 magnitudes (a select a value and candidate);
+    # longer ones round the block again with the winner (sm_100a, 32 x 128 tiles of "search": 142 instead of 130
+    # thread-instructions an element when kept).
+    KEEP_Q: tl.constexpr = METHOD == "fast_search" or METHOD == "four_over_six"
+    if METHOD == "amax":
+        multiplier, _ = scale_factors(first_code, pts)
+        magnitude = e2m1_round(mag * multiplier[:, :, None])
+    else:
+        best_err, magnitude = block_error(mag, first_code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
         if METHOD == "fast_search":
             code = first_code - 1
-            err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-            best_code, best_err = _keep_better(best_code, best_err, code, err)
+            err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+            best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, 1, KEEP_Q)
         if METHOD == "four_over_six" or METHOD == "fast_search":
-            code = amax_code(block_amax, pts, 4.0)
-            err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
-            best_code, best_err = _keep_better(best_code, best_err, code, err)
+            code = amax_code(block_amax, pts, 4.0)  # at or above the amax code: kept only above it
+            err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
+            above = first_code + 1
+            best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, above, KEEP_Q)
         if METHOD == "search":
             # Offsets below the amax code unrolled (the default window has two), those above in a loop, not
             # unrolled: one candidate's temporaries are live at a time (unrolled, the attention kernel's P
@@ -228,20 +244,21 @@ def quantize_tile(
             ABOVE_START: tl.constexpr = LO if LO > 0 else 1
             for offset in tl.static_range(LO, BELOW_END):
                 code = first_code + offset
-                err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-                best_code, best_err = _keep_better(best_code, best_err, code, err)
+                err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+                best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, 1, KEEP_Q)
             for offset in range(ABOVE_START, HI + 1):
                 code = first_code + offset
-                err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
-                best_code, best_err = _keep_better(best_code, best_err, code, err)
+                err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
+                best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, 1, KEEP_Q)
         if METHOD == "exhaustive":
             for candidate in range(1, E4M3_MAX_CODE + 1):
                 code = tl.full((ROWS, NUM_BLOCKS), candidate, tl.int32)
-                err = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-                best_code, best_err = _keep_better(best_code, best_err, code, err)
+                err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+                best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, 1, KEEP_Q)
+        if not KEEP_Q:
+            multiplier, _ = scale_factors(best_code, pts)
+            magnitude = e2m1_round(mag * multiplier[:, :, None])
 
-    multiplier, _ = scale_factors(best_code, pts)
-    magnitude = e2m1_round(mag * multiplier[:, :, None])
     # |x * m| == |x| * m exactly, and the code keeps the sign bit of x (-0.0 gives code 8, as the reference).
     sign = (x.to(tl.int32, bitcast=True) >> 28) & 8
     codes = e2m1_magnitude_code(magnitude) | sign
@@ -553,9 +570,23 @@ def int32_pointer_offsets(ttir: str) -> list[str]:
 def contracted_fmas(ptx: str) -> list[str]:
     """The float32 FMAs of PTX other than :func:`e2m1_round`'s (by +-2**22, a power of two: the product is exact,
     so the FMA rounds once, as the add it replaces): those a compiler contracted from a multiply and an add,
-    which round differently from the reference."""
-    fmas = [line.strip() for line in ptx.splitlines() if "fma.rn.f32" in line]
-    return [line for line in fmas if not re.search(r",\s*0f(4A|CA)800000\s*,", line)]
+    which round differently from the reference. sm_100 builds pair FMAs (``fma.rn.f32x2``), whose 2**22 operand
+    is a register holding the constant twice."""
+    magic = {"0f4A800000", "0fCA800000", "1249902592", "-897581056", "3397386240"}  # +-2**22, also as integers
+    scalars, pairs = set(magic), set()
+    for line in ptx.splitlines():
+        move = re.match(r"\s*mov\.(?:b32|f32|u32|s32)\s+(%\w+),\s*([-\w]+);", line)
+        if move and move.group(2) in scalars:
+            scalars.add(move.group(1))
+        pair = re.match(r"\s*mov\.b64\s+(%\w+),\s*\{(%?\w+),\s*(%?\w+)\};", line)
+        if pair and pair.group(2) in scalars and pair.group(3) in scalars:
+            pairs.add(pair.group(1))
+    contracted = []
+    for line in ptx.splitlines():
+        fma = re.match(r"\s*fma\.rn\.f32(x2)?\s+[%\w]+,\s*([%\w]+),\s*([%\w]+),", line)
+        if fma and not {fma.group(2), fma.group(3)} & (pairs if fma.group(1) else scalars):
+            contracted.append(line.strip())
+    return contracted
 
 
 def _compile_file(path: str) -> None:
