@@ -17,11 +17,10 @@ integers equal to 1, such as M at decode, made constants), on Llama-3-8B-like sh
   the kernel's main body (barrier spin-waits nest inside it, any prologue loop comes before it; subroutines
   after the last EXIT are left out; attention's high-precision tiles run in a kernel of their own, variant
   "attention-precise", whose loop is the two tiles), or
-  the whole main body for a kernel without a loop over its work (quantize: one tile a program). Method
-  "search" loops over its candidates above the amax code (a loop, not unrolled, keeps one candidate's
-  temporaries live at a time) after the ones below it, unrolled: that nested loop, the largest in the region,
-  counts once per offset above the amax code (6 in the default window); "fast_search" (the default for
-  activations and P) unrolls its two candidates. Variants: "attention" is the default recipe (P scales by
+  the whole main body for a kernel without a loop over its work (quantize: one tile a program). The scale
+  search loops over its candidates (a loop, not unrolled, keeps one candidate's temporaries live at a time):
+  that nested loop, the largest in the region, counts once per candidate it tries beyond the amax code (HI - LO
+  times for "search", twice for "fast_search", the default for activations and P). Variants: "attention" is the default recipe (P scales by
   fast_search), "attention-search" the same kernel with P searched over the whole window, "attention-amax" with
   amax P scales; "fused" quantizes the activation as the default W4A4 does. The count is per thread (a warp
   issues each instruction once for 32 threads), so ``loop_instructions_per_unit`` = instructions x threads per
@@ -218,9 +217,8 @@ def _case(kernel, variant, index, config, target, m, module, name, args, constex
     else:
         unit, units = "element", kw["BLOCK_M"] * kw["BLOCK_K"]
     threads = 32 * config.num_warps
-    # "search" unrolls the offsets below the amax code and loops over those above it (_nvfp4.quantize_tile)
-    above = len(range(max(constexprs.get("LO", 0), 1), constexprs.get("HI", 0) + 1))
-    trips = above if constexprs.get("METHOD") == "search" else 1
+    method = constexprs.get("METHOD")
+    trips = {"search": constexprs.get("HI", 0) - constexprs.get("LO", 0), "fast_search": 2}.get(method, 1)
     text = _config_text(kernel, config)
     return Case(kernel, variant, index, text, target, m, job, unit, units, threads, kernel != "quantize", trips)
 

@@ -24,18 +24,18 @@ def test_one_small_build_gives_every_field(kernel_static, capsys, tmp_path):
     argv = ["--kernel", "quantize", "--config", "0", "--target", "90", "--jobs", "1", "--save", str(saved)]
     assert kernel_static.main([*argv, "--json"]) == 0
     records = json.loads(capsys.readouterr().out)
-    assert [r["variant"] for r in records] == ["quantize-amax", "quantize-search"]
+    assert [r["variant"] for r in records] == ["quantize-amax", "quantize-search", "quantize-fast-search"]
     for record in records:
         assert tuple(record) == kernel_static.FIELDS
         assert record["kernel"] == "quantize" and record["target"] == "sm_90a" and record["unit"] == "element"
         assert record["config"] == "8x64 w4 s3" and record["m"] == 2048
         assert 0 < record["registers"] <= 255 and record["spill_bytes"] >= 0 and record["shared_bytes"] >= 0
         assert record["loop_instructions_per_unit"] > 0
-    amax, search = records
-    assert search["loop_instructions_per_unit"] > amax["loop_instructions_per_unit"]  # nine candidates cost
+    amax, search, fast = (r["loop_instructions_per_unit"] for r in records)
+    assert amax < fast < search  # three candidates cost less than nine, more than one
     kernel_static.main(["--load", str(saved)])
     table = capsys.readouterr().out
-    assert table.count("| quantize |") == 2 and "H100" in table
+    assert table.count("| quantize |") == 3 and "H100" in table
 
 
 def test_every_kernel_has_cases_for_every_config_and_target(kernel_static):

@@ -158,7 +158,7 @@ def block_error(
     1..126 here; the caller discards invalid ones); ``weights``: ``[1, NUM_BLOCKS, 16]`` per-channel
     importance w (read only if HAS_WEIGHTS, else w = 1).
 
-    ABOVE_AMAX: the caller keeps this candidate only where its code is above the block's amax code. There
+    ABOVE_AMAX: every valid ``code`` is above the block's amax code (the caller turns others into 0). There
     ``|x| * mult <= 6`` and the saturation is left out: a code above the amax code is at least one E4M3 step,
     1/16 of the scale or more, above ``amax / 6 / pts``, which the amax code rounds to within half a step, so
     ``amax * mult`` stays below ``6 / (1 + 1/32)`` after float32's few roundings.
@@ -173,13 +173,21 @@ def block_error(
 
 
 @triton.jit
-def _keep_better(best_code, best_err, best_q, code, err, q, lowest, KEEP_Q: tl.constexpr):
+def _keep_better(best_code, best_err, best_q, code, err, q, KEEP_Q: tl.constexpr):
     """A candidate replaces the best (code, error and, with KEEP_Q, E2M1 magnitudes) only with a strictly lower
-    error and a code in ``lowest``..126 (``lowest`` 1, or above the amax code for an ABOVE_AMAX candidate)."""
-    better = (err < best_err) & (code >= lowest) & (code <= E4M3_MAX_CODE)
+    error and a code in 1..126."""
+    better = (err < best_err) & (code >= 1) & (code <= E4M3_MAX_CODE)
     if KEEP_Q:
         best_q = tl.where(better[:, :, None], q, best_q)
     return tl.where(better, code, best_code), tl.where(better, err, best_err), best_q
+
+
+@triton.jit
+def _above_amax(code, first_code):
+    """The four_over_six ``code`` (at or above the amax code), or 0, a code never kept, where it equals the amax
+    code: evaluated again, it could only replace the amax code by itself, and :func:`block_error`'s ABOVE_AMAX
+    needs a code above it."""
+    return tl.where(code > first_code, code, 0)
 
 
 @triton.jit
@@ -194,6 +202,7 @@ def quantize_tile(
     BLOCK_K: tl.constexpr,
     weights=None,
     HAS_WEIGHTS: tl.constexpr = False,
+    KEEP_MAGNITUDES: tl.constexpr = True,
 ):
     """Quantize a float32 tile ``[ROWS, BLOCK_K]`` to NVFP4 exactly as ``search.quantize_reference``.
 
@@ -202,7 +211,8 @@ def quantize_tile(
     the tile's input channels (ignored unless HAS_WEIGHTS). METHOD: "amax", "four_over_six", "search" (code
     offsets LO..HI around the amax code), "fast_search" or "exhaustive". The amax code is evaluated first and
     candidates follow in the reference's order, so ties resolve the same way. NaN and Inf are quantized as zeros
-    and their block gets the NaN scale code 127 (as its amax code, so its offset is 0).
+    and their block gets the NaN scale code 127 (as its amax code, so its offset is 0). KEEP_MAGNITUDES: a search
+    of two or three candidates keeps its winner's E2M1 magnitudes in registers instead of rounding again.
     Returns ``(codes [ROWS, BLOCK_K] int32 E2M1, scale codes [ROWS, BLOCK_K // 16] int32, amax codes)``.
     """
     NUM_BLOCKS: tl.constexpr = BLOCK_K // NVFP4_BLOCK
@@ -218,43 +228,41 @@ def quantize_tile(
     block_amax = tl.max(mag, axis=2)
     first_code = amax_code(block_amax, pts, E2M1_MAX)
     best_code = first_code
-    # A search of two or three candidates keeps the winner's E2M1 magnitudes (a select a value and candidate);
-    # longer ones round the block again with the winner (sm_100a, 32 x 128 tiles of "search": 142 instead of 130
+    # A search of two or three candidates keeps the winner's E2M1 magnitudes (a select a value and candidate)
+    # unless the caller is short of registers (KEEP_MAGNITUDES False: attention's P spilled 164 bytes); longer
+    # ones round the block again with the winner (sm_100a, 32 x 128 tiles of "search": 142 instead of 130
     # thread-instructions an element when kept).
-    KEEP_Q: tl.constexpr = METHOD == "fast_search" or METHOD == "four_over_six"
+    KEEP_Q: tl.constexpr = KEEP_MAGNITUDES and (METHOD == "fast_search" or METHOD == "four_over_six")
     if METHOD == "amax":
         multiplier, _ = scale_factors(first_code, pts)
         magnitude = e2m1_round(mag * multiplier[:, :, None])
     else:
         best_err, magnitude = block_error(mag, first_code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-        if METHOD == "fast_search":
-            code = first_code - 1
-            err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-            best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, 1, KEEP_Q)
-        if METHOD == "four_over_six" or METHOD == "fast_search":
-            code = amax_code(block_amax, pts, 4.0)  # at or above the amax code: kept only above it
+        if METHOD == "four_over_six":
+            code = _above_amax(amax_code(block_amax, pts, 4.0), first_code)
             err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
-            above = first_code + 1
-            best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, above, KEEP_Q)
-        if METHOD == "search":
-            # Offsets below the amax code unrolled (the default window has two), those above in a loop, not
-            # unrolled: one candidate's temporaries are live at a time (unrolled, the attention kernel's P
-            # search spilled 40-92 bytes in benchmarks/kernel_static.py's builds).
-            BELOW_END: tl.constexpr = HI + 1 if HI < 0 else 0
-            ABOVE_START: tl.constexpr = LO if LO > 0 else 1
-            for offset in tl.static_range(LO, BELOW_END):
-                code = first_code + offset
+            best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, KEEP_Q)
+        if METHOD == "fast_search":
+            # A loop, as "search": unrolled, the attention kernel's P spilled 36-60 bytes on sm_90a (BLOCK_M 64).
+            for i in range(2):
+                code = tl.where(i == 0, first_code - 1, _above_amax(amax_code(block_amax, pts, 4.0), first_code))
                 err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-                best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, 1, KEEP_Q)
-            for offset in range(ABOVE_START, HI + 1):
-                code = first_code + offset
-                err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
-                best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, 1, KEEP_Q)
+                best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, KEEP_Q)
+        if METHOD == "search":
+            # A loop, not unrolled: one candidate's temporaries are live at a time (unrolled, the attention
+            # kernel's P search spilled 40-92 bytes in benchmarks/kernel_static.py's builds).
+            for offset in range(LO, HI + 1):
+                if offset != 0:
+                    code = first_code + offset
+                    err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+                    best_code, best_err, magnitude = _keep_better(
+                        best_code, best_err, magnitude, code, err, q, 1, KEEP_Q
+                    )
         if METHOD == "exhaustive":
             for candidate in range(1, E4M3_MAX_CODE + 1):
                 code = tl.full((ROWS, NUM_BLOCKS), candidate, tl.int32)
                 err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-                best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, 1, KEEP_Q)
+                best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, KEEP_Q)
         if not KEEP_Q:
             multiplier, _ = scale_factors(best_code, pts)
             magnitude = e2m1_round(mag * multiplier[:, :, None])

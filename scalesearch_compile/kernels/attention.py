@@ -122,7 +122,7 @@ def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.co
     R: tl.constexpr = p.shape[0]
     N: tl.constexpr = p.shape[1]
     row_scale = tl.maximum(tl.math.div_rn(tl.max(p, 1), 2688.0), GLOBAL_SCALE_MIN)
-    codes, scale_codes, _ = quantize_tile(p, row_scale[:, None], True, METHOD, LO, HI, R, N)
+    codes, scale_codes, _ = quantize_tile(p, row_scale[:, None], True, METHOD, LO, HI, R, N, KEEP_MAGNITUDES=False)
     return codes, scale_codes, row_scale
 
 
