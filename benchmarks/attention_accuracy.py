@@ -40,7 +40,13 @@ from scalesearch_compile.attention import (  # noqa: E402
     nvfp4_attention_reference,
 )
 
-RECIPES = {**ABLATION_LADDER, "+ Q smoothing": AttentionRecipe(smooth_q=True)}
+RECIPES = {
+    **ABLATION_LADDER,
+    "+ Q smoothing": AttentionRecipe(smooth_q=True),
+    # what P's default fast_search (three candidate scales) gives up against the window's nine, and gains over amax
+    "default, P by search [-2,+6]": AttentionRecipe(p_method="search"),
+    "default, P by amax": AttentionRecipe(p_method="amax"),
+}
 
 PARAGRAPHS = [
     "The river rose slowly through the night, and by morning the lower fields were under a sheet of brown water. "

@@ -24,6 +24,7 @@ from scalesearch_demo import load_minilm, markdown_table  # noqa: E402
 # (column title, method, window)
 METHODS = [
     ("four_over_six", "four_over_six", None),
+    ("fast_search", "fast_search", None),
     ("search [0,+6]", "search", (0, 6)),
     ("search [-2,+2]", "search", (-2, 2)),
     ("search [-2,+6]", "search", (-2, 6)),

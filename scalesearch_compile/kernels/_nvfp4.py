@@ -255,9 +255,7 @@ def quantize_tile(
                 if offset != 0:
                     code = first_code + offset
                     err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-                    best_code, best_err, magnitude = _keep_better(
-                        best_code, best_err, magnitude, code, err, q, 1, KEEP_Q
-                    )
+                    best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, KEEP_Q)
         if METHOD == "exhaustive":
             for candidate in range(1, E4M3_MAX_CODE + 1):
                 code = tl.full((ROWS, NUM_BLOCKS), candidate, tl.int32)
