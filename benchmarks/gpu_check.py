@@ -13,8 +13,9 @@ with what it printed, and the next one starts):
    the baseline measured in the same run: the NVFP4 GEMMs (W4A16, W4A4 with the fused prologue, W4A4 after the
    quantize kernel) against ``torch.mm`` in bf16 and, on compute capability 10.x, torchao's NVFP4
    ``torch._scaled_mm``, at M in ``GEMM_M`` and (N, K) in ``GEMM_NK``; the attention kernel (default recipe,
-   causal) against bf16 ``F.scaled_dot_product_attention``; the quantize kernel (amax, search) against torchao's
-   amax quantizer ``NVFP4Tensor.to_nvfp4``. GB/s counts each operand once (``benchmarks/gemm.py``'s model).
+   causal) against bf16 ``F.scaled_dot_product_attention`` (P's scales by fast_search, amax and search); the
+   quantize kernel (amax, fast_search, search) against torchao's amax quantizer ``NVFP4Tensor.to_nvfp4``. GB/s
+   counts each operand once (``benchmarks/gemm.py``'s model).
 
 ``--dry-run`` (no GPU needed) prints the plan and compiles the kernels for sm_90a and sm_100a through
 ``benchmarks/kernel_static.py`` (every config unless ``--static-args`` narrows it), so a GPU session starts from
@@ -75,7 +76,7 @@ def plan(python: str) -> str:
         lines.append(f"- {name} (at most {limit} s): {shlex.join(command)}")
     lines.append(f"- GEMM: M {GEMM_M} x (N, K) {GEMM_NK}: bf16 torch.mm, w4a16, w4a4 fused, w4a4 + quantize, torchao")
     lines.append(f"  NVFP4 _scaled_mm on compute capability 10.x; attention (B, H, Hkv, S, D) {ATTENTION_SHAPES}")
-    lines.append(f"  vs bf16 SDPA; quantize (M, K) {QUANTIZE_SHAPES} amax / search vs torchao to_nvfp4")
+    lines.append(f"  vs bf16 SDPA; quantize (M, K) {QUANTIZE_SHAPES} amax / fast_search / search vs torchao to_nvfp4")
     return "\n".join(lines)
 
 
@@ -126,11 +127,16 @@ def _torchao_fp4_mm(x, weight):
 
 
 def attention_rows(timer, device: str, shapes=ATTENTION_SHAPES):
+    from functools import partial
+
     import torch
     import torch.nn.functional as F
 
+    from scalesearch_compile.attention import AttentionRecipe
     from scalesearch_compile.kernels.attention import nvfp4_attention_triton
 
+    p_methods = {"nvfp4 (P fast_search, default)": "fast_search", "nvfp4 P amax": "amax", "nvfp4 P search": "search"}
+    recipes = {name: AttentionRecipe(p_method=p) for name, p in p_methods.items()}
     for batch, heads, kv_heads, length, dim in shapes:
         g = torch.Generator(device).manual_seed(0)
         q = torch.randn(batch, heads, length, dim, device=device, dtype=torch.bfloat16, generator=g)
@@ -139,7 +145,10 @@ def attention_rows(timer, device: str, shapes=ATTENTION_SHAPES):
         )
         kernels = {
             "bf16 SDPA": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),  # noqa: B023
-            "nvfp4 search": lambda: nvfp4_attention_triton(q, k, v, is_causal=True, enable_gqa=True),  # noqa: B023
+            **{
+                name: partial(nvfp4_attention_triton, q, k, v, is_causal=True, enable_gqa=True, recipe=recipe)
+                for name, recipe in recipes.items()
+            },
         }
         shape = f"B={batch} H={heads} Hkv={kv_heads} S={length} D={dim} causal"
         yield from _timed(timer, "attention", shape, kernels, None)
@@ -160,7 +169,7 @@ def quantize_rows(timer, device: str, shapes=QUANTIZE_SHAPES):
                 method: lambda method=method: quantize_nvfp4_triton(
                     QuantizeRequest.of(x, ScaleChoice(method), check_finite=False)  # noqa: B023
                 )
-                for method in ("amax", "search")
+                for method in ("amax", "fast_search", "search")
             },
         }
         yield from _timed(timer, "quantize", f"M={m} K={k} bf16", kernels, lambda kind: QUANTIZE_BYTES * m * k)  # noqa: B023
