@@ -62,9 +62,12 @@ def test_timing_rows_with_a_fake_timer(gpu_check):
         "w4a4 fused",
         "w4a4 + quantize",
         "bf16 SDPA",
-        "nvfp4 search",
+        "nvfp4 (P fast_search, default)",
+        "nvfp4 P amax",
+        "nvfp4 P search",
         "torchao amax",
         "amax",
+        "fast_search",
         "search",
     ]
     assert all(len(row) == len(gpu_check.BENCHMARK_HEADER) and row[4] == "1.00x" for row in rows)
