@@ -7,9 +7,10 @@ of 16); evaluation: its built-in evaluation sentences (135, none of them in the 
 the sentence-embedding gap to float32, 1 - mean cosine of mean-pooled, L2-normalised embeddings, and the share
 of amax's gap each method closes ("cut"). Methods: round to nearest with amax scales, searched scales, the search
 weighted by each input channel's mean x^2 (``calibrate``), and GPTQ (``gptq_quantize_``) with amax and with
-searched, diag(H)-weighted scales. Schemes: W4A16, W4A4 (activations NVFP4 at run time, searched or amax as the
-weights), and W4A4 with NVFP4 attention (Q, K, V and P, the same scale method) through
-``torch.compile(backend="scalesearch")``. The time each quantization took is printed beside it, with its ratio
+searched, diag(H)-weighted scales; "search, run time over the window" quantizes W4A4 activations and attention's P
+over the whole window instead of the run-time default (fast_search). Schemes: W4A16, W4A4 (activations NVFP4 at
+run time, searched or amax as the weights), and W4A4 with NVFP4 attention (Q, K, V and P, the same scale method)
+through ``torch.compile(backend="scalesearch")``. The time each quantization took is printed beside it, with its ratio
 to ``quantize_model`` with searched scales in the same run.
 """
 
@@ -26,24 +27,27 @@ import scalesearch_demo  # noqa: E402, F401  (before torchao: quiets its import,
 import torch  # noqa: E402
 
 from scalesearch_compile import ScaleSearchConfig, backend, calibrate, gptq_quantize_, quantize_model  # noqa: E402
+from scalesearch_compile.attention import AttentionRecipe  # noqa: E402
 from scalesearch_compile.calibration import builtin_corpus  # noqa: E402
 from scalesearch_compile.report import load_pretrained, mean_cosine, minilm_path, sentence_embeddings  # noqa: E402
 from scalesearch_demo import markdown_table  # noqa: E402
 
-# label -> (scale method, how the weights are rounded)
+# label -> (scale method, how the weights are rounded, method of activations and P: None for the run-time default,
+# fast_search under search)
 METHODS = {
-    "amax": ("amax", "nearest"),
-    "search": ("search", "nearest"),
-    "search + calibrate": ("search", "calibrate"),
-    "GPTQ, amax": ("amax", "gptq"),
-    "GPTQ, search": ("search", "gptq"),
+    "amax": ("amax", "nearest", None),
+    "search": ("search", "nearest", None),
+    "search, run time over the window": ("search", "nearest", "search"),
+    "search + calibrate": ("search", "calibrate", None),
+    "GPTQ, amax": ("amax", "gptq", None),
+    "GPTQ, search": ("search", "gptq", None),
 }
 SCHEMES = {"W4A16": None, "W4A4": "nvfp4"}
 
 
-def quantize(model, method: str, rounding: str, activations, batches) -> float:
+def quantize(model, method: str, rounding: str, activations, run_time, batches) -> float:
     """Quantize ``model`` in place; returns the seconds it took (calibration included)."""
-    config = ScaleSearchConfig(method, activations, progress=False)
+    config = ScaleSearchConfig(method, activations, progress=False, activation_method=run_time)
     start = time.perf_counter()
     if rounding == "gptq":
         gptq_quantize_(model, batches, config, progress=False)
@@ -83,14 +87,16 @@ def main():
     columns = list(schemes) + (["W4A4 + attention"] if attention else [])
     gaps, seconds = {}, {}
     for label in args.methods:
-        method, rounding = METHODS[label]
+        method, rounding, run_time = METHODS[label]
         for scheme, activations in schemes.items():
             quantized = copy.deepcopy(model)
-            seconds[(label, scheme)] = quantize(quantized, method, rounding, activations, batches)
+            seconds[(label, scheme)] = quantize(quantized, method, rounding, activations, run_time, batches)
             gaps[(label, scheme)] = gap(quantized)
             if scheme == "W4A4" and attention:
                 torch._dynamo.reset()
-                compiled = torch.compile(quantized, backend=backend(method=method, activations=activations))
+                recipe = AttentionRecipe(method=method, p_method=run_time)
+                options = dict(method=method, activations=activations, activation_method=run_time, attention=recipe)
+                compiled = torch.compile(quantized, backend=backend(**options))
                 gaps[(label, "W4A4 + attention")] = gap(compiled)
             done = ", ".join(f"{c} gap {gaps[(label, c)]:.5f}" for c in columns if (label, c) in gaps)
             print(f"{label}: {done}; quantized in {seconds[(label, scheme)]:.1f} s", file=sys.stderr)
