@@ -238,14 +238,15 @@ def quantize_tile(
         magnitude = e2m1_round(mag * multiplier[:, :, None])
     else:
         best_err, magnitude = block_error(mag, first_code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+        if METHOD == "four_over_six" or METHOD == "fast_search":
+            four = _above_amax(amax_code(block_amax, pts, 4.0), first_code)
         if METHOD == "four_over_six":
-            code = _above_amax(amax_code(block_amax, pts, 4.0), first_code)
-            err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
-            best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, KEEP_Q)
+            err, q = block_error(mag, four, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
+            best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, four, err, q, KEEP_Q)
         if METHOD == "fast_search":
             # A loop, as "search": unrolled, the attention kernel's P spilled 36-60 bytes on sm_90a (BLOCK_M 64).
             for i in range(2):
-                code = tl.where(i == 0, first_code - 1, _above_amax(amax_code(block_amax, pts, 4.0), first_code))
+                code = tl.where(i == 0, first_code - 1, four)
                 err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
                 best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, KEEP_Q)
         if METHOD == "search":

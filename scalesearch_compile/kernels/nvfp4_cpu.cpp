@@ -35,7 +35,8 @@
 #define INLINE inline __attribute__((always_inline))
 
 constexpr int BLOCK = 16, MAX_CODE = 126, NAN_CODE = 127;
-constexpr int METHOD_AMAX = 0, METHOD_SEARCH = 1, METHOD_FOUR_OVER_SIX = 2, METHOD_EXHAUSTIVE = 3, METHOD_FAST_SEARCH = 4;
+constexpr int METHOD_AMAX = 0, METHOD_SEARCH = 1, METHOD_FOUR_OVER_SIX = 2, METHOD_EXHAUSTIVE = 3;
+constexpr int METHOD_FAST_SEARCH = 4;
 
 typedef float vf __attribute__((vector_size(4 * LANES)));
 typedef int32_t vi __attribute__((vector_size(4 * LANES)));
@@ -158,23 +159,20 @@ static INLINE void quantize_blocks(const float *x, int64_t g0, int count, int64_
     const vf *wp = weights ? w : 0;
     if (method != METHOD_AMAX) {
         vf best_error = block_error(m, wp, first, p, inverse);
-        bool uses_four = method == METHOD_FOUR_OVER_SIX || method == METHOD_FAST_SEARCH;
-        vi four = uses_four ? amax_code(block_amax, 4.0f, p) : first;
-        int lo = low, hi = high;
-        if (method == METHOD_EXHAUSTIVE) lo = 1, hi = MAX_CODE;
-        if (method == METHOD_FOUR_OVER_SIX) lo = hi = 1;
-        if (method == METHOD_FAST_SEARCH) lo = -1, hi = 1; /* d = -1: first - 1; d = 1: four */
-        for (int d = lo; d <= hi; d++) {
-            if ((method == METHOD_SEARCH || method == METHOD_FAST_SEARCH) && d == 0) continue;
-            vi code = method == METHOD_SEARCH ? first + d
-                      : method == METHOD_FAST_SEARCH ? (d < 0 ? first - 1 : four)
-                      : method == METHOD_FOUR_OVER_SIX ? four
-                                                        : vi{} + d;
+        auto try_code = [&](vi code) { /* kept only with a strictly lower error and a code in 1..126 */
             vf error = block_error(m, wp, clamp_i(code, 1, MAX_CODE), p, inverse);
             vi better = (error < best_error) & (code >= 1) & (code <= MAX_CODE);
             best_error = better ? error : best_error;
             best = better ? code : best;
-        }
+        };
+        /* search._candidate_codes in its order: offsets from the amax code, all codes, the four_over_six code */
+        int lo = method == METHOD_SEARCH ? low : method == METHOD_FAST_SEARCH ? -1 : 1;
+        int hi = method == METHOD_SEARCH ? high : method == METHOD_FAST_SEARCH ? -1 : 0;
+        for (int d = lo; d <= hi; d++)
+            if (d != 0) try_code(first + d);
+        if (method == METHOD_EXHAUSTIVE)
+            for (int c = 1; c <= MAX_CODE; c++) try_code(vi{} + c);
+        if (method == METHOD_FOUR_OVER_SIX || method == METHOD_FAST_SEARCH) try_code(amax_code(block_amax, 4.0f, p));
     }
     vf multiplier = inverse / e4m3_value(best);
     vi codes[BLOCK];
