@@ -8,10 +8,11 @@ the sentence-embedding gap to float32, 1 - mean cosine of mean-pooled, L2-normal
 of amax's gap each method closes ("cut"). Methods: round to nearest with amax scales, searched scales, the search
 weighted by each input channel's mean x^2 (``calibrate``), and GPTQ (``gptq_quantize_``) with amax and with
 searched, diag(H)-weighted scales; "search, run time over the window" quantizes W4A4 activations and attention's P
-over the whole window instead of the run-time default (fast_search). Schemes: W4A16, W4A4 (activations NVFP4 at
-run time, searched or amax as the weights), and W4A4 with NVFP4 attention (Q, K, V and P, the same scale method)
-through ``torch.compile(backend="scalesearch")``. The time each quantization took is printed beside it, with its ratio
-to ``quantize_model`` with searched scales in the same run.
+over the whole window instead of the run-time defaults (fast_search for activations, four_over_six for P).
+Schemes: W4A16, W4A4 (activations NVFP4 at run time, searched or amax as the weights), and W4A4 with NVFP4
+attention (Q, K, V and P, the same scale method) through ``torch.compile(backend="scalesearch")``. The time
+each quantization took is printed beside it, with its ratio to ``quantize_model`` with searched scales in the
+same run.
 """
 
 import argparse
@@ -32,8 +33,8 @@ from scalesearch_compile.calibration import builtin_corpus  # noqa: E402
 from scalesearch_compile.report import load_pretrained, mean_cosine, minilm_path, sentence_embeddings  # noqa: E402
 from scalesearch_demo import markdown_table  # noqa: E402
 
-# label -> (scale method, how the weights are rounded, method of activations and P: None for the run-time default,
-# fast_search under search)
+# label -> (scale method, how the weights are rounded, method of activations and P: None for the run-time defaults,
+# under search fast_search for activations and four_over_six for P)
 METHODS = {
     "amax": ("amax", "nearest", None),
     "search": ("search", "nearest", None),

@@ -43,7 +43,9 @@ from scalesearch_compile.attention import (  # noqa: E402
 RECIPES = {
     **ABLATION_LADDER,
     "+ Q smoothing": AttentionRecipe(smooth_q=True),
-    # what P's default fast_search (three candidate scales) gives up against the window's nine, and gains over amax
+    # what P's default four_over_six (two candidate scales) gives up against fast_search's three and the window's
+    # nine, and gains over amax
+    "default, P by fast_search": AttentionRecipe(p_method="fast_search"),
     "default, P by search [-2,+6]": AttentionRecipe(p_method="search"),
     "default, P by amax": AttentionRecipe(p_method="amax"),
 }

@@ -13,9 +13,9 @@ with what it printed, and the next one starts):
    the baseline measured in the same run: the NVFP4 GEMMs (W4A16, W4A4 with the fused prologue, W4A4 after the
    quantize kernel) against ``torch.mm`` in bf16 and, on compute capability 10.x, torchao's NVFP4
    ``torch._scaled_mm``, at M in ``GEMM_M`` and (N, K) in ``GEMM_NK``; the attention kernel (default recipe,
-   causal) against bf16 ``F.scaled_dot_product_attention`` (P's scales by fast_search, amax and search); the
-   quantize kernel (amax, fast_search, search) against torchao's amax quantizer ``NVFP4Tensor.to_nvfp4``. GB/s
-   counts each operand once (``benchmarks/gemm.py``'s model).
+   causal) against bf16 ``F.scaled_dot_product_attention`` (P's scales by four_over_six, fast_search, amax and
+   search); the quantize kernel (amax, fast_search, search) against torchao's amax quantizer
+   ``NVFP4Tensor.to_nvfp4``. GB/s counts each operand once (``benchmarks/gemm.py``'s model).
 
 ``--dry-run`` (no GPU needed) prints the plan and compiles the kernels for sm_90a and sm_100a through
 ``benchmarks/kernel_static.py`` (every config unless ``--static-args`` narrows it), so a GPU session starts from
@@ -135,7 +135,12 @@ def attention_rows(timer, device: str, shapes=ATTENTION_SHAPES):
     from scalesearch_compile.attention import AttentionRecipe
     from scalesearch_compile.kernels.attention import nvfp4_attention_triton
 
-    p_methods = {"nvfp4 (P fast_search, default)": "fast_search", "nvfp4 P amax": "amax", "nvfp4 P search": "search"}
+    p_methods = {
+        "nvfp4 (P four_over_six, default)": "four_over_six",
+        "nvfp4 P fast_search": "fast_search",
+        "nvfp4 P amax": "amax",
+        "nvfp4 P search": "search",
+    }
     recipes = {name: AttentionRecipe(p_method=p) for name, p in p_methods.items()}
     for batch, heads, kv_heads, length, dim in shapes:
         g = torch.Generator(device).manual_seed(0)

@@ -19,10 +19,12 @@ integers equal to 1, such as M at decode, made constants), on Llama-3-8B-like sh
   "attention-precise", whose loop is the two tiles), or
   the whole main body for a kernel without a loop over its work (quantize: one tile a program). The scale
   search loops over its candidates (a loop, not unrolled, keeps one candidate's temporaries live at a time):
-  that nested loop, the largest in the region, counts once per candidate it tries beyond the amax code (HI - LO
-  times for "search", twice for "fast_search", the default for activations and P). Variants: "attention" is
-  the default recipe (P scales by fast_search), "attention-search" the same kernel with P searched over the
-  whole window, "attention-amax" with amax P scales; "fused" quantizes the activation as the default W4A4 does.
+  that nested loop, the largest in the region, counts once per trip (HI - LO times for "search", the offsets
+  beyond the amax code; twice for "fast_search", the default for activations: one below the amax code and
+  four_over_six's; twice for "four_over_six", the default for P: the amax code and its own). Variants:
+  "attention" is the default recipe (P scales by four_over_six), "attention-fast-search" and
+  "attention-search" the same kernel with P by fast_search or searched over the whole window, "attention-amax"
+  with amax P scales; "fused" quantizes the activation as the default W4A4 does.
   The count is per thread (a warp issues each instruction once for 32 threads), so
   ``loop_instructions_per_unit`` = instructions x threads per program / units per iteration: thread-instructions
   per weight byte (GEMM: E2M1 codes plus E4M3 scale bytes of one K tile), per score (attention: BLOCK_M x
@@ -178,7 +180,11 @@ def attention_cases(target: int, variants, m_override=None):
             sum_ptr="*fp32", out_ptr="*fp32", **lengths,
             Q_BUCKET=triton.next_power_of_2(length), K_BUCKET=triton.next_power_of_2(length),
         )  # fmt: skip
-        p_method = {"attention": DEFAULT_RECIPE.p_method, "attention-search": "search"}.get(variant, "amax")
+        p_method = {
+            "attention": DEFAULT_RECIPE.p_method,
+            "attention-fast-search": "fast_search",
+            "attention-search": "search",
+        }.get(variant, "amax")
         constexprs = dict(
             **shape, SMOOTH_Q=False, METHOD=p_method, LO=DEFAULT_RECIPE.window[0], HI=DEFAULT_RECIPE.window[1],
             DOT_SCALED=target >= 100, LEAVE_STATE=True,
@@ -219,14 +225,20 @@ def _case(kernel, variant, index, config, target, m, module, name, args, constex
         unit, units = "element", kw["BLOCK_M"] * kw["BLOCK_K"]
     threads = 32 * config.num_warps
     method = constexprs.get("METHOD")
-    trips = {"search": constexprs.get("HI", 0) - constexprs.get("LO", 0), "fast_search": 2}.get(method, 1)
+    # trips of the candidate loop (_nvfp4.quantize_tile): the window's offsets but 0, fast_search's two candidates
+    # beyond the amax code, four_over_six's amax and four_over_six codes
+    window = constexprs.get("HI", 0) - constexprs.get("LO", 0)
+    trips = {"search": window, "fast_search": 2, "four_over_six": 2}.get(method, 1)
     text = _config_text(kernel, config)
     return Case(kernel, variant, index, text, target, m, job, unit, units, threads, kernel != "quantize", trips)
 
 
 KERNELS = {
     "gemm": (gemm_cases, tuple(GEMM_VARIANTS)),
-    "attention": (attention_cases, ("attention", "attention-search", "attention-amax", "attention-precise")),
+    "attention": (
+        attention_cases,
+        ("attention", "attention-fast-search", "attention-search", "attention-amax", "attention-precise"),
+    ),
     "quantize": (quantize_cases, ("quantize-amax", "quantize-search", "quantize-fast-search")),
 }
 

@@ -22,7 +22,7 @@ time: nothing is read on the host, and NaN/Inf become NaN blocks that reach only
    output ``acc / l``. In an NVFP4 tile ``q~ = deq(q) + mu``, ``k~``, ``v~`` are the dequantized tiles and
    ``p~`` is p quantized along the keys with a per-row first-level scale ``max(rowmax(p) / (448 * 6), 2**-126)``
    (``search.global_scale``) and
-   ``recipe.p_method`` E4M3 block scales (by default "fast_search" when the method is "search"). With
+   ``recipe.p_method`` E4M3 block scales (by default "four_over_six" when the method is "search"). With
    ``sink_tiles``, the first KV tile and the trailing partial tile
    (when Sk is not a multiple of ``TILE``) are high-precision tiles: the prepared float32 q, k, v and p,
    nothing quantized.
@@ -44,6 +44,11 @@ from scalesearch_compile.search import (
 )
 
 TILE = 64  # keys per KV tile (and queries per tile in the kernel); a multiple of the NVFP4 block (16)
+# What "search" runs as for P, quantized inside the kernel for every KV tile: each candidate scale costs about 16
+# thread-instructions a score there, so four_over_six's two (the amax code and amax / 4) cost 1.27-1.30x the
+# instructions of amax P scales on sm_90a (fast_search's three 1.51-1.57x) and keep about half of the window's
+# error reduction on P, which moves the output little (benchmarks/RESULTS.md, "Attention accuracy").
+P_SEARCH = "four_over_six"
 HEAD_DIMS = (64, 128)
 
 
@@ -54,7 +59,7 @@ class AttentionRecipe(ScaleChoice):
 
     ``p_method``: the method of P's block scales, quantized inside the kernel for every KV tile, where each
     candidate scale costs about as much as the rest of P's quantization; None (the default) takes
-    ``method``, with "search" run as "fast_search" (:meth:`ScaleChoice.at_run_time`).
+    ``method``, with "search" run as ``P_SEARCH`` ("four_over_six", :meth:`ScaleChoice.at_run_time`).
     ``smooth_k``/``smooth_q``: subtract the mean of K over keys / of Q over queries (Q's is added back).
     ``hadamard``: rotate Q and K along head_dim. ``sink_tiles``: first and trailing partial KV tile unquantized.
     """
@@ -68,7 +73,7 @@ class AttentionRecipe(ScaleChoice):
     def __post_init__(self):
         super().__post_init__()
         try:
-            object.__setattr__(self, "p_method", self.at_run_time(self.p_method).method)
+            object.__setattr__(self, "p_method", self.at_run_time(self.p_method, P_SEARCH).method)
         except ValueError as error:
             raise ValueError(f"AttentionRecipe.p_method: {error}") from None
         for name in ("smooth_k", "smooth_q", "hadamard", "sink_tiles"):

@@ -35,8 +35,8 @@ class BackendOptions(ScaleChoice):
     activations and inside attention. activations: "nvfp4" (W4A4, activations quantized at run time) or None
     (weight-only). activation_method: the method for activations, None to take ``method`` with "search" run as
     "fast_search" (:meth:`ScaleChoice.at_run_time`). attention: rewrite SDPA (True, the default recipe with
-    ``method``/``window``, P's scales as the recipe's ``p_method`` defaults), leave it (False), or an
-    :class:`AttentionRecipe`. skip_modules: module-path patterns to leave, in the syntax of
+    ``method``/``window``, P's scales as the recipe's ``p_method`` defaults: "four_over_six" for "search"), leave
+    it (False), or an :class:`AttentionRecipe`. skip_modules: module-path patterns to leave, in the syntax of
     :mod:`scalesearch_compile.policy` (``["lm_head", "*.mlp.*", "re:..."]``), as ``ScaleSearchConfig.exclude``.
     skip_shapes: (out_features, in_features) pairs to leave. impl: "auto", "reference" or "triton".
     inductor: compile the rewritten graph with Inductor (True) or run it as it is (False).

@@ -28,11 +28,11 @@ Candidates per method: ``amax`` {c0}; ``four_over_six`` {c0, e4m3(clamp(amax_blo
 ``search`` {c0 + d for d in window} (default window -2..+6, the ScaleSearch paper's); ``fast_search`` {c0,
 c0 - 1, c4} with ``c4`` the four_over_six code (the window is not used); ``exhaustive`` all codes 1..126.
 
-``fast_search`` is for quantization at run time (activations, attention probabilities), where each candidate
-costs as much as the rest of the quantization: the codes the default window picks cluster at c0 - 1..c0 + 1
-(the block maximum near 6) and at c4 - 1..c4 + 1 (near 4; c4 - c0 is 4, 5 or 6), and these three candidates
-keep 84-88% of the window's error reduction on Gaussian, Laplace, Student-t, outlier-channel and softmax blocks
-(benchmarks/RESULTS.md) for a quarter of its candidates.
+``fast_search`` is for quantization at run time (activations; attention's P takes ``four_over_six``, one
+candidate fewer), where each candidate costs as much as the rest of the quantization: the codes the default
+window picks cluster at c0 - 1..c0 + 1 (the block maximum near 6) and at c4 - 1..c4 + 1 (near 4; c4 - c0 is 4, 5
+or 6), and these three candidates keep 84-88% of the window's error reduction on Gaussian, Laplace, Student-t,
+outlier-channel and softmax blocks (benchmarks/RESULTS.md) for a quarter of its candidates.
 
 Overflow policy: a candidate code outside 1..126 (a scale above 448 or at zero after global scaling) is
 skipped, never clamped. With torchao's global scale the block holding the tensor's amax already sits at
@@ -117,13 +117,13 @@ class ScaleChoice:
             )
         object.__setattr__(self, "window", (low, high))
 
-    def at_run_time(self, method: str | None = None) -> "ScaleChoice":
+    def at_run_time(self, method: str | None = None, search_as: str = "fast_search") -> "ScaleChoice":
         """The choice for values quantized at run time (W4A4 activations, attention probabilities) under this
         one: ``method`` when given (an option such as ``activation_method``), else this method with "search"
-        replaced by "fast_search", which keeps most of its gain for a quarter of its candidates (module
-        docstring); the window stays."""
+        replaced by ``search_as``: "fast_search" keeps most of its gain for a quarter of its candidates (module
+        docstring); attention's P asks for "four_over_six" (``attention.P_SEARCH``). The window stays."""
         if method is None:
-            method = "fast_search" if self.method == "search" else self.method
+            method = search_as if self.method == "search" else self.method
         return ScaleChoice(method, self.window)
 
     @staticmethod

@@ -43,6 +43,15 @@ def edge_input():
     return torch.stack(rows).repeat(1, 2)  # (8, 32)
 
 
+def overflowing_errors_case(check, method):
+    """Single-level, 3e38 beside ordinary values: every candidate's block error overflows float32 to inf, so none
+    is strictly better and the amax code (448) stays, with its own E2M1 values (1000 / 448 rounds to 2)."""
+    x = torch.tensor([3e38, 1000.0, -500.0, 100.0] * 4).repeat(2, 1)
+    ref = check(x, method, per_tensor_scale=None)
+    assert (ref.scale_codes == 126).all() and (ref.offsets == 0).all()
+    assert torch.equal(ref.dequantize()[0, :4], torch.tensor([2688.0, 896.0, -448.0, 0.0]))
+
+
 def windows_case(check, window):
     """A search window: the kernel agrees with the reference, and every chosen offset lies inside the window."""
     ref = check(ragged_input(torch.float32, rows=9, k=64), ScaleChoice("search", window))

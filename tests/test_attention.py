@@ -319,8 +319,8 @@ def test_a_nan_query_reaches_only_its_own_output_row():
     assert torch.equal(out[0, 1, rows], clean[0, 1, rows]) and torch.equal(out[:, [0, 2, 3]], clean[:, [0, 2, 3]])
 
 
-def test_p_method_defaults_to_fast_search_for_search_and_is_validated():
-    assert AttentionRecipe().p_method == "fast_search" and AttentionRecipe(p_method="search").p_method == "search"
+def test_p_method_defaults_to_four_over_six_for_search_and_is_validated():
+    assert AttentionRecipe().p_method == "four_over_six" and AttentionRecipe(p_method="search").p_method == "search"
     assert AttentionRecipe(method="four_over_six").p_method == "four_over_six"
     assert AttentionRecipe(method="amax", p_method="exhaustive").p_method == "exhaustive"
     with pytest.raises(ValueError, match="AttentionRecipe.p_method: unknown method 'best'"):

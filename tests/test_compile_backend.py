@@ -117,11 +117,12 @@ def test_bad_options_are_named(options, message):
 
 
 def test_run_time_quantization_runs_search_as_fast_search_unless_asked():
-    """Weights keep the method; activations and P (quantized every forward) take fast_search for search."""
+    """Weights keep the method; activations (quantized every forward) take fast_search for search, and P (every
+    KV tile) four_over_six."""
     default = BackendOptions()
     assert default.linear_policy().scales.method == "search"
     assert default.linear_policy().act_quant_kwargs.method == "fast_search"
-    assert (default.attention_recipe().method, default.attention_recipe().p_method) == ("search", "fast_search")
+    assert (default.attention_recipe().method, default.attention_recipe().p_method) == ("search", "four_over_six")
     amax = BackendOptions(method="amax")
     assert amax.linear_policy().act_quant_kwargs.method == "amax" and amax.attention_recipe().p_method == "amax"
     assert BackendOptions(activation_method="search").linear_policy().act_quant_kwargs.method == "search"

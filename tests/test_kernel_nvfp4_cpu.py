@@ -15,6 +15,7 @@ from quantize_cases import (
     assert_same_blocks,
     edge_input,
     importance_weighted_case,
+    overflowing_errors_case,
     ragged_input,
     windows_case,
 )
@@ -58,6 +59,11 @@ def test_bitwise_equal_to_reference(method, per_tensor_scale, dtype):
 @pytest.mark.parametrize("method", METHODS)
 def test_edge_blocks(method, per_tensor_scale):
     check(edge_input(), method, per_tensor_scale=per_tensor_scale)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_block_errors_past_float32(method):
+    overflowing_errors_case(check, method)
 
 
 @pytest.mark.parametrize("window", [(0, 0), (-4, 2), (3, 5), (-8, -1), (-125, 125)])

@@ -19,6 +19,7 @@ from quantize_cases import (  # noqa: E402
     assert_same_blocks,
     edge_input,
     importance_weighted_case,
+    overflowing_errors_case,
     ragged_input,
     windows_case,
 )
@@ -59,6 +60,11 @@ def test_bitwise_equal_to_reference(method, per_tensor_scale, dtype):
 @pytest.mark.parametrize("method", ["amax", "four_over_six", "search", "fast_search"])
 def test_edge_blocks(method, per_tensor_scale):
     check(edge_input(), method, per_tensor_scale=per_tensor_scale)
+
+
+@pytest.mark.parametrize("method", ["four_over_six", "search", "fast_search"])
+def test_block_errors_past_float32(method):
+    overflowing_errors_case(check, method)
 
 
 def test_exhaustive_small():

@@ -173,10 +173,10 @@ def block_error(
 
 
 @triton.jit
-def _keep_better(best_code, best_err, best_q, code, err, q, KEEP_Q: tl.constexpr):
+def _keep_better(best_code, best_err, best_q, code, err, q, KEEP_Q: tl.constexpr, first=False):
     """A candidate replaces the best (code, error and, with KEEP_Q, E2M1 magnitudes) only with a strictly lower
-    error and a code in 1..126."""
-    better = (err < best_err) & (code >= 1) & (code <= E4M3_MAX_CODE)
+    error and a code in 1..126, or unconditionally when ``first`` (the amax code, evaluated first)."""
+    better = ((err < best_err) & (code >= 1) & (code <= E4M3_MAX_CODE)) | first
     if KEEP_Q:
         best_q = tl.where(better[:, :, None], q, best_q)
     return tl.where(better, code, best_code), tl.where(better, err, best_err), best_q
@@ -236,14 +236,22 @@ def quantize_tile(
     if METHOD == "amax":
         multiplier, _ = scale_factors(first_code, pts)
         magnitude = e2m1_round(mag * multiplier[:, :, None])
+    elif METHOD == "four_over_six":
+        # The amax code and the four_over_six code in one loop, the amax code first and kept unconditionally (as
+        # the reference keeps it): evaluated before the loop, as the other methods do, its temporaries stayed live
+        # beside the loop's, and attention's P spilled 28 bytes on sm_90a (BLOCK_M 64 w4) and cost 11-35 more
+        # thread-instructions a score (benchmarks/kernel_static.py).
+        four = _above_amax(amax_code(block_amax, pts, 4.0), first_code)
+        best_err = tl.full((ROWS, NUM_BLOCKS), float("inf"), tl.float32)
+        magnitude = mag  # replaced on the first trip
+        for i in range(2):
+            code = tl.where(i == 0, first_code, four)
+            err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+            best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, KEEP_Q, i == 0)
     else:
         best_err, magnitude = block_error(mag, first_code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
-        if METHOD == "four_over_six" or METHOD == "fast_search":
-            four = _above_amax(amax_code(block_amax, pts, 4.0), first_code)
-        if METHOD == "four_over_six":
-            err, q = block_error(mag, four, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, True)
-            best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, four, err, q, KEEP_Q)
         if METHOD == "fast_search":
+            four = _above_amax(amax_code(block_amax, pts, 4.0), first_code)
             # A loop, as "search": unrolled, the attention kernel's P spilled 36-60 bytes on sm_90a (BLOCK_M 64).
             for i in range(2):
                 code = tl.where(i == 0, first_code - 1, four)
@@ -262,9 +270,9 @@ def quantize_tile(
                 code = tl.full((ROWS, NUM_BLOCKS), candidate, tl.int32)
                 err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
                 best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, KEEP_Q)
-        if not KEEP_Q:
-            multiplier, _ = scale_factors(best_code, pts)
-            magnitude = e2m1_round(mag * multiplier[:, :, None])
+    if METHOD != "amax" and not KEEP_Q:
+        multiplier, _ = scale_factors(best_code, pts)
+        magnitude = e2m1_round(mag * multiplier[:, :, None])
 
     # |x * m| == |x| * m exactly, and the code keeps the sign bit of x (-0.0 gives code 8, as the reference).
     sign = (x.to(tl.int32, bitcast=True) >> 28) & 8
