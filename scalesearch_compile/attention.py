@@ -46,8 +46,9 @@ from scalesearch_compile.search import (
 TILE = 64  # keys per KV tile (and queries per tile in the kernel); a multiple of the NVFP4 block (16)
 # What "search" runs as for P, quantized inside the kernel for every KV tile: each candidate scale costs about 16
 # thread-instructions a score there, so four_over_six's two (the amax code and amax / 4) cost 1.27-1.30x the
-# instructions of amax P scales on sm_90a (fast_search's three 1.51-1.57x) and keep about half of the window's
-# error reduction on P, which moves the output little (benchmarks/RESULTS.md, "Attention accuracy").
+# instructions of amax P scales on sm_90a and 1.42x on sm_100a (fast_search's three: 1.51-1.60x), and keep 47% of
+# the window's MSE reduction on softmax blocks, 35% of its gain in the attention benchmark's output error; P's
+# scales move that output little (benchmarks/RESULTS.md, "Attention accuracy").
 P_SEARCH = "four_over_six"
 HEAD_DIMS = (64, 128)
 
