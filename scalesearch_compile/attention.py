@@ -45,8 +45,8 @@ from scalesearch_compile.search import (
 
 TILE = 64  # keys per KV tile (and queries per tile in the kernel); a multiple of the NVFP4 block (16)
 # What "search" runs as for P, quantized inside the kernel for every KV tile: each candidate scale costs about 16
-# thread-instructions a score there, so four_over_six's two (the amax code and amax / 4) cost 1.27-1.30x the
-# instructions of amax P scales on sm_90a and 1.42x on sm_100a (fast_search's three: 1.51-1.60x), and keep 47% of
+# thread-instructions a score there, so four_over_six's two (the amax code and amax / 4) cost 1.24-1.27x the
+# instructions of amax P scales on sm_90a and 1.40x on sm_100a (fast_search's three: 1.50-1.58x), and keep 47% of
 # the window's MSE reduction on softmax blocks, 35% of its gain in the attention benchmark's output error; P's
 # scales move that output little (benchmarks/RESULTS.md, "Attention accuracy").
 P_SEARCH = "four_over_six"

@@ -139,7 +139,8 @@ def _quantize_probabilities_kernel(
 
 def probability_tile():
     """Rows of exp(s - max) as the kernel sees them, plus edge rows: all zero, all below the scale floor,
-    subnormal, a single one, and values on E2M1 rounding ties relative to the row maximum."""
+    subnormal, a single one, values on E2M1 rounding ties relative to the row maximum, and a block scaled by its
+    amax code to the most it can reach above 6."""
     g = torch.Generator().manual_seed(4)
     p = torch.exp(-3 * torch.rand(16, TILE, generator=g))
     p[0] = 0
@@ -149,6 +150,10 @@ def probability_tile():
     p[3, 7] = 1.0
     p[4] = torch.tensor([6.0, 5.0, 2.5, 0.75, 0.25, 1.75, 3.5, 0.125] * 8) / 6
     p[5, 17:] = 0
+    # amax / 6 / row scale = 448 * 0.607 = 272 rounds down to the E4M3 scale 256: the amax code scales this block's
+    # maximum to 6.37, the most it can reach (SCALE_FITS leaves out the saturation there)
+    p[6, :16] = torch.linspace(0.1, 0.607, 16)
+    p[6, 16] = 1.0
     return p
 
 

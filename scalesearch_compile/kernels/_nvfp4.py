@@ -149,7 +149,7 @@ def block_error(
     HAS_WEIGHTS: tl.constexpr,
     ROWS: tl.constexpr,
     NUM_BLOCKS: tl.constexpr,
-    ABOVE_AMAX: tl.constexpr = False,
+    UNSATURATED: tl.constexpr = False,
 ):
     """``(err, q)``: each block's ``err``, the sum of ``w * (|x| - q * (pts * s))**2`` (``search._block_error``),
     with ``q = e2m1(|x| * mult)`` the E2M1 magnitudes of the block under that scale.
@@ -158,13 +158,13 @@ def block_error(
     1..126 here; the caller discards invalid ones); ``weights``: ``[1, NUM_BLOCKS, 16]`` per-channel
     importance w (read only if HAS_WEIGHTS, else w = 1).
 
-    ABOVE_AMAX: every valid ``code`` is above the block's amax code (the caller turns others into 0). There
-    ``|x| * mult <= 6`` and the saturation is left out: a code above the amax code is at least one E4M3 step,
-    1/16 of the scale or more, above ``amax / 6 / pts``, which the amax code rounds to within half a step, so
-    ``amax * mult`` stays below ``6 / (1 + 1/32)`` after float32's few roundings.
+    UNSATURATED: every valid ``code`` keeps ``|x| * mult`` below 7, so ``min(., 6)`` is left out (E2M1's spacing
+    above 4 is 2: below 7 the rounding gives at most 6). This holds for the amax code when ``amax / 6 / pts`` is
+    at most 448 (not clamped from above): E4M3 rounds it to within 1/16, so ``amax * mult < 6 * (1 + 1/16)``; and
+    for any code above it, at least one E4M3 step above. Codes below the amax code can reach 7.
     """
     multiplier, dequant_scale = scale_factors(code, pts)
-    q = e2m1_round(mag * multiplier[:, :, None], not ABOVE_AMAX)
+    q = e2m1_round(mag * multiplier[:, :, None], not UNSATURATED)
     diff = mag - q * dequant_scale[:, :, None]
     err = diff * diff
     if HAS_WEIGHTS:
@@ -183,14 +183,6 @@ def _keep_better(best_code, best_err, best_q, code, err, q, KEEP_Q: tl.constexpr
 
 
 @triton.jit
-def _above_amax(code, first_code):
-    """The four_over_six ``code`` (at or above the amax code), or 0, a code never kept, where it equals the amax
-    code: evaluated again, it could only replace the amax code by itself, and :func:`block_error`'s ABOVE_AMAX
-    needs a code above it."""
-    return tl.where(code > first_code, code, 0)
-
-
-@triton.jit
 def quantize_tile(
     x,
     pts,
@@ -203,6 +195,7 @@ def quantize_tile(
     weights=None,
     HAS_WEIGHTS: tl.constexpr = False,
     KEEP_MAGNITUDES: tl.constexpr = True,
+    SCALE_FITS: tl.constexpr = False,
 ):
     """Quantize a float32 tile ``[ROWS, BLOCK_K]`` to NVFP4 exactly as ``search.quantize_reference``.
 
@@ -213,6 +206,9 @@ def quantize_tile(
     candidates follow in the reference's order, so ties resolve the same way. NaN and Inf are quantized as zeros
     and their block gets the NaN scale code 127 (as its amax code, so its offset is 0). KEEP_MAGNITUDES: a search
     of two or three candidates keeps its winner's E2M1 magnitudes in registers instead of rounding again.
+    SCALE_FITS: every block's ``amax / 6 / pts`` is at most 448 (``pts`` at least the tile's amax / 2688, as
+    attention's per-row P scale): the amax code, and four_over_six's code above it, are evaluated without
+    saturation (:func:`block_error`'s UNSATURATED).
     Returns ``(codes [ROWS, BLOCK_K] int32 E2M1, scale codes [ROWS, BLOCK_K // 16] int32, amax codes)``.
     """
     NUM_BLOCKS: tl.constexpr = BLOCK_K // NVFP4_BLOCK
@@ -241,17 +237,17 @@ def quantize_tile(
         # the reference keeps it): evaluated before the loop, as the other methods do, its temporaries stayed live
         # beside the loop's, and attention's P spilled 28 bytes on sm_90a (BLOCK_M 64 w4) and cost 11-35 more
         # thread-instructions a score (benchmarks/kernel_static.py).
-        four = _above_amax(amax_code(block_amax, pts, 4.0), first_code)
+        four = amax_code(block_amax, pts, 4.0)
         best_err = tl.full((ROWS, NUM_BLOCKS), float("inf"), tl.float32)
         magnitude = mag  # replaced on the first trip
         for i in range(2):
             code = tl.where(i == 0, first_code, four)
-            err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+            err, q = block_error(mag, code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, SCALE_FITS)
             best_code, best_err, magnitude = _keep_better(best_code, best_err, magnitude, code, err, q, KEEP_Q, i == 0)
     else:
-        best_err, magnitude = block_error(mag, first_code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS)
+        best_err, magnitude = block_error(mag, first_code, pts, weights, HAS_WEIGHTS, ROWS, NUM_BLOCKS, SCALE_FITS)
         if METHOD == "fast_search":
-            four = _above_amax(amax_code(block_amax, pts, 4.0), first_code)
+            four = amax_code(block_amax, pts, 4.0)
             # A loop, as "search": unrolled, the attention kernel's P spilled 36-60 bytes on sm_90a (BLOCK_M 64).
             for i in range(2):
                 code = tl.where(i == 0, first_code - 1, four)

@@ -121,11 +121,14 @@ def _paired_unit_values(codes_ptr, scales_ptr, rows, row_len, col0, COLS: tl.con
 @triton.jit
 def _quantize_probabilities(p, METHOD: tl.constexpr, LO: tl.constexpr, HI: tl.constexpr):
     """NVFP4 P tile (R, N) >= 0 along N: (E2M1 codes int32 (R, N), E4M3 codes int32 (R, N/16), row scale (R,)),
-    two-level with the per-row first level ``max(rowmax / (448 * 6), 2**-126)`` (``search.global_scale``)."""
+    two-level with the per-row first level ``max(rowmax / (448 * 6), 2**-126)`` (``search.global_scale``). Set by
+    the row's own maximum, that scale keeps every block's ``amax / 6 / scale`` at most 448 (``SCALE_FITS``)."""
     R: tl.constexpr = p.shape[0]
     N: tl.constexpr = p.shape[1]
     row_scale = tl.maximum(tl.math.div_rn(tl.max(p, 1), 2688.0), GLOBAL_SCALE_MIN)
-    codes, scale_codes, _ = quantize_tile(p, row_scale[:, None], True, METHOD, LO, HI, R, N, KEEP_MAGNITUDES=False)
+    codes, scale_codes, _ = quantize_tile(
+        p, row_scale[:, None], True, METHOD, LO, HI, R, N, KEEP_MAGNITUDES=False, SCALE_FITS=True
+    )
     return codes, scale_codes, row_scale
 
 
