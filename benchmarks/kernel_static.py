@@ -24,12 +24,11 @@ integers equal to 1, such as M at decode, made constants), on Llama-3-8B-like sh
   four_over_six's; twice for "four_over_six", the default for P: the amax code and its own). Variants:
   "attention" is the default recipe (P scales by four_over_six), "attention-fast-search" and
   "attention-search" the same kernel with P by fast_search or searched over the whole window, "attention-amax"
-  with amax P scales; "fused" quantizes the activation as the default W4A4 does.
-  The count is per thread (a warp issues each instruction once for 32 threads), so
-  ``loop_instructions_per_unit`` = instructions x threads per program / units per iteration: thread-instructions
-  per weight byte (GEMM: E2M1 codes plus E4M3 scale bytes of one K tile), per score (attention: BLOCK_M x
-  BLOCK_N) or per element (quantize). A static count: both
-  sides of a branch inside the loop count, and no instruction's latency.
+  with amax P scales; "fused" quantizes the activation as the default W4A4 does. The count is per thread (a
+  warp issues each instruction once for 32 threads), so ``loop_instructions_per_unit`` = instructions x threads
+  per program / units per iteration: thread-instructions per weight byte (GEMM: E2M1 codes plus E4M3 scale bytes
+  of one K tile), per score (attention: BLOCK_M x BLOCK_N) or per element (quantize). A static count: both sides
+  of a branch inside the loop count, and no instruction's latency.
 - occupancy: programs per SM from registers (allocated per warp in units of 256), shared memory (228 KB per
   SM, 1 KB reserved per program), 64 warps and 32 programs per SM (H100 and B200 alike);
 - ceiling: the share of the memory roofline an SM can reach when it must issue that many instructions per
